@@ -1,0 +1,66 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text format) and `/healthz`.
+//! The grant and session API joins it in the grants work.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::SessionRegistry;
+
+/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+                .expect("static bucket list is valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("pglease_connections_accepted_total", "TCP connections accepted on the proxy listener");
+    describe_counter!("pglease_connections_rejected_total", "connections refused before a session started, by reason");
+    describe_counter!("pglease_auth_failures_total", "failed client logins");
+    describe_gauge!("pglease_sessions_active", "client sessions relaying now");
+    describe_counter!("pglease_sessions_ended_total", "sessions ended, by reason");
+    describe_counter!("pglease_bytes_total", "bytes relayed, by direction");
+    describe_counter!("pglease_messages_total", "protocol messages relayed, by direction");
+    describe_counter!("pglease_cancel_requests_total", "cancel requests, by result");
+    describe_histogram!("pglease_query_duration_seconds", "time from a query or Sync to its ReadyForQuery");
+    describe_histogram!("pglease_handshake_duration_seconds", "time from accept to the session's first ReadyForQuery");
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub metrics: PrometheusHandle,
+    pub sessions: Arc<SessionRegistry>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> String {
+    state.metrics.render()
+}
+
+async fn healthz(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "sessions": state.sessions.len() }))
+}
+
+/// Serves the admin API until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}

@@ -1,0 +1,378 @@
+//! `pglease.toml`: the proxy's configuration.
+//!
+//! Unknown keys are rejected (`deny_unknown_fields`), defaults are named functions, and every error
+//! names the key it is about (`serde_path_to_error` for type errors, [`Config::validate`] for the
+//! rest). `config/pglease.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("config: {0}")]
+    Syntax(String),
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        Self::Invalid { key: key.to_owned(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The client-facing side: where engineers' clients connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Address of the Postgres-protocol listener.
+    pub addr: SocketAddr,
+    /// PEM certificate chain presented to clients.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Accept clients that do not ask for TLS. Off by default: grant secrets must not cross the
+    /// network in a form an eavesdropper can replay or crack offline.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Client connections served at once; further ones get `FATAL 53300`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time from accept to the end of authentication.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A session idle (outside a running statement) for this long is closed. Absent: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Largest protocol message the proxy will buffer to inspect (queries, Parse, Bind…).
+    /// Row data and COPY data pass through in chunks whatever their size.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// On SIGTERM/SIGINT, how long idle-in-flight sessions may finish before they are ended.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// Upstream TLS modes, named as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+/// The Postgres server pglease fronts, and how it logs in there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host name or IP; a value starting with `/` is a unix socket directory.
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Role the proxy logs in as upstream.
+    pub user: String,
+    /// Environment variable that holds the upstream password.
+    pub password_env: Option<String>,
+    /// File that holds the upstream password (first line; must not be group/world readable).
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_upstream_tls")]
+    pub tls: UpstreamTls,
+    /// CA certificate(s) for `tls = "verify-full"`.
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the server certificate; defaults to `host`.
+    pub server_name: Option<String>,
+    /// Allow the upstream to ask for an MD5 password hash (weak; off by default).
+    #[serde(default)]
+    pub allow_md5: bool,
+    /// Allow the upstream to ask for the cleartext password (only sensible over TLS; off by default).
+    #[serde(default)]
+    pub allow_cleartext: bool,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener (`/metrics`, `/healthz`).
+    #[serde(default = "default_admin_addr")]
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { addr: default_admin_addr() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `pglease=debug`. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: default_log_level(), format: LogFormat::Text }
+    }
+}
+
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_message_bytes() -> usize {
+    64 << 20
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_upstream_tls() -> UpstreamTls {
+    UpstreamTls::VerifyFull
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_admin_addr() -> SocketAddr {
+    "127.0.0.1:9187".parse().expect("valid literal address")
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// Smallest `max_message_bytes` accepted: enough for any startup-phase message and a real query.
+const MIN_MESSAGE_BYTES: usize = 64 << 10;
+/// Postgres itself refuses messages of 1 GiB or more (`PQ_LARGE_MESSAGE_LIMIT`).
+const MAX_MESSAGE_BYTES: usize = (1 << 30) - 1;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::Syntax(e.to_string().trim_end().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            // toml's own message repeats the position; keep only serde's explanation.
+            let message = e.into_inner().message().to_owned();
+            if key == "." {
+                ConfigError::Syntax(message)
+            } else {
+                ConfigError::Invalid { key, message }
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: values that must agree with each other, files that must exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.listen;
+        match (&l.tls_cert, &l.tls_key) {
+            (Some(_), None) => return Err(ConfigError::invalid("listen.tls_key", "required when listen.tls_cert is set")),
+            (None, Some(_)) => return Err(ConfigError::invalid("listen.tls_cert", "required when listen.tls_key is set")),
+            (None, None) if !l.allow_plaintext => {
+                return Err(ConfigError::invalid(
+                    "listen.tls_cert",
+                    "required: clients must use TLS unless listen.allow_plaintext = true",
+                ));
+            }
+            _ => {}
+        }
+        for (key, path) in [("listen.tls_cert", &l.tls_cert), ("listen.tls_key", &l.tls_key)] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(ConfigError::invalid(key, format!("file {} does not exist", path.display())));
+            }
+        }
+        if l.max_connections == 0 {
+            return Err(ConfigError::invalid("listen.max_connections", "must be at least 1"));
+        }
+        if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&l.max_message_bytes) {
+            return Err(ConfigError::invalid(
+                "listen.max_message_bytes",
+                format!("must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}"),
+            ));
+        }
+        if l.handshake_timeout.is_zero() {
+            return Err(ConfigError::invalid("listen.handshake_timeout", "must be more than 0s"));
+        }
+
+        let u = &self.upstream;
+        if u.host.is_empty() {
+            return Err(ConfigError::invalid("upstream.host", "must not be empty"));
+        }
+        if u.user.is_empty() {
+            return Err(ConfigError::invalid("upstream.user", "must not be empty"));
+        }
+        match (&u.password_env, &u.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid("upstream.password_file", "set either password_env or password_file, not both"));
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid("upstream.password_env", "set password_env or password_file"));
+            }
+            _ => {}
+        }
+        if u.tls == UpstreamTls::VerifyFull && u.ca_file.is_none() {
+            return Err(ConfigError::invalid("upstream.ca_file", "required when upstream.tls = \"verify-full\""));
+        }
+        if let Some(path) = &u.ca_file
+            && !path.is_file()
+        {
+            return Err(ConfigError::invalid("upstream.ca_file", format!("file {} does not exist", path.display())));
+        }
+        if u.host.starts_with('/') && u.tls != UpstreamTls::Disable && u.tls != UpstreamTls::Prefer {
+            return Err(ConfigError::invalid("upstream.tls", "a unix socket upstream does not use TLS: set \"disable\""));
+        }
+        if u.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid("upstream.connect_timeout", "must be more than 0s"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid("log.level", format!("not a valid filter: {:?}", self.log.level)));
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// Reads the upstream password from where the config says. The value is never logged.
+    pub fn password(&self) -> Result<String, ConfigError> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map_err(|_| {
+                ConfigError::invalid("upstream.password_env", format!("environment variable {var} is not set"))
+            });
+        }
+        let path = self.password_file.as_ref().ok_or_else(|| ConfigError::invalid("upstream.password_env", "set password_env or password_file"))?;
+        check_secret_file_mode(path).map_err(|m| ConfigError::invalid("upstream.password_file", m))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::invalid("upstream.password_file", format!("cannot read {}: {e}", path.display())))?;
+        let line = text.lines().next().unwrap_or("").to_owned();
+        if line.is_empty() {
+            return Err(ConfigError::invalid("upstream.password_file", format!("{} is empty", path.display())));
+        }
+        Ok(line)
+    }
+}
+
+/// Refuses secret files that others can read, as libpq does for `.pgpass`.
+fn check_secret_file_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!("{} must not be readable by group or others (chmod 600)", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        addr = "127.0.0.1:6432"
+        allow_plaintext = true
+        [upstream]
+        host = "/tmp"
+        user = "app"
+        password_env = "X"
+        tls = "disable"
+    "#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.listen.max_connections, 1000);
+        assert_eq!(c.upstream.port, 5432);
+        assert_eq!(c.listen.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.admin.addr.port(), 9187);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&MINIMAL.replace("user = \"app\"", "user = \"app\"\nbogus = 1"));
+        assert!(e.contains("upstream.bogus") || (e.contains("upstream") && e.contains("bogus")), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = err(&MINIMAL.replace("port = 5432", "").replace("tls = \"disable\"", "tls = \"disable\"\nport = \"x\""));
+        assert!(e.contains("upstream.port"), "{e}");
+        let e = err(&MINIMAL.replace("tls = \"disable\"", "tls = \"sometimes\""));
+        assert!(e.contains("upstream.tls"), "{e}");
+        let e = err(&MINIMAL.replace("allow_plaintext = true", "allow_plaintext = true\nhandshake_timeout = \"soon\""));
+        assert!(e.contains("listen.handshake_timeout"), "{e}");
+    }
+
+    #[test]
+    fn cross_key_rules_are_named() {
+        let e = err(&MINIMAL.replace("allow_plaintext = true", ""));
+        assert!(e.contains("listen.tls_cert"), "{e}");
+        let e = err(&MINIMAL.replace("password_env = \"X\"", ""));
+        assert!(e.contains("upstream.password_env"), "{e}");
+        let e = err(&MINIMAL.replace("host = \"/tmp\"", "host = \"db\"").replace("tls = \"disable\"", "tls = \"verify-full\""));
+        assert!(e.contains("upstream.ca_file"), "{e}");
+        let e = err(&MINIMAL.replace("tls = \"disable\"", "tls = \"require\""));
+        assert!(e.contains("upstream.tls"), "{e}");
+        let e = err(&MINIMAL.replace("allow_plaintext = true", "allow_plaintext = true\nmax_message_bytes = 10"));
+        assert!(e.contains("listen.max_message_bytes"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let e = err("[listen]\naddr = \"127.0.0.1:1\"\nallow_plaintext = true\n");
+        assert!(e.contains("upstream"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let e = err("[listen\n");
+        assert!(e.starts_with("config"), "{e}");
+    }
+}

@@ -1,0 +1,339 @@
+//! The client side of connection setup: TLS negotiation, the startup packet, its parameters,
+//! protocol version negotiation and authentication.
+//!
+//! [`negotiate`] returns either a startup to serve or a cancel request, so cancels leave the main
+//! path at once (as in Neon's proxy). Every refusal here is a `FATAL` the client can read.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use pgwire::messages::startup::{Authentication, NegotiateProtocolVersion};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::auth::scram::{self, Channel, ServerExchange};
+use crate::auth::{CredentialSource, Identity, ScramVerifier};
+use crate::codec::frame::FrameLimits;
+use crate::codec::messages::{SaslInitialResponse, encode_pgwire};
+use crate::codec::startup::{self, StartupError, StartupMessage, StartupPacket, TLS_HANDSHAKE_BYTE};
+use crate::codec::{Frame, FramedReader, ReadEvent};
+use crate::error::{ClientError, sqlstate};
+use crate::stream::Stream;
+use crate::tls::ServerTls;
+
+/// What a new connection turned out to be.
+pub enum Handshake {
+    Startup(ClientStartup),
+    Cancel { pid: i32, secret: Bytes },
+}
+
+pub struct ClientStartup {
+    pub stream: Stream,
+    pub message: StartupMessage,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Sent to the client as a `FATAL` before closing.
+    #[error("{0}")]
+    Refused(ClientError),
+    /// Nothing sensible to send (TLS failed, the client left): just close.
+    #[error("{0}")]
+    Closed(String),
+}
+
+/// Client-facing TLS and plaintext policy.
+pub struct ClientTlsPolicy {
+    pub tls: Option<Arc<ServerTls>>,
+    pub allow_plaintext: bool,
+}
+
+/// Reads `SSLRequest` / `GSSENCRequest` / `CancelRequest` / `StartupMessage` until a startup or a
+/// cancel is found. Refusals are written to the client here, where the stream is at hand.
+///
+/// NOTE: not cancel-safe; the caller bounds it with the handshake timeout.
+pub async fn negotiate(tcp: TcpStream, policy: &ClientTlsPolicy) -> Result<Handshake, HandshakeError> {
+    // A PG 17+ client with `sslnegotiation=direct` starts with a TLS ClientHello.
+    let mut first = [0u8; 1];
+    let direct_tls = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE_BYTE);
+    let mut stream = if direct_tls {
+        let Some(tls) = &policy.tls else {
+            return Err(HandshakeError::Closed("direct TLS without a certificate configured".into()));
+        };
+        let s = accept_tls(tcp, tls).await?;
+        // Direct TLS must carry the "postgresql" ALPN protocol (protocol docs, "SSL Session Encryption").
+        if s.get_ref().1.alpn_protocol() != Some(b"postgresql") {
+            return Err(HandshakeError::Closed("direct TLS without ALPN \"postgresql\"".into()));
+        }
+        Stream::ServerTls(Box::new(s))
+    } else {
+        Stream::Tcp(tcp)
+    };
+
+    loop {
+        let packet = match startup::read_packet(&mut stream).await {
+            Ok(p) => p,
+            Err(StartupError::Closed) => return Err(HandshakeError::Closed("client left during startup".into())),
+            Err(StartupError::DirectTls) => return Err(HandshakeError::Closed("TLS record after negotiation".into())),
+            Err(e) => return refuse(&mut stream, ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())).await,
+        };
+        match packet {
+            StartupPacket::SslRequest => {
+                let Stream::Tcp(mut tcp) = stream else {
+                    return refuse(&mut stream, ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "SSLRequest on an encrypted connection")).await;
+                };
+                let Some(tls) = &policy.tls else {
+                    tcp.write_all(b"N").await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+                    stream = Stream::Tcp(tcp);
+                    continue;
+                };
+                tcp.write_all(b"S").await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+                // Bytes the client sent after SSLRequest are read by the TLS handshake, which
+                // fails on them: nothing unencrypted is taken as protocol (CVE-2021-23214).
+                stream = Stream::ServerTls(Box::new(accept_tls(tcp, tls).await?));
+            }
+            StartupPacket::GssEncRequest => {
+                if stream.is_tls() {
+                    return refuse(&mut stream, ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "GSSENCRequest on an encrypted connection")).await;
+                }
+                stream.write_all(b"N").await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+            }
+            StartupPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
+            StartupPacket::Startup(message) => {
+                if !stream.is_tls() && !policy.allow_plaintext {
+                    let err = ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "pglease requires an encrypted connection")
+                        .with_hint("Connect with sslmode=require (or verify-full with the proxy's CA certificate).");
+                    return refuse(&mut stream, err).await;
+                }
+                return Ok(Handshake::Startup(ClientStartup { stream, message }));
+            }
+        }
+    }
+}
+
+async fn accept_tls(tcp: TcpStream, tls: &ServerTls) -> Result<tokio_rustls::server::TlsStream<TcpStream>, HandshakeError> {
+    tokio_rustls::TlsAcceptor::from(tls.config.clone())
+        .accept(tcp)
+        .await
+        .map_err(|e| HandshakeError::Closed(format!("TLS handshake failed: {e}")))
+}
+
+/// Writes a `FATAL` and returns the matching error.
+pub async fn refuse<T>(stream: &mut Stream, err: ClientError) -> Result<T, HandshakeError> {
+    send_error(stream, &err).await;
+    Err(HandshakeError::Refused(err))
+}
+
+/// Best effort: the client may already be gone.
+pub async fn send_error(stream: &mut Stream, err: &ClientError) {
+    let mut buf = BytesMut::new();
+    err.encode(&mut buf);
+    let _ = stream.write_all(&buf).await;
+    let _ = stream.flush().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Startup parameters
+
+/// The startup parameters pglease accepted, split into what it uses and what it forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientParams {
+    pub user: String,
+    pub database: String,
+    /// Parameters passed on to the upstream as they were sent (allowlisted, harmless).
+    pub forwarded: Vec<(String, String)>,
+    /// `_pq_.*` protocol options, which pglease does not support and names in
+    /// `NegotiateProtocolVersion`.
+    pub unsupported_options: Vec<String>,
+}
+
+/// Session settings that only shape how values are printed, forwarded as sent. Postgres
+/// validates their values.
+const FORWARDED: &[&str] = &["application_name", "datestyle", "timezone", "intervalstyle", "extra_float_digits"];
+
+/// Settings the proxy relies on, or that change what a statement means or may do. Refused by
+/// name so the error says why; everything else not allowlisted is refused as unsupported.
+const PINNED: &[&str] = &[
+    "options",
+    "replication",
+    "role",
+    "session_authorization",
+    "search_path",
+    "default_transaction_read_only",
+    "transaction_read_only",
+    "default_transaction_isolation",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "standard_conforming_strings",
+    "backslash_quote",
+    "escape_string_warning",
+    "session_replication_role",
+    "row_security",
+    "default_tablespace",
+    "temp_tablespaces",
+    "log_statement",
+    "log_min_duration_statement",
+];
+
+/// Applies the startup-parameter allowlist.
+pub fn vet_params(message: &StartupMessage) -> Result<ClientParams, ClientError> {
+    let mut user = None;
+    let mut database = None;
+    let mut forwarded = Vec::new();
+    let mut unsupported_options = Vec::new();
+    for (key, value) in &message.params {
+        // GUC names are case-insensitive; `user` and `database` are not GUCs but match alike.
+        let lower = key.to_ascii_lowercase();
+        match lower.as_str() {
+            "user" => user = Some(value.clone()),
+            "database" => database = Some(value.clone()),
+            "client_encoding" => {
+                // pglease parses SQL as UTF-8 and talks UTF-8 upstream. SQL_ASCII is what libpq
+                // sends under the C locale ("no conversion"); against a UTF-8 database it means
+                // the same bytes, so it is served as UTF8.
+                let v = value.to_ascii_uppercase().replace(['-', '_'], "");
+                if !matches!(v.as_str(), "UTF8" | "UNICODE" | "SQLASCII") {
+                    return Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("client_encoding \"{value}\" is not supported: pglease speaks UTF8 only"))
+                        .with_hint("Set PGCLIENTENCODING=UTF8 or client_encoding=UTF8 in the connection string."));
+                }
+            }
+            k if k.starts_with("_pq_.") => unsupported_options.push(key.clone()),
+            k if FORWARDED.contains(&k) => forwarded.push((key.clone(), value.clone())),
+            k if PINNED.contains(&k) => {
+                return Err(ClientError::fatal(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    format!("startup parameter \"{key}\" is not allowed: pglease fixes this setting for the session"),
+                ));
+            }
+            _ => {
+                return Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("unsupported startup parameter \"{key}\""))
+                    .with_hint(format!("pglease accepts: user, database, client_encoding, {}", FORWARDED.join(", "))));
+            }
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet"))?;
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    Ok(ClientParams { user, database, forwarded, unsupported_options })
+}
+
+/// `NegotiateProtocolVersion`, needed when the client asked for a minor version above 3.0 or
+/// sent `_pq_.` options (PG 17/18 libpq with `max_protocol_version=latest`).
+pub fn negotiation_message(message: &StartupMessage, params: &ClientParams) -> Option<Frame> {
+    if message.minor == 0 && params.unsupported_options.is_empty() {
+        return None;
+    }
+    // Postgres sends its full newest version number (3.0 = 196608), which every libpq accepts.
+    Some(encode_pgwire(&NegotiateProtocolVersion::new(3 << 16, params.unsupported_options.clone())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+
+/// Limits for the authentication phase: only small messages are expected.
+pub fn auth_limits() -> FrameLimits {
+    FrameLimits { max_frame: startup::MAX_STARTUP_PACKET, streamable: b"", stream_threshold: usize::MAX }
+}
+
+/// Runs SCRAM-SHA-256(-PLUS) with the client. On success the client has been sent
+/// `AuthenticationSASLFinal` and `AuthenticationOk`.
+///
+/// An unknown login runs the same exchange against a mock verifier and fails at the same step
+/// with the same message, so the answer does not tell whether the login exists.
+pub async fn authenticate(
+    reader: &mut FramedReader<Stream>,
+    params: &ClientParams,
+    credentials: &dyn CredentialSource,
+    channel: &Channel,
+    mock_secret: &[u8],
+) -> Result<Identity, ClientError> {
+    let failed = || ClientError::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{}\"", params.user));
+    let found = credentials.lookup(&params.user, &params.database).await;
+    let verifier = found.as_ref().map(|c| c.verifier.clone()).unwrap_or_else(|| ScramVerifier::mock(&params.user, mock_secret));
+
+    let mechanisms = channel.mechanisms().into_iter().map(str::to_owned).collect();
+    write_frame(reader, encode_pgwire(&Authentication::SASL(mechanisms))).await?;
+
+    let first = read_password_message(reader).await?;
+    let initial = SaslInitialResponse::decode(&first).map_err(|e| ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+    let (exchange, server_first) = ServerExchange::start(&initial.mechanism, &initial.data, verifier, channel).map_err(|e| scram_error(e, &failed))?;
+    write_frame(reader, encode_pgwire(&Authentication::SASLContinue(Bytes::from(server_first)))).await?;
+
+    let final_msg = read_password_message(reader).await?;
+    let server_final = exchange.finish(final_msg.body()).map_err(|e| scram_error(e, &failed))?;
+    let Some(credential) = found else {
+        // Unreachable in practice (the mock verifier matches no proof), but never let it through.
+        return Err(failed());
+    };
+    let mut ok = BytesMut::new();
+    ok.extend_from_slice(encode_pgwire(&Authentication::SASLFinal(Bytes::from(server_final))).raw());
+    ok.extend_from_slice(encode_pgwire(&Authentication::Ok).raw());
+    reader.get_mut().write_all(&ok).await.map_err(|_| failed())?;
+    Ok(credential.identity)
+}
+
+fn scram_error(e: scram::ScramError, failed: &dyn Fn() -> ClientError) -> ClientError {
+    match e {
+        scram::ScramError::Malformed(_) | scram::ScramError::Authzid => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+        scram::ScramError::ChannelBindingNegotiation | scram::ScramError::ChannelBindingMismatch => ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, e.to_string()),
+        scram::ScramError::NonceMismatch | scram::ScramError::BadProof => failed(),
+    }
+}
+
+async fn write_frame(reader: &mut FramedReader<Stream>, frame: Frame) -> Result<(), ClientError> {
+    let s = reader.get_mut();
+    s.write_all(frame.raw()).await.map_err(|_| closed())?;
+    s.flush().await.map_err(|_| closed())
+}
+
+fn closed() -> ClientError {
+    ClientError::fatal(sqlstate::CONNECTION_FAILURE, "client closed the connection during authentication")
+}
+
+async fn read_password_message(reader: &mut FramedReader<Stream>) -> Result<Frame, ClientError> {
+    match reader.next().await {
+        Ok(Some(ReadEvent::Frame(f))) if f.tag() == b'p' => Ok(f),
+        Ok(Some(ReadEvent::Frame(f))) => Err(ClientError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("expected SASL response, got message type {:?}", f.tag() as char),
+        )),
+        Ok(None) => Err(closed()),
+        Ok(Some(ReadEvent::Large { .. })) | Err(_) => Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "invalid authentication message")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(params: &[(&str, &str)]) -> StartupMessage {
+        StartupMessage { major: 3, minor: 0, params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+
+    #[test]
+    fn allowlist() {
+        let p = vet_params(&msg(&[("user", "bob"), ("client_encoding", "UTF8"), ("application_name", "psql"), ("DateStyle", "ISO")])).unwrap();
+        assert_eq!(p.database, "bob");
+        assert_eq!(p.forwarded.len(), 2);
+        for (k, code) in [("options", "42501"), ("replication", "42501"), ("search_path", "42501"), ("Role", "42501"), ("work_mem", "08P01")] {
+            let e = vet_params(&msg(&[("user", "bob"), (k, "x")])).unwrap_err();
+            assert_eq!(e.code, code, "{k}");
+            assert!(e.message.contains(k), "{}", e.message);
+        }
+        assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "LATIN1")])).is_err());
+        assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "sql_ascii")])).is_ok());
+        assert_eq!(vet_params(&msg(&[("database", "x")])).unwrap_err().code, "28000");
+    }
+
+    #[test]
+    fn negotiation_only_when_needed() {
+        let m = msg(&[("user", "bob")]);
+        assert!(negotiation_message(&m, &vet_params(&m).unwrap()).is_none());
+        let mut m = msg(&[("user", "bob"), ("_pq_.command_marker", "1")]);
+        m.minor = 2;
+        let p = vet_params(&m).unwrap();
+        let f = negotiation_message(&m, &p).unwrap();
+        assert_eq!(f.tag(), b'v');
+        assert_eq!(&f.body()[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,29 @@
+//! pglease: least-privilege, time-leased access to production PostgreSQL.
+//!
+//! The layout follows the architecture:
+//! - [`codec`]: framing and decoding of Postgres v3 messages, with bounded sizes
+//! - [`handshake`]: TLS negotiation, startup parameters, client authentication
+//! - [`auth`]: credential sources and the SCRAM server
+//! - [`upstream`]: connecting and logging in to Postgres, cancel requests
+//! - [`session`]: the relay, and the hooks policy and audit plug into
+//! - [`cancel`]: proxy-issued cancel keys
+//! - [`server`]: the listener, connection limit, graceful shutdown
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`)
+//! - [`config`], [`tls`], [`error`]: configuration, TLS setup, client-visible errors
+//! - [`cluster`], [`demo`]: the throwaway Postgres and the demo built on it
+
+pub mod admin;
+pub mod auth;
+pub mod cancel;
+pub mod cluster;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod handshake;
+pub mod server;
+pub mod session;
+pub mod signals;
+pub mod stream;
+pub mod tls;
+pub mod upstream;

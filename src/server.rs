@@ -1,0 +1,242 @@
+//! The listener: accepts clients, caps their number, runs each connection from handshake to
+//! relay, and shuts down gracefully.
+//!
+//! Like mini-redis's `server::run`, [`Proxy::run`] takes its listener and a shutdown token, so
+//! tests bind port 0 and stop the proxy when they are done.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rand::RngCore;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::CredentialSource;
+use crate::auth::scram::Channel;
+use crate::cancel::CancelRegistry;
+use crate::codec::FramedReader;
+use crate::codec::messages::ParameterStatus;
+use crate::config::ListenConfig;
+use crate::error::{ClientError, UserFacingError, sqlstate};
+use crate::handshake::{self, ClientTlsPolicy, Handshake, HandshakeError};
+use crate::session::{PassThrough, Session, SessionContext, SessionEnd, SessionHooks, SessionOptions, SessionParts, SessionRegistry};
+use crate::stream::Stream;
+use crate::tls::ServerTls;
+use crate::upstream::Upstream;
+
+/// Everything the proxy shares between connections.
+pub struct Proxy {
+    listen: ListenConfig,
+    tls: ClientTlsPolicy,
+    upstream: Arc<Upstream>,
+    credentials: Arc<dyn CredentialSource>,
+    hooks: Arc<dyn SessionHooks>,
+    pub cancels: Arc<CancelRegistry>,
+    pub sessions: Arc<SessionRegistry>,
+    /// Keys the mock SCRAM salts of unknown logins; random per process.
+    mock_secret: [u8; 32],
+}
+
+impl Proxy {
+    pub fn new(listen: ListenConfig, tls: Option<ServerTls>, upstream: Upstream, credentials: Arc<dyn CredentialSource>) -> Self {
+        let mut mock_secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut mock_secret);
+        Self {
+            tls: ClientTlsPolicy { tls: tls.map(Arc::new), allow_plaintext: listen.allow_plaintext },
+            listen,
+            upstream: Arc::new(upstream),
+            credentials,
+            hooks: Arc::new(PassThrough),
+            cancels: CancelRegistry::new(),
+            sessions: SessionRegistry::new(),
+            mock_secret,
+        }
+    }
+
+    /// Installs the policy/audit hooks every session runs.
+    pub fn with_hooks(mut self, hooks: Arc<dyn SessionHooks>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// Accepts clients until `shutdown` fires, then drains: sessions end as soon as nothing is
+    /// in flight, and those still busy after `shutdown_grace` are ended with `FATAL 57P01`.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.listen.max_connections));
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            metrics::counter!("pglease_connections_accepted_total").increment(1);
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                metrics::counter!("pglease_connections_rejected_total", "reason" => "limit").increment(1);
+                tracker.spawn(reject_over_limit(tcp));
+                continue;
+            };
+            let proxy = self.clone();
+            let shutdown = shutdown.clone();
+            let span = tracing::info_span!("conn", client = %addr, session = tracing::field::Empty);
+            tracker.spawn(
+                async move {
+                    let _permit = permit;
+                    proxy.serve_connection(tcp, addr, shutdown).await;
+                }
+                .instrument(span),
+            );
+        }
+        drop(listener);
+        tracker.close();
+        tracing::info!(sessions = self.sessions.len(), "stopped accepting; draining sessions");
+        if tokio::time::timeout(self.listen.shutdown_grace, tracker.wait()).await.is_err() {
+            let n = self.sessions.kill_where(|_| true, &crate::session::shutdown_error());
+            tracing::info!(sessions = n, "grace period over; ending remaining sessions");
+            // Handshakes are bounded by their own timeout, sessions end promptly once killed.
+            let _ = tokio::time::timeout(self.listen.handshake_timeout + Duration::from_secs(5), tracker.wait()).await;
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, shutdown: CancellationToken) {
+        let _ = tcp.set_nodelay(true);
+        let started = Instant::now();
+        let setup = tokio::time::timeout(self.listen.handshake_timeout, self.setup(tcp, addr, &shutdown)).await;
+        let session = match setup {
+            Ok(Ok(Some(session))) => session,
+            Ok(Ok(None)) => return, // a cancel request, handled
+            Ok(Err(e)) => {
+                metrics::counter!("pglease_connections_rejected_total", "reason" => "handshake").increment(1);
+                tracing::info!(error = %e, "connection refused during setup");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("pglease_connections_rejected_total", "reason" => "timeout").increment(1);
+                tracing::info!("handshake timed out");
+                return;
+            }
+        };
+        metrics::histogram!("pglease_handshake_duration_seconds").record(started.elapsed().as_secs_f64());
+        tracing::Span::current().record("session", session.ctx.id);
+        tracing::info!(login = %session.ctx.identity.login, database = %session.ctx.database, "session started");
+        metrics::gauge!("pglease_sessions_active").increment(1.0);
+        let end = session.run().await;
+        metrics::gauge!("pglease_sessions_active").decrement(1.0);
+        let kind = match &end {
+            SessionEnd::ClientClosed => "client_closed",
+            SessionEnd::UpstreamClosed => "upstream_closed",
+            SessionEnd::ClientProtocol(_) => "client_protocol",
+            SessionEnd::UpstreamProtocol(_) => "upstream_protocol",
+            SessionEnd::Ended(_) => "ended",
+            SessionEnd::Io(_) => "io",
+        };
+        metrics::counter!("pglease_sessions_ended_total", "reason" => kind).increment(1);
+        tracing::info!(?end, "session ended");
+    }
+
+    /// Handshake, login, upstream session. `Ok(None)` for a cancel request.
+    async fn setup(&self, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
+        let startup = match handshake::negotiate(tcp, &self.tls).await? {
+            Handshake::Cancel { pid, secret } => {
+                self.cancels.cancel(pid, &secret).await;
+                return Ok(None);
+            }
+            Handshake::Startup(s) => s,
+        };
+        let mut stream = startup.stream;
+        if shutdown.is_cancelled() {
+            return handshake::refuse(&mut stream, ClientError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pglease is shutting down")).await;
+        }
+        let params = match handshake::vet_params(&startup.message) {
+            Ok(p) => p,
+            Err(e) => return handshake::refuse(&mut stream, e).await,
+        };
+        if let Some(negotiate) = handshake::negotiation_message(&startup.message, &params) {
+            stream.write_all(negotiate.raw()).await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+        }
+        let channel = match (&stream, &self.tls.tls) {
+            (Stream::ServerTls(_), Some(tls)) => Channel::Tls { end_point_hash: tls.end_point_hash.clone() },
+            _ => Channel::Plain,
+        };
+
+        let mut reader = FramedReader::new(stream, handshake::auth_limits());
+        let identity = match handshake::authenticate(&mut reader, &params, self.credentials.as_ref(), &channel, &self.mock_secret).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                metrics::counter!("pglease_auth_failures_total").increment(1);
+                handshake::send_error(reader.get_mut(), &e).await;
+                return Err(HandshakeError::Refused(e));
+            }
+        };
+
+        let mut forwarded = params.forwarded.clone();
+        forwarded.push(("client_encoding".into(), "UTF8".into()));
+        let upstream = match self.upstream.connect(&params.database, &forwarded).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, upstream = %self.upstream.describe(), "upstream connection failed");
+                let client_error = e.to_client_error();
+                handshake::send_error(reader.get_mut(), &client_error).await;
+                return Err(HandshakeError::Refused(client_error));
+            }
+        };
+
+        let registered = self.sessions.register(identity.clone(), addr, params.database.clone());
+        let cancel_key = self.cancels.register(self.upstream.clone(), upstream.key.clone());
+
+        // The upstream's ParameterStatus set, our BackendKeyData, then ReadyForQuery.
+        let mut hello = BytesMut::with_capacity(512);
+        for p in &upstream.parameters {
+            hello.extend_from_slice(ParameterStatus { name: p.name.clone(), value: p.value.clone() }.encode().raw());
+        }
+        hello.extend_from_slice(cancel_key.key.encode().raw());
+        hello.extend_from_slice(upstream.tx.encode_ready().raw());
+        let s = reader.get_mut();
+        s.write_all(&hello).await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+        s.flush().await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+
+        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database };
+        let session = Session::new(SessionParts {
+            ctx,
+            client: reader,
+            client_limits_max_frame: self.listen.max_message_bytes,
+            upstream_stream: upstream.stream,
+            upstream_leftover: upstream.leftover,
+            upstream_max_frame: self.listen.max_message_bytes,
+            upstream: self.upstream.clone(),
+            upstream_key: upstream.key,
+            tx: upstream.tx,
+            hooks: self.hooks.clone(),
+            handle: registered.handle.clone(),
+            shutdown: shutdown.clone(),
+            options: SessionOptions { idle_timeout: self.listen.idle_timeout },
+        })
+        .with_guards(Box::new((registered, cancel_key)));
+        Ok(Some(session))
+    }
+}
+
+/// Answers a connection over the limit the way Postgres does (`53300`), then closes it.
+async fn reject_over_limit(mut tcp: TcpStream) {
+    let err = ClientError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
+    let mut buf = BytesMut::new();
+    err.encode(&mut buf);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tcp.write_all(&buf).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
