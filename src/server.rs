@@ -15,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Over-limit connections answered at once (the rest are closed without a word).
+const OVERFLOW_HANDSHAKES: usize = 64;
 use tracing::Instrument;
 
 use crate::auth::CredentialSource;
@@ -70,6 +73,9 @@ impl Proxy {
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.listen.max_connections));
+        // Connections over the limit still get a readable answer (and may carry a cancel
+        // request), but only this many are answered at once; beyond that they are closed.
+        let overflow = Arc::new(Semaphore::new(OVERFLOW_HANDSHAKES));
         loop {
             let (tcp, addr) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -86,7 +92,13 @@ impl Proxy {
             metrics::counter!("pglease_connections_accepted_total").increment(1);
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 metrics::counter!("pglease_connections_rejected_total", "reason" => "limit").increment(1);
-                tracker.spawn(reject_over_limit(tcp));
+                if let Ok(slot) = overflow.clone().try_acquire_owned() {
+                    let proxy = self.clone();
+                    tracker.spawn(async move {
+                        let _slot = slot;
+                        proxy.reject_over_limit(tcp).await;
+                    });
+                }
                 continue;
             };
             let proxy = self.clone();
@@ -145,6 +157,23 @@ impl Proxy {
         };
         metrics::counter!("pglease_sessions_ended_total", "reason" => kind).increment(1);
         tracing::info!(?end, "session ended");
+    }
+
+    /// Answers a connection over the limit the way Postgres does: after TLS negotiation and the
+    /// startup packet, `FATAL 53300`. A cancel request is still honoured.
+    async fn reject_over_limit(&self, tcp: TcpStream) {
+        let answer = async {
+            match handshake::negotiate(tcp, &self.tls).await {
+                Ok(Handshake::Cancel { pid, secret }) => {
+                    self.cancels.cancel(pid, &secret).await;
+                }
+                Ok(Handshake::Startup(mut s)) => {
+                    let _ = handshake::refuse::<()>(&mut s.stream, ClientError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already")).await;
+                }
+                Err(_) => {}
+            }
+        };
+        let _ = tokio::time::timeout(self.listen.handshake_timeout.min(Duration::from_secs(5)), answer).await;
     }
 
     /// Handshake, login, upstream session. `Ok(None)` for a cancel request.
@@ -229,14 +258,3 @@ impl Proxy {
     }
 }
 
-/// Answers a connection over the limit the way Postgres does (`53300`), then closes it.
-async fn reject_over_limit(mut tcp: TcpStream) {
-    let err = ClientError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
-    let mut buf = BytesMut::new();
-    err.encode(&mut buf);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = tcp.write_all(&buf).await;
-        let _ = tcp.shutdown().await;
-    })
-    .await;
-}

@@ -92,6 +92,11 @@ fn tls_config() -> std::sync::Arc<rustls::ClientConfig> {
 }
 
 impl Raw {
+    /// Wraps a stream a test set up itself.
+    pub fn from_io(io: Box<dyn Io>) -> Raw {
+        Raw { io, buf: BytesMut::new() }
+    }
+
     pub async fn plain(addr: SocketAddr) -> Raw {
         Raw { io: Box::new(TcpStream::connect(addr).await.unwrap()), buf: BytesMut::new() }
     }
@@ -125,7 +130,8 @@ impl Raw {
         }
         assert_eq!(m.tag, b'R');
         assert_eq!(&m.body[..4], &10i32.to_be_bytes(), "SASL requested");
-        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested());
+        // "n": no channel binding, as libpq with channel_binding=disable.
+        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
         let mut body = BytesMut::new();
         body.put_slice(b"SCRAM-SHA-256\0");
         body.put_i32(scram.message().len() as i32);
