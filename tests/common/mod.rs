@@ -204,6 +204,16 @@ impl TestProxy {
         client
     }
 
+    /// libpq connection string straight to Postgres as the superuser (unix socket).
+    pub fn direct_conninfo(&self) -> String {
+        let h = HARNESS.get().unwrap();
+        format!("host={} port={} user={} dbname={}", h.cluster.socket_dir().display(), h.cluster.port, h.cluster.superuser, self.database)
+    }
+
+    pub fn superuser_password(&self) -> String {
+        HARNESS.get().unwrap().cluster.password.clone()
+    }
+
     /// Stops accepting and drains, like SIGTERM does.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -241,9 +251,14 @@ pub fn pg_bin(name: &str) -> PathBuf {
 
 /// Runs a client program with the proxy's login in its environment; returns (status, stdout, stderr).
 pub async fn run_client(program: &str, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    run_client_with_password(program, args, LOGIN_PASSWORD).await
+}
+
+/// Like [`run_client`] with another password (e.g. the superuser's, for direct comparisons).
+pub async fn run_client_with_password(program: &str, args: &[&str], password: &str) -> (std::process::ExitStatus, String, String) {
     let out = tokio::process::Command::new(pg_bin(program))
         .args(args)
-        .env("PGPASSWORD", LOGIN_PASSWORD)
+        .env("PGPASSWORD", password)
         .env("PGCLIENTENCODING", "UTF8")
         .env_remove("PGHOST")
         .env_remove("PGPORT")
