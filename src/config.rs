@@ -184,7 +184,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text)
+        let config = Self::parse(&text)?;
+        config.check_files()?;
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -205,6 +207,24 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks that the files the config names exist (separate from [`validate`](Self::validate)
+    /// so that a config can be checked on another machine).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (key, path) in [("listen.tls_cert", &self.listen.tls_cert), ("listen.tls_key", &self.listen.tls_key), ("upstream.ca_file", &self.upstream.ca_file)] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(ConfigError::invalid(key, format!("file {} does not exist", path.display())));
+            }
+        }
+        if let Some(path) = &self.upstream.password_file
+            && !path.is_file()
+        {
+            return Err(ConfigError::invalid("upstream.password_file", format!("file {} does not exist", path.display())));
+        }
+        Ok(())
+    }
+
     /// Checks what types cannot: values that must agree with each other, files that must exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.listen;
@@ -218,13 +238,6 @@ impl Config {
                 ));
             }
             _ => {}
-        }
-        for (key, path) in [("listen.tls_cert", &l.tls_cert), ("listen.tls_key", &l.tls_key)] {
-            if let Some(path) = path
-                && !path.is_file()
-            {
-                return Err(ConfigError::invalid(key, format!("file {} does not exist", path.display())));
-            }
         }
         if l.max_connections == 0 {
             return Err(ConfigError::invalid("listen.max_connections", "must be at least 1"));
@@ -257,11 +270,6 @@ impl Config {
         }
         if u.tls == UpstreamTls::VerifyFull && u.ca_file.is_none() {
             return Err(ConfigError::invalid("upstream.ca_file", "required when upstream.tls = \"verify-full\""));
-        }
-        if let Some(path) = &u.ca_file
-            && !path.is_file()
-        {
-            return Err(ConfigError::invalid("upstream.ca_file", format!("file {} does not exist", path.display())));
         }
         if u.host.starts_with('/') && u.tls != UpstreamTls::Disable && u.tls != UpstreamTls::Prefer {
             return Err(ConfigError::invalid("upstream.tls", "a unix socket upstream does not use TLS: set \"disable\""));
@@ -368,6 +376,20 @@ mod tests {
     fn missing_section_is_named() {
         let e = err("[listen]\naddr = \"127.0.0.1:1\"\nallow_plaintext = true\n");
         assert!(e.contains("upstream"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let c = Config::parse(include_str!("../config/pglease.toml")).unwrap();
+        assert_eq!(c.upstream.tls, UpstreamTls::VerifyFull);
+        assert!(c.upstream.password_env.is_some());
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let c = Config::parse(include_str!("../config/pglease.toml")).unwrap();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(e.contains("listen.tls_cert"), "{e}");
     }
 
     #[test]

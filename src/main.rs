@@ -26,6 +26,18 @@ enum Command {
         /// Path of the TOML configuration.
         #[arg(long, default_value = "config/pglease.toml")]
         config: PathBuf,
+        /// Only check the configuration (and the files it names), then exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Write a throwaway CA and a server certificate signed by it, for development.
+    DevCerts {
+        /// Output directory (created if missing).
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Names (DNS or IP) the certificate is valid for.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
     },
     /// Run a throwaway Postgres with the sample `shop` database and the proxy in front of it.
     Demo {
@@ -65,7 +77,13 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config } => serve(config).await,
+            Command::Serve { config, check: true } => {
+                Config::load(&config)?;
+                println!("{}: ok", config.display());
+                Ok(())
+            }
+            Command::Serve { config, check: false } => serve(config).await,
+            Command::DevCerts { out, names } => dev_certs(&out, &names),
             Command::Demo { dir, listen, admin, json } => {
                 init_tracing("warn,pglease=info", LogFormat::Text);
                 pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json }).await
@@ -79,6 +97,20 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+fn dev_certs(out: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let certs = pglease::tls::generate_dev_certificates(&names)?;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    std::fs::write(out.join("ca.crt"), &certs.ca_pem)?;
+    std::fs::write(out.join("server.crt"), &certs.cert_pem)?;
+    let key = out.join("server.key");
+    std::fs::write(&key, &certs.key_pem)?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    println!("wrote {0}/ca.crt, {0}/server.crt, {0}/server.key for {1}", out.display(), names.join(", "));
+    Ok(())
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Entry point for the README's two commands. Installs what a fresh Debian machine is missing
+# (as root), or stops with a message naming it, then runs the demo or the test suite.
+#
+#   scripts/dev.sh demo [pglease demo options]
+#   scripts/dev.sh test [cargo test options]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "scripts/dev.sh: $*" >&2; exit 1; }
+
+have_pg_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${PGLEASE_PG_BIN:-}" ]; }
+have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; }
+
+install_missing() {
+    local packages=()
+    have_pg_server || packages+=(postgresql)
+    command -v psql >/dev/null || packages+=(postgresql-client)
+    command -v pgbench >/dev/null || packages+=(postgresql-contrib)
+    # pg_query (the Postgres parser, used by the policy engine) builds with bindgen.
+    have_libclang || packages+=(libclang-dev)
+    command -v cc >/dev/null || packages+=(build-essential)
+    if [ ${#packages[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing: ${packages[*]}" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq >&2
+            apt-get install -y -qq --no-install-recommends "${packages[@]}" >&2
+        else
+            die "missing: ${packages[*]} (install them, e.g. apt-get install ${packages[*]})"
+        fi
+    fi
+    # A fresh postgresql package starts a cluster of its own; ours are throwaway, it may stay.
+    command -v cargo >/dev/null || die "missing: cargo (install Rust with rustup: https://rustup.rs)"
+    id postgres >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || die "running as root but there is no 'postgres' OS user (apt-get install postgresql creates it)"
+}
+
+command="${1:-}"
+shift || true
+case "$command" in
+    demo)
+        install_missing
+        cargo build --release --locked --bin pglease
+        exec target/release/pglease demo "$@"
+        ;;
+    test)
+        install_missing
+        cargo test --locked "$@"
+        ;;
+    *)
+        die "usage: scripts/dev.sh demo|test [options]"
+        ;;
+esac
