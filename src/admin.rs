@@ -37,6 +37,7 @@ fn describe_metrics() {
     describe_counter!("pglease_sessions_ended_total", "sessions ended, by reason");
     describe_counter!("pglease_bytes_total", "bytes relayed, by direction");
     describe_counter!("pglease_messages_total", "protocol messages relayed, by direction");
+    describe_counter!("pglease_errors_total", "ErrorResponses sent to clients: from Postgres, or refusals by pglease");
     describe_counter!("pglease_cancel_requests_total", "cancel requests, by result");
     describe_histogram!("pglease_query_duration_seconds", "time from a query or Sync to its ReadyForQuery");
     describe_histogram!("pglease_handshake_duration_seconds", "time from accept to the session's first ReadyForQuery");

@@ -569,6 +569,8 @@ async fn upstream_to_client(up: &mut FramedReader<ReadHalf<Stream>>, client: &mu
                         _ => None,
                     }
                 };
+                let source = if replacement.is_some() { "refused" } else { "upstream" };
+                metrics::counter!("pglease_errors_total", "source" => source).increment(1);
                 match replacement {
                     Some(err) => {
                         let mut buf = bytes::BytesMut::new();

@@ -75,6 +75,8 @@ pub struct ProxyOptions {
     /// Override the CA used for `verify-full`.
     pub upstream_ca: Option<PathBuf>,
     pub handshake_timeout: Duration,
+    /// Policy/audit hooks to install (pass-through when None).
+    pub hooks: Option<Arc<dyn pglease::session::SessionHooks>>,
 }
 
 impl Default for ProxyOptions {
@@ -88,6 +90,7 @@ impl Default for ProxyOptions {
             upstream_unix: false,
             upstream_ca: None,
             handshake_timeout: Duration::from_secs(10),
+            hooks: None,
         }
     }
 }
@@ -148,7 +151,11 @@ impl TestProxy {
         let tls = ServerTls::from_files(&h.cert_file, &h.key_file).unwrap();
         let upstream = Upstream::new(upstream, UPSTREAM_PASSWORD.into(), listen.max_message_bytes).unwrap();
         let credentials = Arc::new(StaticCredentials::new().with_login(LOGIN, LOGIN_PASSWORD));
-        let proxy = Arc::new(Proxy::new(listen, Some(tls), upstream, credentials));
+        let mut proxy = Proxy::new(listen, Some(tls), upstream, credentials);
+        if let Some(hooks) = options.hooks.clone() {
+            proxy = proxy.with_hooks(hooks);
+        }
+        let proxy = Arc::new(proxy);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
