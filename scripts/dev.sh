@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 
 die() { echo "scripts/dev.sh: $*" >&2; exit 1; }
 
-have_pg_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${PGLEASE_PG_BIN:-}" ]; }
-have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; }
+have_pg_server() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || [ -n "${PGLEASE_PG_BIN:-}" ]; }
+have_libclang() { compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || compgen -G '/usr/lib/llvm-*/lib/libclang-*.so*' >/dev/null; }
 
 install_missing() {
     local packages=()
