@@ -4,6 +4,7 @@
 //! names the key it is about (`serde_path_to_error` for type errors, [`Config::validate`] for the
 //! rest). `config/pglease.toml` documents every key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +36,103 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub grants: GrantsConfig,
+    /// Named scopes: what a grant lets its holder do, and the Postgres role that backs it.
+    #[serde(default)]
+    pub scopes: BTreeMap<String, ScopeConfig>,
+    /// People who use the admin API, with their roles and the hash of their bearer token.
+    #[serde(default)]
+    pub people: BTreeMap<String, PersonConfig>,
+}
+
+/// Temporary grants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantsConfig {
+    /// The grant store: an append-only JSON Lines file, fsynced on every change.
+    #[serde(default = "default_grant_store")]
+    pub store: PathBuf,
+    /// Sessions get a WARNING notice this long before their grant ends.
+    #[serde(default = "default_warn_before", with = "humantime_vec")]
+    pub warn_before: Vec<Duration>,
+    /// Lifecycle events (requested, approved, session opened…) as JSON Lines. Absent: logs only.
+    pub events_log: Option<PathBuf>,
+    /// After this many failed logins from one address, each further attempt waits longer.
+    #[serde(default = "default_failures_before_delay")]
+    pub failures_before_delay: u32,
+}
+
+impl Default for GrantsConfig {
+    fn default() -> Self {
+        Self { store: default_grant_store(), warn_before: default_warn_before(), events_log: None, failures_before_delay: default_failures_before_delay() }
+    }
+}
+
+/// One scope. The policy rules join it in the policy work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    #[serde(default)]
+    pub description: String,
+    /// The one database a grant of this scope may connect to.
+    pub database: String,
+    /// The Postgres login role that backs the scope; the proxy logs in upstream as it.
+    pub role: String,
+    /// Where that role's password comes from (exactly one of the two).
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Longest grant that may be requested.
+    #[serde(default = "default_max_duration", with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// Groups whose members may approve; empty: any approver.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// Lets a requester activate a short grant without approval, with a mandatory reason.
+    pub break_glass: Option<BreakGlassConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlassConfig {
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+}
+
+/// What a person may do through the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Requests grants for themself.
+    Engineer,
+    /// Approves, denies, issues and revokes grants; kills sessions.
+    Approver,
+    /// Reads grants, sessions and the audit log.
+    Auditor,
+    /// Everything.
+    Admin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonConfig {
+    pub roles: Vec<Role>,
+    /// Groups, for scopes that name their approvers (e.g. `dba`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Hex SHA-256 of the person's admin API bearer token (`pglease token new` makes one).
+    pub token_sha256: String,
+}
+
+mod humantime_vec {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let items = Vec::<String>::deserialize(d)?;
+        items.iter().map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom)).collect()
+    }
 }
 
 /// The client-facing side: where engineers' clients connect.
@@ -145,6 +243,19 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self { level: default_log_level(), format: LogFormat::Text }
     }
+}
+
+fn default_grant_store() -> PathBuf {
+    PathBuf::from("pglease-grants.jsonl")
+}
+fn default_warn_before() -> Vec<Duration> {
+    vec![Duration::from_secs(300), Duration::from_secs(60)]
+}
+fn default_failures_before_delay() -> u32 {
+    3
+}
+fn default_max_duration() -> Duration {
+    Duration::from_secs(8 * 3600)
 }
 
 fn default_max_connections() -> usize {
@@ -277,6 +388,40 @@ impl Config {
         if u.connect_timeout.is_zero() {
             return Err(ConfigError::invalid("upstream.connect_timeout", "must be more than 0s"));
         }
+        for (name, scope) in &self.scopes {
+            let key = |k: &str| format!("scopes.{name}.{k}");
+            if !valid_name(name) {
+                return Err(ConfigError::invalid(&format!("scopes.{name}"), "scope names are letters, digits, '-' and '_'"));
+            }
+            if scope.database.is_empty() {
+                return Err(ConfigError::invalid(&key("database"), "must not be empty"));
+            }
+            if scope.role.is_empty() {
+                return Err(ConfigError::invalid(&key("role"), "must not be empty"));
+            }
+            if scope.password_env.is_some() == scope.password_file.is_some() {
+                return Err(ConfigError::invalid(&key("password_env"), "set exactly one of password_env and password_file"));
+            }
+            if scope.max_duration.is_zero() {
+                return Err(ConfigError::invalid(&key("max_duration"), "must be more than 0s"));
+            }
+            if let Some(bg) = &scope.break_glass
+                && (bg.max_duration.is_zero() || bg.max_duration > scope.max_duration)
+            {
+                return Err(ConfigError::invalid(&key("break_glass.max_duration"), "must be more than 0s and at most the scope's max_duration"));
+            }
+        }
+        for (name, person) in &self.people {
+            if !valid_name(name) {
+                return Err(ConfigError::invalid(&format!("people.{name}"), "person names are letters, digits, '-' and '_'"));
+            }
+            if person.token_sha256.len() != 64 || !person.token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(&format!("people.{name}.token_sha256"), "must be 64 hex digits (pglease token new)"));
+            }
+            if person.roles.is_empty() {
+                return Err(ConfigError::invalid(&format!("people.{name}.roles"), "must name at least one role"));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid("log.level", format!("not a valid filter: {:?}", self.log.level)));
         }
@@ -287,21 +432,35 @@ impl Config {
 impl UpstreamConfig {
     /// Reads the upstream password from where the config says. The value is never logged.
     pub fn password(&self) -> Result<String, ConfigError> {
-        if let Some(var) = &self.password_env {
-            return std::env::var(var).map_err(|_| {
-                ConfigError::invalid("upstream.password_env", format!("environment variable {var} is not set"))
-            });
-        }
-        let path = self.password_file.as_ref().ok_or_else(|| ConfigError::invalid("upstream.password_env", "set password_env or password_file"))?;
-        check_secret_file_mode(path).map_err(|m| ConfigError::invalid("upstream.password_file", m))?;
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::invalid("upstream.password_file", format!("cannot read {}: {e}", path.display())))?;
-        let line = text.lines().next().unwrap_or("").to_owned();
-        if line.is_empty() {
-            return Err(ConfigError::invalid("upstream.password_file", format!("{} is empty", path.display())));
-        }
-        Ok(line)
+        read_secret("upstream", self.password_env.as_deref(), self.password_file.as_deref())
     }
+}
+
+/// Names of scopes and people: they appear in logins and logs, so keep them plain.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 40 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl ScopeConfig {
+    /// Reads the backing role's password. Never logged.
+    pub fn password(&self, scope: &str) -> Result<String, ConfigError> {
+        read_secret(&format!("scopes.{scope}"), self.password_env.as_deref(), self.password_file.as_deref())
+    }
+}
+
+fn read_secret(prefix: &str, env: Option<&str>, file: Option<&Path>) -> Result<String, ConfigError> {
+    if let Some(var) = env {
+        return std::env::var(var).map_err(|_| ConfigError::invalid(&format!("{prefix}.password_env"), format!("environment variable {var} is not set")));
+    }
+    let path = file.ok_or_else(|| ConfigError::invalid(&format!("{prefix}.password_env"), "set password_env or password_file"))?;
+    let key = format!("{prefix}.password_file");
+    check_secret_file_mode(path).map_err(|m| ConfigError::invalid(&key, m))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+    let line = text.lines().next().unwrap_or("").to_owned();
+    if line.is_empty() {
+        return Err(ConfigError::invalid(&key, format!("{} is empty", path.display())));
+    }
+    Ok(line)
 }
 
 /// Refuses secret files that others can read, as libpq does for `.pgpass`.

@@ -1,24 +1,25 @@
 //! `pglease demo`: a throwaway Postgres with TLS and SCRAM, the sample `shop` database, and the
 //! proxy in front of it. Runs until SIGINT/SIGTERM, then stops Postgres and cleans up.
 //!
-//! NOTE: until temporary grants land, the demo issues one login that lives exactly as long as the
-//! demo process; the proxy logs in upstream as a role holding the sample schema's privileges.
+//! Identities: `alice` (engineer), `bob` (approver, group `dba`), `carol` (auditor), each with
+//! a random admin token. Every scope is backed by its own login role with a random password that
+//! only the proxy holds.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::auth::StaticCredentials;
+use crate::app::{App, Secrets};
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::config::{ListenConfig, UpstreamConfig, UpstreamTls};
-use crate::server::Proxy;
-use crate::tls::{ServerTls, generate_dev_certificates};
-use crate::upstream::Upstream;
+use crate::config::{
+    AdminConfig, BreakGlassConfig, Config, GrantsConfig, ListenConfig, LogConfig, Role, ScopeConfig, UpstreamConfig, UpstreamTls,
+};
+use crate::people::People;
+use crate::tls::generate_dev_certificates;
 
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
@@ -48,19 +49,82 @@ INSERT INTO orders.items
 ANALYZE;
 "#;
 
-const UPSTREAM_ROLE: &str = "pglease_demo";
+/// The demo's scopes: name, backing role, max duration, approver groups, break-glass, and the
+/// native privileges of the role (interim: the policy work generates these from the scope).
+struct DemoScope {
+    name: &'static str,
+    description: &'static str,
+    role: &'static str,
+    max_duration: Duration,
+    approvers: &'static [&'static str],
+    break_glass: Option<Duration>,
+    grants: &'static str,
+}
+
+const SCOPES: &[DemoScope] = &[
+    DemoScope {
+        name: "orders-read",
+        description: "read-only access to schema orders",
+        role: "pglease_orders_read",
+        max_duration: Duration::from_secs(8 * 3600),
+        approvers: &[],
+        break_glass: Some(Duration::from_secs(30 * 60)),
+        grants: "GRANT USAGE ON SCHEMA orders TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA orders TO {role};",
+    },
+    DemoScope {
+        name: "support",
+        description: "read customers (without ssn) and orders",
+        role: "pglease_support",
+        max_duration: Duration::from_secs(8 * 3600),
+        approvers: &[],
+        break_glass: None,
+        grants: "GRANT USAGE ON SCHEMA orders, public TO {role}; GRANT SELECT (id, name, email) ON public.customers TO {role}; GRANT SELECT ON orders.orders TO {role};",
+    },
+    DemoScope {
+        name: "orders-write",
+        description: "read and write schema orders",
+        role: "pglease_orders_write",
+        max_duration: Duration::from_secs(4 * 3600),
+        approvers: &[],
+        break_glass: None,
+        grants: "GRANT USAGE ON SCHEMA orders TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA orders TO {role};",
+    },
+    DemoScope {
+        name: "bench",
+        description: "read and write the pgbench tables",
+        role: "pglease_bench",
+        max_duration: Duration::from_secs(8 * 3600),
+        approvers: &[],
+        break_glass: None,
+        grants: "GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON public.pgbench_accounts, public.pgbench_branches, public.pgbench_tellers, public.pgbench_history TO {role};",
+    },
+    DemoScope {
+        name: "dba",
+        description: "everything in shop, DDL included",
+        role: "pglease_dba",
+        max_duration: Duration::from_secs(2 * 3600),
+        approvers: &["dba"],
+        break_glass: None,
+        grants: "GRANT CREATE ON DATABASE shop TO {role}; GRANT USAGE, CREATE ON SCHEMA orders, public TO {role}; GRANT ALL ON ALL TABLES IN SCHEMA orders, public TO {role}; GRANT ALL ON ALL SEQUENCES IN SCHEMA orders, public TO {role};",
+    },
+];
 
 fn random_secret() -> String {
     use rand::RngCore;
     let mut raw = [0u8; 18];
     rand::rngs::OsRng.fill_bytes(&mut raw);
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    crate::people::hex(&raw)
 }
 
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
-    let keep = options.dir.is_some();
+    if let Some(dir) = &options.dir
+        && dir.exists()
+        && std::fs::read_dir(dir)?.next().is_some()
+    {
+        anyhow::bail!("--dir {} is not empty; the demo needs an empty or new directory (it removes it on exit)", dir.display());
+    }
     let dir = options.dir.clone();
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(ClusterOptions { dir, keep_dir: keep, extra_conf: vec![] }))
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(ClusterOptions { dir, keep_dir: false, extra_conf: vec![] }))
         .await?
         .context("start the throwaway PostgreSQL")?;
     let result = serve(&cluster, &options).await;
@@ -68,124 +132,163 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
-    let upstream_password = random_secret();
+/// Creates `shop`, its schema and data, the pgbench tables, and one role per scope.
+async fn prepare_database(cluster: &Cluster) -> anyhow::Result<HashMap<String, String>> {
     cluster.execute("postgres", "CREATE DATABASE shop").await?;
     cluster.execute("shop", SHOP_SCHEMA).await?;
-    let pgbench = std::process::Command::new(cluster.bin("pgbench"))
+    let pgbench = tokio::process::Command::new(cluster.bin("pgbench"))
         .args(["-i", "-q", "-s", "1", "-h"])
         .arg(cluster.socket_dir())
         .args(["-p", &cluster.port.to_string(), "-U", &cluster.superuser, "shop"])
         .env("PGPASSWORD", &cluster.password)
         .output()
+        .await
         .context("run pgbench -i")?;
     if !pgbench.status.success() {
         anyhow::bail!("pgbench -i failed: {}", String::from_utf8_lossy(&pgbench.stderr));
     }
-    cluster
-        .execute(
-            "shop",
-            &format!(
-                "CREATE ROLE {UPSTREAM_ROLE} LOGIN PASSWORD '{upstream_password}';
-                 GRANT CONNECT ON DATABASE shop TO {UPSTREAM_ROLE};
-                 GRANT USAGE ON SCHEMA orders, public TO {UPSTREAM_ROLE};
-                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA orders, public TO {UPSTREAM_ROLE};"
-            ),
-        )
-        .await?;
+    let mut passwords = HashMap::new();
+    let mut sql = String::from("REVOKE ALL ON DATABASE shop FROM PUBLIC; REVOKE CREATE ON SCHEMA public FROM PUBLIC;");
+    for scope in SCOPES {
+        let password = random_secret();
+        sql.push_str(&format!(
+            "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD '{password}'; GRANT CONNECT ON DATABASE shop TO {role}; ",
+            role = scope.role
+        ));
+        sql.push_str(&scope.grants.replace("{role}", scope.role));
+        passwords.insert(scope.name.to_owned(), password);
+    }
+    cluster.execute("shop", &sql).await?;
+    Ok(passwords)
+}
+
+async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
+    let scope_passwords = prepare_database(cluster).await?;
 
     // The proxy's own certificate, signed by a CA whose certificate clients may verify against.
     let certs = generate_dev_certificates(&["localhost", "127.0.0.1"])?;
-    let cert_dir = cluster.dir.join("proxy-tls");
-    std::fs::create_dir_all(&cert_dir)?;
-    let (ca_cert, cert, key) = (cert_dir.join("ca.crt"), cert_dir.join("server.crt"), cert_dir.join("server.key"));
+    let work = cluster.dir.join("pglease");
+    std::fs::create_dir_all(&work)?;
+    let (ca_cert, cert, key) = (work.join("ca.crt"), work.join("server.crt"), work.join("server.key"));
     std::fs::write(&ca_cert, &certs.ca_pem)?;
     std::fs::write(&cert, &certs.cert_pem)?;
     std::fs::write(&key, &certs.key_pem)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-        // Readable by whoever runs psql with sslrootcert=… (the cluster dir may belong to postgres).
+        // Readable by whoever runs psql with sslrootcert=… (the cluster dir belongs to postgres).
         std::fs::set_permissions(&cluster.dir, std::fs::Permissions::from_mode(0o755))?;
     }
+    let events_log = work.join("events.jsonl");
 
-    let listen = ListenConfig {
-        addr: options.listen,
-        tls_cert: Some(cert.clone()),
-        tls_key: Some(key.clone()),
-        allow_plaintext: false,
-        max_connections: 200,
-        handshake_timeout: Duration::from_secs(10),
-        idle_timeout: None,
-        max_message_bytes: 64 << 20,
-        shutdown_grace: Duration::from_secs(5),
+    let config = Config {
+        listen: ListenConfig {
+            addr: options.listen,
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            allow_plaintext: false,
+            max_connections: 200,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_message_bytes: 64 << 20,
+            shutdown_grace: Duration::from_secs(5),
+        },
+        upstream: UpstreamConfig {
+            host: "127.0.0.1".into(),
+            port: cluster.port,
+            user: cluster.superuser.clone(),
+            password_env: None,
+            password_file: None,
+            tls: UpstreamTls::VerifyFull,
+            ca_file: Some(cluster.ca_file.clone()),
+            server_name: Some("localhost".into()),
+            allow_md5: false,
+            allow_cleartext: false,
+            connect_timeout: Duration::from_secs(10),
+        },
+        admin: AdminConfig { addr: options.admin },
+        log: LogConfig::default(),
+        grants: GrantsConfig { store: work.join("grants.jsonl"), events_log: Some(events_log.clone()), ..GrantsConfig::default() },
+        scopes: SCOPES
+            .iter()
+            .map(|s| {
+                (
+                    s.name.to_owned(),
+                    ScopeConfig {
+                        description: s.description.to_owned(),
+                        database: "shop".into(),
+                        role: s.role.into(),
+                        password_env: None,
+                        password_file: None,
+                        max_duration: s.max_duration,
+                        approvers: s.approvers.iter().map(|a| a.to_string()).collect(),
+                        break_glass: s.break_glass.map(|max_duration| BreakGlassConfig { max_duration }),
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>(),
+        people: BTreeMap::new(),
     };
-    let upstream = UpstreamConfig {
-        host: "127.0.0.1".into(),
-        port: cluster.port,
-        user: UPSTREAM_ROLE.into(),
-        password_env: None,
-        password_file: None,
-        tls: UpstreamTls::VerifyFull,
-        ca_file: Some(cluster.ca_file.clone()),
-        server_name: Some("localhost".into()),
-        allow_md5: false,
-        allow_cleartext: false,
-        connect_timeout: Duration::from_secs(10),
-    };
-    let login = "demo";
-    let login_password = random_secret();
-    let credentials = Arc::new(StaticCredentials::new().with_login(login, &login_password));
-    let proxy = Arc::new(Proxy::new(
-        listen.clone(),
-        Some(ServerTls::from_files(&cert, &key)?),
-        Upstream::new(upstream, upstream_password.clone(), listen.max_message_bytes)?,
-        credentials,
-    ));
+    let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();
+    let mut people = People::default();
+    people.add("alice", &[Role::Engineer], &[], &tokens["alice"]);
+    people.add("bob", &[Role::Approver], &["dba"], &tokens["bob"]);
+    people.add("carol", &[Role::Auditor], &[], &tokens["carol"]);
 
-    let listener = TcpListener::bind(options.listen).await.with_context(|| format!("listen on {}", options.listen))?;
-    let admin_listener = TcpListener::bind(options.admin).await.with_context(|| format!("listen on {}", options.admin))?;
-    let proxy_addr = listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    let admin_state = crate::admin::AdminState { metrics: crate::admin::metrics_handle(), sessions: proxy.sessions.clone() };
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, admin_state, shutdown.clone()));
-    let server = tokio::spawn(proxy.clone().run(listener, shutdown.clone()));
+    // NOTE: the default upstream login (the superuser) is never used for client sessions: every
+    // grant has a scope, and scoped sessions log in as the scope's role or not at all.
+    let secrets = Secrets { upstream: cluster.password.clone(), scopes: scope_passwords };
+    let app = App::build(&config, secrets, people, None).await?;
+    let grants = app.grants.clone();
+    let listener = TcpListener::bind(options.listen).await.with_context(|| format!("--listen: cannot listen on {}", options.listen))?;
+    let admin_listener = TcpListener::bind(options.admin).await.with_context(|| format!("--admin: cannot listen on {}", options.admin))?;
+    let running = app.start(listener, admin_listener)?;
+    let (proxy_addr, admin_addr) = (running.proxy_addr, running.admin_addr);
 
+    // A fresh orders-read grant for alice, issued by bob, for the banner.
+    let bob = crate::people::Principal { person: "bob".into(), roles: [Role::Approver].into(), groups: ["dba".to_owned()].into() };
+    let first = grants.issue(&bob, "alice", "orders-read", Duration::from_secs(3600), "demo: first look at the orders").await?;
     let psql = format!(
-        "psql \"host={} port={} user={login} dbname=shop sslmode=verify-full sslrootcert={}\"",
+        "psql \"host={} port={} user={} dbname=shop sslmode=verify-full sslrootcert={}\"",
         proxy_addr.ip(),
         proxy_addr.port(),
+        first.grant.login,
         ca_cert.display()
     );
+
     if options.json {
         let line = serde_json::json!({
             "proxy": proxy_addr.to_string(),
             "admin_url": format!("http://{admin_addr}"),
+            "tokens": tokens,
             "upstream": format!("postgresql://{}:{}@127.0.0.1:{}/shop?sslmode=require", cluster.superuser, cluster.password, cluster.port),
             "database": "shop",
+            "audit_log": events_log.display().to_string(),
             "ca_cert": ca_cert.display().to_string(),
-            "login": login,
-            "password": login_password,
-            "psql": psql,
+            "grant": { "id": first.grant.id, "login": first.grant.login, "password": first.secret, "psql": psql },
         });
         println!("{line}");
     } else {
-        println!("pglease demo is up.");
-        println!("  proxy:     {proxy_addr} (TLS required; CA certificate {})", ca_cert.display());
-        println!("  admin:     http://{admin_addr}/metrics  http://{admin_addr}/healthz");
-        println!("  login:     {login}   password: {login_password}   (valid while this demo runs)");
-        println!("  connect:   PGPASSWORD={login_password} {psql}");
-        println!("  upstream:  postgresql://{}:<superuser password>@127.0.0.1:{}/shop (direct, for comparison)", cluster.superuser, cluster.port);
-        println!("Press Ctrl-C to stop; Postgres and its files are removed on exit.");
+        println!("pglease demo is up: proxy {proxy_addr} (TLS required), admin API http://{admin_addr}");
+        println!();
+        println!("A 1-hour orders-read grant for alice (issued by bob) is active. Connect with:");
+        println!();
+        println!("  PGPASSWORD={} {psql}", first.secret);
+        println!();
+        println!("Ask for more with the admin API (tokens below), e.g.:");
+        println!("  export PGLEASE_ADMIN_URL=http://{admin_addr}");
+        println!("  PGLEASE_ADMIN_TOKEN={} pglease grant request --scope orders-write --for 30m --reason \"fix order 42\"", tokens["alice"]);
+        println!("  PGLEASE_ADMIN_TOKEN={} pglease grant approve <id>", tokens["bob"]);
+        println!();
+        println!("Tokens: alice (engineer) {}  bob (approver, dba) {}  carol (auditor) {}", tokens["alice"], tokens["bob"], tokens["carol"]);
+        println!("Events: {}   CA certificate: {}", events_log.display(), ca_cert.display());
+        println!("Press Ctrl-C to stop; Postgres and every file of the demo are removed on exit.");
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
     crate::signals::wait_for_shutdown().await;
     tracing::info!("shutting down");
-    shutdown.cancel();
-    let _ = server.await;
-    let _ = admin.await;
+    running.stop().await;
     Ok(())
 }

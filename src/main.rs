@@ -3,12 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use pglease::config::{Config, LogFormat};
 
@@ -17,6 +15,92 @@ use pglease::config::{Config, LogFormat};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How admin commands reach the API.
+#[derive(clap::Args, Clone)]
+struct ApiArgs {
+    /// Admin API of a running pglease.
+    #[arg(long, env = "PGLEASE_ADMIN_URL", default_value = "http://127.0.0.1:9187", global = true)]
+    admin_url: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Ask for a grant; prints its login and one-time secret.
+    Request {
+        #[arg(long)]
+        scope: String,
+        /// How long, e.g. 30m, 2h.
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long)]
+        reason: String,
+        /// Whom the grant is for (approvers only); yourself by default.
+        #[arg(long)]
+        user: Option<String>,
+        /// Activate at once without approval, where the scope allows break-glass.
+        #[arg(long)]
+        break_glass: bool,
+    },
+    /// Approve a pending grant (not your own).
+    Approve { id: String },
+    /// Deny a pending grant.
+    Deny {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Request and approve in one step, for someone else.
+    Issue {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        scope: String,
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// End a grant now; its open connections are dropped.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Grants you may see.
+    List {
+        /// Only grants usable now.
+        #[arg(long)]
+        active: bool,
+    },
+    /// One grant.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Live client sessions.
+    List,
+    /// End a session now.
+    Kill { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum ScopeCommand {
+    /// Scopes as loaded.
+    List,
+    /// One scope.
+    Show { name: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a new admin API token; prints it and the hash for `people.<name>.token_sha256`.
+    New,
 }
 
 #[derive(Subcommand)]
@@ -29,6 +113,32 @@ enum Command {
         /// Only check the configuration (and the files it names), then exit.
         #[arg(long)]
         check: bool,
+    },
+    /// Temporary grants (admin API).
+    Grant {
+        #[command(subcommand)]
+        command: GrantCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Live sessions (admin API).
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Scopes (admin API).
+    Scope {
+        #[command(subcommand)]
+        command: ScopeCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Admin API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Write a throwaway CA and a server certificate signed by it, for development.
     DevCerts {
@@ -68,6 +178,129 @@ fn init_tracing(level: &str, format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Admin commands are plain HTTP clients: no runtime needed.
+    let admin = match cli.command {
+        Command::Grant { command, api } => Some(grant(command, &api)),
+        Command::Session { command, api } => Some(session(command, &api)),
+        Command::Scope { command, api } => Some(scope(command, &api)),
+        Command::Token { command: TokenCommand::New } => {
+            let (token, hash) = pglease::people::new_token();
+            println!("token:        {token}");
+            println!("token_sha256: {hash}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        other => {
+            return run_server_command(other);
+        }
+    };
+    match admin {
+        Some(Ok(())) | None => std::process::ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("pglease: {e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn client(api: &ApiArgs) -> pglease::cli::ApiClient {
+    pglease::cli::ApiClient::new(&api.admin_url, std::env::var("PGLEASE_ADMIN_TOKEN").ok())
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+fn grant(command: GrantCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliError> {
+    use pglease::cli::{GRANT_HEADERS, grant_row, print_grant, print_table};
+    use serde_json::json;
+    let c = client(api);
+    let (value, new) = match command {
+        GrantCommand::Request { scope, duration, reason, user, break_glass } => {
+            (c.post("/grants", json!({ "scope": scope, "duration": duration, "reason": reason, "user": user, "break_glass": break_glass }))?, true)
+        }
+        GrantCommand::Issue { user, scope, duration, reason } => (c.post("/grants/issue", json!({ "user": user, "scope": scope, "duration": duration, "reason": reason }))?, true),
+        GrantCommand::Approve { id } => (c.post(&format!("/grants/{id}/approve"), json!({}))?, false),
+        GrantCommand::Deny { id, reason } => (c.post(&format!("/grants/{id}/deny"), json!({ "reason": reason }))?, false),
+        GrantCommand::Revoke { id, reason } => (c.post(&format!("/grants/{id}/revoke"), json!({ "reason": reason }))?, false),
+        GrantCommand::Show { id } => (c.get(&format!("/grants/{id}"))?, false),
+        GrantCommand::List { active } => {
+            let v = c.get(if active { "/grants?active=true" } else { "/grants" })?;
+            if api.json {
+                for g in v.as_array().into_iter().flatten() {
+                    print_json(g);
+                }
+            } else {
+                let rows: Vec<Vec<String>> = v.as_array().into_iter().flatten().map(grant_row).collect();
+                print_table(GRANT_HEADERS, &rows);
+            }
+            return Ok(());
+        }
+    };
+    if api.json {
+        print_json(&value);
+    } else {
+        print_grant(&value);
+        if new {
+            println!();
+            println!("password (shown once): {}", value["password"].as_str().unwrap_or(""));
+            println!("connect: {}", value["psql"].as_str().unwrap_or(""));
+            if value["status"] == "pending" {
+                println!("usable once approved: pglease grant approve {}", value["id"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn session(command: SessionCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliError> {
+    let c = client(api);
+    match command {
+        SessionCommand::List => {
+            let v = c.get("/sessions")?;
+            if api.json {
+                for s in v.as_array().into_iter().flatten() {
+                    print_json(s);
+                }
+            } else {
+                pglease::cli::print_table(pglease::cli::SESSION_HEADERS, &pglease::cli::session_rows(&v));
+            }
+        }
+        SessionCommand::Kill { id } => {
+            let v = c.post(&format!("/sessions/{id}/kill"), serde_json::json!({}))?;
+            if api.json { print_json(&v) } else { println!("session {id} ended") }
+        }
+    }
+    Ok(())
+}
+
+fn scope(command: ScopeCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliError> {
+    let c = client(api);
+    match command {
+        ScopeCommand::List => {
+            let v = c.get("/scopes")?;
+            if api.json {
+                for s in v.as_array().into_iter().flatten() {
+                    print_json(s);
+                }
+            } else {
+                pglease::cli::print_table(pglease::cli::SCOPE_HEADERS, &pglease::cli::scope_rows(&v));
+            }
+        }
+        ScopeCommand::Show { name } => {
+            let v = c.get(&format!("/scopes/{name}"))?;
+            if api.json {
+                print_json(&v);
+            } else {
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    println!("{k:>13}: {}", match val { serde_json::Value::String(s) => s.clone(), other => other.to_string() });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_server_command(command: Command) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -76,7 +309,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Serve { config, check: true } => {
                 Config::load(&config)?;
                 println!("{}: ok", config.display());
@@ -84,6 +317,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
+            Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } => unreachable!("handled in main"),
             Command::Demo { dir, listen, admin, json } => {
                 init_tracing("warn,pglease=info", LogFormat::Text);
                 pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json }).await
@@ -116,28 +350,15 @@ fn dev_certs(out: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     init_tracing(&config.log.level, config.log.format);
-    let password = config.upstream.password()?;
-    let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
-        (Some(cert), Some(key)) => Some(pglease::tls::ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?),
-        _ => None,
-    };
-    let upstream = pglease::upstream::Upstream::new(config.upstream.clone(), password, config.listen.max_message_bytes).context("upstream TLS")?;
-    // NOTE: temporary grants are the only intended source of logins; until they land, `serve`
-    // knows no logins and refuses every client with the same message as a wrong password.
-    let credentials = Arc::new(pglease::auth::StaticCredentials::new());
-    let proxy = Arc::new(pglease::server::Proxy::new(config.listen.clone(), tls, upstream, credentials));
-
+    let secrets = pglease::app::Secrets::from_config(&config)?;
+    let people = pglease::people::People::from_config(&config.people);
+    let app = pglease::app::App::build(&config, secrets, people, None).await?;
     let listener = TcpListener::bind(config.listen.addr).await.with_context(|| format!("listen.addr: cannot listen on {}", config.listen.addr))?;
     let admin_listener = TcpListener::bind(config.admin.addr).await.with_context(|| format!("admin.addr: cannot listen on {}", config.admin.addr))?;
-    tracing::info!(proxy = %config.listen.addr, admin = %config.admin.addr, "pglease serving");
-    let shutdown = CancellationToken::new();
-    let admin_state = pglease::admin::AdminState { metrics: pglease::admin::metrics_handle(), sessions: proxy.sessions.clone() };
-    let admin = tokio::spawn(pglease::admin::serve(admin_listener, admin_state, shutdown.clone()));
-    let server = tokio::spawn(proxy.run(listener, shutdown.clone()));
+    let running = app.start(listener, admin_listener)?;
+    tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "pglease serving");
     pglease::signals::wait_for_shutdown().await;
     tracing::info!("signal received; shutting down");
-    shutdown.cancel();
-    server.await?;
-    admin.await??;
+    running.stop().await;
     Ok(())
 }

@@ -31,11 +31,36 @@ use crate::handshake::{self, ClientTlsPolicy, Handshake, HandshakeError};
 use crate::session::{PassThrough, Session, SessionContext, SessionEnd, SessionHooks, SessionOptions, SessionParts, SessionRegistry};
 use crate::stream::Stream;
 use crate::tls::ServerTls;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamLogin};
+use crate::auth::Identity;
+use crate::events::{Event, Events};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+/// Per-session settings that come from the grants config.
+#[derive(Debug, Clone)]
+pub struct GrantSettings {
+    /// Sessions are warned this long before their grant ends.
+    pub warn_before: Vec<Duration>,
+    /// Failed logins from one address before each further attempt is delayed.
+    pub failures_before_delay: u32,
+}
+
+impl Default for GrantSettings {
+    fn default() -> Self {
+        Self { warn_before: vec![Duration::from_secs(300), Duration::from_secs(60)], failures_before_delay: 3 }
+    }
+}
 
 /// Everything the proxy shares between connections.
 pub struct Proxy {
     listen: ListenConfig,
+    /// The upstream role of each scope; sessions with a scope log in as it, never as the default.
+    scope_logins: HashMap<String, UpstreamLogin>,
+    grant_settings: GrantSettings,
+    events: Events,
+    throttle: LoginThrottle,
     tls: ClientTlsPolicy,
     upstream: Arc<Upstream>,
     credentials: Arc<dyn CredentialSource>,
@@ -53,6 +78,10 @@ impl Proxy {
         Self {
             tls: ClientTlsPolicy { tls: tls.map(Arc::new), allow_plaintext: listen.allow_plaintext },
             listen,
+            scope_logins: HashMap::new(),
+            grant_settings: GrantSettings::default(),
+            events: Events::new(),
+            throttle: LoginThrottle::default(),
             upstream: Arc::new(upstream),
             credentials,
             hooks: Arc::new(PassThrough),
@@ -60,6 +89,28 @@ impl Proxy {
             sessions: SessionRegistry::new(),
             mock_secret,
         }
+    }
+
+    /// Sets the upstream role each scope's sessions log in as.
+    pub fn with_scope_logins(mut self, logins: HashMap<String, UpstreamLogin>) -> Self {
+        self.scope_logins = logins;
+        self
+    }
+
+    pub fn with_grant_settings(mut self, settings: GrantSettings) -> Self {
+        self.grant_settings = settings;
+        self
+    }
+
+    /// Shares a session registry (the grant service ends sessions through it).
+    pub fn with_sessions(mut self, sessions: Arc<SessionRegistry>) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// Installs the policy/audit hooks every session runs.
@@ -144,8 +195,19 @@ impl Proxy {
         metrics::histogram!("pglease_handshake_duration_seconds").record(started.elapsed().as_secs_f64());
         tracing::Span::current().record("session", session.ctx.id);
         tracing::info!(login = %session.ctx.identity.login, database = %session.ctx.database, "session started");
+        let (id, grant_id, handle) = (session.ctx.id, session.ctx.identity.grant_id.clone(), session.handle());
+        self.events.emit(Event::SessionOpened {
+            session: id,
+            grant: grant_id.clone(),
+            login: session.ctx.identity.login.clone(),
+            user: session.ctx.identity.person.clone(),
+            scope: session.ctx.identity.scope.clone(),
+            client: addr.to_string(),
+            database: session.ctx.database.clone(),
+        });
         metrics::gauge!("pglease_sessions_active").increment(1.0);
         let end = session.run().await;
+        let statements = handle.statements();
         metrics::gauge!("pglease_sessions_active").decrement(1.0);
         let kind = match &end {
             SessionEnd::ClientClosed => "client_closed",
@@ -157,6 +219,11 @@ impl Proxy {
         };
         metrics::counter!("pglease_sessions_ended_total", "reason" => kind).increment(1);
         tracing::info!(?end, "session ended");
+        let reason = match &end {
+            SessionEnd::Ended(e) | SessionEnd::ClientProtocol(e) => e.message.clone(),
+            other => kind.replace('_', " ") + if matches!(other, SessionEnd::Io(_)) { " error" } else { "" },
+        };
+        self.events.emit(Event::SessionClosed { session: id, grant: grant_id, reason, statements });
     }
 
     /// Answers a connection over the limit the way Postgres does: after TLS negotiation and the
@@ -201,19 +268,46 @@ impl Proxy {
             _ => Channel::Plain,
         };
 
+        // Repeated failures from this address slow every further attempt down.
+        let delay = self.throttle.delay(addr.ip(), self.grant_settings.failures_before_delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mut reader = FramedReader::new(stream, handshake::auth_limits());
         let identity = match handshake::authenticate(&mut reader, &params, self.credentials.as_ref(), &channel, &self.mock_secret).await {
             Ok(identity) => identity,
             Err(e) => {
                 metrics::counter!("pglease_auth_failures_total").increment(1);
+                if e.code == sqlstate::INVALID_PASSWORD || e.code == sqlstate::INVALID_AUTHORIZATION {
+                    self.throttle.failed(addr.ip());
+                    self.events.emit(Event::LoginFailed { login: params.user.clone(), client: addr.to_string() });
+                }
                 handshake::send_error(reader.get_mut(), &e).await;
                 return Err(HandshakeError::Refused(e));
             }
         };
+        self.throttle.succeeded(addr.ip());
 
-        let mut forwarded = params.forwarded.clone();
+        // Fail closed: a session governed by a scope logs in as that scope's role or not at all.
+        let login = match &identity.scope {
+            Some(scope) => match self.scope_logins.get(scope) {
+                Some(l) => l.clone(),
+                None => {
+                    tracing::error!(scope = %scope, "no upstream role configured for scope");
+                    let e = ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("pglease: scope \"{scope}\" has no upstream role configured"));
+                    handshake::send_error(reader.get_mut(), &e).await;
+                    return Err(HandshakeError::Refused(e));
+                }
+            },
+            None => self.upstream.default_login().clone(),
+        };
+
+        let mut forwarded: Vec<(String, String)> = params.forwarded.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("application_name")).cloned().collect();
         forwarded.push(("client_encoding".into(), "UTF8".into()));
-        let upstream = match self.upstream.connect(&params.database, &forwarded).await {
+        // Stamp the upstream session so pg_stat_activity shows who is behind it.
+        let client_app = params.forwarded.iter().find(|(k, _)| k.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.as_str()).unwrap_or("");
+        forwarded.push(("application_name".into(), stamp(&identity, client_app)));
+        let upstream = match self.upstream.connect(&login, &params.database, &forwarded).await {
             Ok(u) => u,
             Err(e) => {
                 tracing::warn!(error = %e, upstream = %self.upstream.describe(), "upstream connection failed");
@@ -251,10 +345,76 @@ impl Proxy {
             hooks: self.hooks.clone(),
             handle: registered.handle.clone(),
             shutdown: shutdown.clone(),
-            options: SessionOptions { idle_timeout: self.listen.idle_timeout },
+            options: SessionOptions { idle_timeout: self.listen.idle_timeout, warn_before: self.grant_settings.warn_before.clone() },
         })
         .with_guards(Box::new((registered, cancel_key)));
         Ok(Some(session))
     }
 }
 
+
+/// `application_name` of the upstream session: who, which grant, and the client's own name,
+/// cut to Postgres's 63-byte limit on a character boundary.
+fn stamp(identity: &Identity, client_app: &str) -> String {
+    let mut s = format!("pglease {}", identity.person);
+    if let Some(g) = &identity.grant_id {
+        s.push(' ');
+        s.push_str(g);
+    }
+    if !client_app.is_empty() {
+        s.push_str(" / ");
+        s.push_str(client_app);
+    }
+    let mut end = s.len().min(63);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s
+}
+
+/// Failed logins per client address, to slow down guessing.
+#[derive(Default)]
+struct LoginThrottle {
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// Failures are forgotten after this long without a new one.
+const FAILURE_MEMORY: Duration = Duration::from_secs(300);
+const MAX_DELAY: Duration = Duration::from_secs(10);
+
+impl LoginThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long to wait before this address may try again: doubling from 250 ms after
+    /// `free` failures, at most 10 s.
+    fn delay(&self, ip: IpAddr, free: u32) -> Duration {
+        let map = self.lock();
+        match map.get(&ip) {
+            Some((n, last)) if last.elapsed() < FAILURE_MEMORY && *n >= free => {
+                let exp = (*n - free).min(6);
+                (Duration::from_millis(250) * 2u32.pow(exp)).min(MAX_DELAY)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut map = self.lock();
+        if map.len() > 100_000 {
+            map.retain(|_, (_, last)| last.elapsed() < FAILURE_MEMORY);
+        }
+        let entry = map.entry(ip).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= FAILURE_MEMORY {
+            entry.0 = 0;
+        }
+        entry.0 += 1;
+        entry.1 = Instant::now();
+    }
+
+    fn succeeded(&self, ip: IpAddr) {
+        self.lock().remove(&ip);
+    }
+}

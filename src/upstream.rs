@@ -74,11 +74,25 @@ pub fn upstream_limits(max_frame: usize) -> FrameLimits {
     FrameLimits { max_frame, streamable: b"dD", stream_threshold: 1 << 20 }
 }
 
+/// A Postgres role and its password, as the proxy logs in with it.
+#[derive(Clone)]
+pub struct UpstreamLogin {
+    pub user: String,
+    /// NOTE: secret; never logged.
+    pub password: String,
+}
+
+impl std::fmt::Debug for UpstreamLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamLogin").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
 /// Everything needed to open upstream sessions and send cancel requests. Shared by all sessions.
 pub struct Upstream {
     config: UpstreamConfig,
-    /// NOTE: secret; never logged (no Debug impl on this struct).
-    password: String,
+    /// The `[upstream]` role, used for sessions that no scope governs (tests, the bare core).
+    default_login: UpstreamLogin,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_frame: usize,
 }
@@ -100,7 +114,8 @@ impl Upstream {
             UpstreamTls::Prefer | UpstreamTls::Require => Some(tls::upstream_client_config(UpstreamVerify::None, None)?),
             UpstreamTls::VerifyFull => Some(tls::upstream_client_config(UpstreamVerify::Full, config.ca_file.as_deref())?),
         };
-        Ok(Self { config, password, tls, max_frame })
+        let default_login = UpstreamLogin { user: config.user.clone(), password };
+        Ok(Self { config, default_login, tls, max_frame })
     }
 
     pub fn describe(&self) -> String {
@@ -154,8 +169,12 @@ impl Upstream {
         }
     }
 
-    /// Opens an upstream session for `database` with the given extra startup parameters.
-    pub async fn connect(&self, database: &str, params: &[(String, String)]) -> Result<UpstreamSession, UpstreamError> {
+    pub fn default_login(&self) -> &UpstreamLogin {
+        &self.default_login
+    }
+
+    /// Opens an upstream session as `login` for `database` with extra startup parameters.
+    pub async fn connect(&self, login: &UpstreamLogin, database: &str, params: &[(String, String)]) -> Result<UpstreamSession, UpstreamError> {
         let stream = self.open().await?;
         let end_point = match &stream {
             Stream::ClientTls(s) => s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(tls::end_point_hash),
@@ -166,7 +185,7 @@ impl Upstream {
         let mut startup = BytesMut::with_capacity(256);
         startup.put_i32(0);
         startup.put_i32(3 << 16);
-        for (k, v) in [("user", self.config.user.as_str()), ("database", database)]
+        for (k, v) in [("user", login.user.as_str()), ("database", database)]
             .into_iter()
             .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         {
@@ -180,7 +199,7 @@ impl Upstream {
         startup[..4].copy_from_slice(&len.to_be_bytes());
         reader.get_mut().write_all(&startup).await?;
 
-        self.authenticate(&mut reader, end_point).await?;
+        self.authenticate(&mut reader, login, end_point).await?;
 
         let mut parameters = Vec::new();
         let mut key = None;
@@ -202,7 +221,7 @@ impl Upstream {
         }
     }
 
-    async fn authenticate(&self, reader: &mut FramedReader<Stream>, end_point: Option<Vec<u8>>) -> Result<(), UpstreamError> {
+    async fn authenticate(&self, reader: &mut FramedReader<Stream>, login: &UpstreamLogin, end_point: Option<Vec<u8>>) -> Result<(), UpstreamError> {
         let mut scram: Option<ScramSha256> = None;
         loop {
             let frame = next_frame(reader).await?;
@@ -222,13 +241,13 @@ impl Upstream {
                     if !self.config.allow_cleartext {
                         return Err(UpstreamError::AuthMethodNotAllowed("cleartext password"));
                     }
-                    send_password_message(reader, self.password.as_bytes()).await?;
+                    send_password_message(reader, login.password.as_bytes()).await?;
                 }
                 AuthRequest::Md5 { salt } => {
                     if !self.config.allow_md5 {
                         return Err(UpstreamError::AuthMethodNotAllowed("MD5 password"));
                     }
-                    let hash = postgres_protocol::authentication::md5_hash(self.config.user.as_bytes(), self.password.as_bytes(), salt);
+                    let hash = postgres_protocol::authentication::md5_hash(login.user.as_bytes(), login.password.as_bytes(), salt);
                     send_password_message(reader, hash.as_bytes()).await?;
                 }
                 AuthRequest::Sasl { mechanisms } => {
@@ -241,7 +260,7 @@ impl Upstream {
                     if !mechanisms.iter().any(|m| m == mechanism) {
                         return Err(UpstreamError::UnsupportedAuth(10));
                     }
-                    let s = ScramSha256::new(self.password.as_bytes(), binding);
+                    let s = ScramSha256::new(login.password.as_bytes(), binding);
                     let mut msg = BytesMut::new();
                     msg.put_u8(b'p');
                     msg.put_i32(0);

@@ -55,6 +55,8 @@ pub enum SessionEnd {
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub idle_timeout: Option<Duration>,
+    /// Warn the client this long before its grant ends.
+    pub warn_before: Vec<Duration>,
 }
 
 /// A unique marker that identifies the error of a sentinel statement.
@@ -197,6 +199,10 @@ impl Session {
         }
     }
 
+    pub fn handle(&self) -> Arc<SessionHandle> {
+        self.handle.clone()
+    }
+
     /// Keeps `guards` alive until the session ends.
     pub fn with_guards(mut self, guards: Box<dyn std::any::Any + Send>) -> Self {
         self.guards = Some(guards);
@@ -214,17 +220,44 @@ impl Session {
             draining: false,
         }));
 
+        // The grant's end, and the warnings before it, on this session's own timers.
+        let to_instant = |t: std::time::SystemTime| tokio::time::Instant::now() + t.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        let deadline = ctx.identity.expires_at.map(to_instant);
+        let mut warnings: Vec<(tokio::time::Instant, Duration)> = match (ctx.identity.expires_at, deadline) {
+            (Some(end), Some(_)) => {
+                let mut w: Vec<_> = options
+                    .warn_before
+                    .iter()
+                    .filter_map(|before| end.checked_sub(*before).filter(|t| *t > std::time::SystemTime::now()).map(|t| (to_instant(t), *before)))
+                    .collect();
+                w.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+                w
+            }
+            _ => Vec::new(),
+        };
+        let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel::<Frame>(4);
+
         let outcome = {
             let up = client_to_upstream(&mut client_r, &mut up_w, &shared, hooks.as_ref(), &ctx, &handle);
-            let down = upstream_to_client(&mut up_r, &mut client_w, &shared, hooks.as_ref(), &ctx);
+            let down = upstream_to_client(&mut up_r, &mut client_w, &shared, hooks.as_ref(), &ctx, &mut notice_rx);
             tokio::pin!(up);
             tokio::pin!(down);
             let mut idle_check = tokio::time::interval(Duration::from_millis(500));
             let mut draining = false;
+            let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
             loop {
+                let next_warning = warnings.last().map(|(at, _)| *at);
                 tokio::select! {
                     r = &mut up => break r,
                     r = &mut down => break r,
+                    _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                        break Outcome::End(grant_ended(&ctx));
+                    }
+                    _ = tokio::time::sleep_until(next_warning.unwrap_or(far)), if next_warning.is_some() => {
+                        if let Some((_, before)) = warnings.pop() {
+                            let _ = notice_tx.try_send(grant_warning(&ctx, before));
+                        }
+                    }
                     reason = handle.killed() => break Outcome::End(reason),
                     _ = shutdown.cancelled(), if !draining => {
                         draining = true;
@@ -288,6 +321,27 @@ impl Session {
             }
         }
     }
+}
+
+/// The `FATAL` a session gets when its grant's window closes.
+fn grant_ended(ctx: &SessionContext) -> ClientError {
+    let at = ctx.identity.expires_at.map(crate::time::rfc3339).unwrap_or_default();
+    let message = match (&ctx.identity.grant_id, &ctx.identity.scope) {
+        (Some(g), Some(s)) => format!("pglease: grant {g} for scope \"{s}\" expired at {at}"),
+        _ => format!("pglease: access expired at {at}"),
+    };
+    ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, message)
+}
+
+/// A `WARNING` notice ahead of the grant's end.
+fn grant_warning(ctx: &SessionContext, before: Duration) -> Frame {
+    let at = ctx.identity.expires_at.map(crate::time::rfc3339).unwrap_or_default();
+    let what = match (&ctx.identity.grant_id, &ctx.identity.scope) {
+        (Some(g), Some(s)) => format!("grant {g} for scope \"{s}\""),
+        _ => "access".to_owned(),
+    };
+    let text = format!("pglease: {what} ends in {} (at {at}); this session will then be closed", crate::time::human_duration(before));
+    messages::encode_pgwire(&crate::error::notice("WARNING", "01000", &text))
 }
 
 pub fn shutdown_error() -> ClientError {
@@ -506,10 +560,32 @@ fn extended(shared: &Shared, frame: Frame, verdict: Verdict, discarding: &mut bo
 
 /// Upstream → client. Returns when the upstream closes, the client is gone, or the session
 /// drained for shutdown.
-async fn upstream_to_client(up: &mut FramedReader<ReadHalf<Stream>>, client: &mut Out, shared: &Shared, hooks: &dyn SessionHooks, ctx: &SessionContext) -> Outcome {
+async fn upstream_to_client(
+    up: &mut FramedReader<ReadHalf<Stream>>,
+    client: &mut Out,
+    shared: &Shared,
+    hooks: &dyn SessionHooks,
+    ctx: &SessionContext,
+    notices: &mut tokio::sync::mpsc::Receiver<Frame>,
+) -> Outcome {
     let mut messages: u64 = 0;
     loop {
-        let event = match up.next().await {
+        let next = tokio::select! {
+            biased;
+            // pglease's own notices go out between whole messages, as Postgres's asynchronous
+            // notices do.
+            Some(notice) = notices.recv() => {
+                if let Err(e) = client.send(notice.raw()).await {
+                    return Outcome::Io(e.to_string());
+                }
+                if let Err(e) = client.flush().await {
+                    return Outcome::Io(e.to_string());
+                }
+                continue;
+            }
+            r = up.next() => r,
+        };
+        let event = match next {
             Ok(Some(ev)) => ev,
             Ok(None) | Err(FrameError::Truncated) => return Outcome::UpstreamClosed,
             Err(FrameError::Io(e)) => return Outcome::Io(e.to_string()),

@@ -1,5 +1,7 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text format) and `/healthz`.
-//! The grant and session API joins it in the grants work.
+//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz`, and the JSON API
+//! for grants, sessions and scopes under `/api` ([`api`]).
+
+pub mod api;
 
 use std::sync::{Arc, OnceLock};
 
@@ -47,10 +49,16 @@ fn describe_metrics() {
 pub struct AdminState {
     pub metrics: PrometheusHandle,
     pub sessions: Arc<SessionRegistry>,
+    /// Grants, people and scopes; without them only `/metrics` and `/healthz` are served.
+    pub api: Option<Arc<api::ApiState>>,
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state)
+    let mut router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz));
+    if let Some(api) = &state.api {
+        router = router.nest("/api", api::router(api.clone()));
+    }
+    router.with_state(state)
 }
 
 async fn metrics(State(state): State<AdminState>) -> String {

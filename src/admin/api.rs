@@ -1,0 +1,242 @@
+//! The admin JSON API: grants, sessions, scopes. Every call carries
+//! `Authorization: Bearer <token>`; the token maps to a person and their roles. A missing or
+//! unknown token is `401`, a known person without the right role `403`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Role;
+use crate::events::{Event, Events};
+use crate::error::{ClientError, sqlstate};
+use crate::grants::{GrantError, GrantRequest, GrantService, GrantView, NewGrant};
+use crate::people::{People, Principal};
+use crate::session::SessionRegistry;
+
+pub struct ApiState {
+    pub grants: Arc<GrantService>,
+    pub people: Arc<People>,
+    pub sessions: Arc<SessionRegistry>,
+    pub events: Events,
+    /// `host` and `port` clients use to reach the proxy, for the ready-made psql line.
+    pub proxy_host: String,
+    pub proxy_port: u16,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router<super::AdminState> {
+    Router::new()
+        .route("/grants", get(list_grants).post(request_grant))
+        .route("/grants/issue", post(issue_grant))
+        .route("/grants/{id}", get(show_grant))
+        .route("/grants/{id}/approve", post(approve_grant))
+        .route("/grants/{id}/deny", post(deny_grant))
+        .route("/grants/{id}/revoke", post(revoke_grant))
+        .route("/sessions", get(list_sessions))
+        .route("/sessions/{id}/kill", post(kill_session))
+        .route("/scopes", get(list_scopes))
+        .route("/scopes/{name}", get(show_scope))
+        .with_state(state)
+}
+
+/// An API error: a status and a message.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<GrantError> for ApiError {
+    fn from(e: GrantError) -> Self {
+        let status = match &e {
+            GrantError::Invalid(_) => StatusCode::BAD_REQUEST,
+            GrantError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GrantError::NotFound(_) => StatusCode::NOT_FOUND,
+            GrantError::Conflict(_) => StatusCode::CONFLICT,
+            GrantError::Store(inner) => {
+                tracing::error!(error = %inner, "grant store failure");
+                return ApiError(StatusCode::SERVICE_UNAVAILABLE, "the grant store cannot be written; nothing was changed".into());
+            }
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// The authenticated caller.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "missing bearer token (set PGLEASE_ADMIN_TOKEN)".into()))?;
+        state
+            .people
+            .authenticate(token.trim())
+            .map(Caller)
+            .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))
+    }
+}
+
+fn require(who: &Principal, ok: bool, what: &str) -> Result<(), ApiError> {
+    if ok { Ok(()) } else { Err(ApiError(StatusCode::FORBIDDEN, format!("{} may not {what}", who.person))) }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, ApiError> {
+    humantime::parse_duration(text).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid duration {text:?}: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestBody {
+    pub scope: String,
+    /// e.g. "30m", "2h".
+    pub duration: String,
+    pub reason: String,
+    pub user: Option<String>,
+    #[serde(default)]
+    pub break_glass: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueBody {
+    pub user: String,
+    pub scope: String,
+    pub duration: String,
+    pub reason: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A new grant with its one-time secret.
+#[derive(Serialize, Deserialize)]
+pub struct NewGrantView {
+    #[serde(flatten)]
+    pub grant: GrantView,
+    /// The secret, shown this once; only its SCRAM verifier is stored.
+    pub password: String,
+    /// A ready-to-run psql command line (without the password).
+    pub psql: String,
+}
+
+fn new_grant_view(state: &ApiState, new: NewGrant) -> NewGrantView {
+    let g = &new.grant;
+    let psql = format!("psql \"host={} port={} user={} dbname={} sslmode=require\"", state.proxy_host, state.proxy_port, g.login, g.database);
+    NewGrantView { grant: GrantView::of(g, SystemTime::now()), password: new.secret, psql }
+}
+
+async fn request_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Json(body): Json<RequestBody>) -> Result<(StatusCode, Json<NewGrantView>), ApiError> {
+    let duration = parse_duration(&body.duration)?;
+    let new = state
+        .grants
+        .request(&who, GrantRequest { scope: body.scope, duration, reason: body.reason, user: body.user, break_glass: body.break_glass })
+        .await?;
+    Ok((StatusCode::CREATED, Json(new_grant_view(&state, new))))
+}
+
+async fn issue_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Json(body): Json<IssueBody>) -> Result<(StatusCode, Json<NewGrantView>), ApiError> {
+    let duration = parse_duration(&body.duration)?;
+    let new = state.grants.issue(&who, &body.user, &body.scope, duration, &body.reason).await?;
+    Ok((StatusCode::CREATED, Json(new_grant_view(&state, new))))
+}
+
+async fn approve_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Json<GrantView>, ApiError> {
+    let g = state.grants.approve(&who, &id).await?;
+    Ok(Json(GrantView::of(&g, SystemTime::now())))
+}
+
+async fn deny_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>, body: Option<Json<ReasonBody>>) -> Result<Json<GrantView>, ApiError> {
+    let reason = body.map(|b| b.0.reason).unwrap_or_default();
+    let g = state.grants.deny(&who, &id, &reason).await?;
+    Ok(Json(GrantView::of(&g, SystemTime::now())))
+}
+
+async fn revoke_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>, Json(body): Json<ReasonBody>) -> Result<Json<GrantView>, ApiError> {
+    let g = state.grants.revoke(&who, &id, &body.reason).await?;
+    Ok(Json(GrantView::of(&g, SystemTime::now())))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub active: bool,
+}
+
+async fn list_grants(State(state): State<Arc<ApiState>>, Caller(who): Caller, Query(q): Query<ListQuery>) -> Json<Vec<GrantView>> {
+    Json(state.grants.list(&who, q.active))
+}
+
+async fn show_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Json<GrantView>, ApiError> {
+    Ok(Json(state.grants.show(&who, &id)?))
+}
+
+/// A live session as `session list` shows it.
+#[derive(Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: u64,
+    pub user: String,
+    pub login: String,
+    pub grant: Option<String>,
+    pub scope: Option<String>,
+    pub database: String,
+    pub client: String,
+    pub since: String,
+    pub statements: u64,
+}
+
+async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller) -> Result<Json<Vec<SessionView>>, ApiError> {
+    require(&who, who.can_read_all(), "list sessions")?;
+    Ok(Json(
+        state
+            .sessions
+            .list()
+            .iter()
+            .map(|h| SessionView {
+                id: h.id,
+                user: h.identity.person.clone(),
+                login: h.identity.login.clone(),
+                grant: h.identity.grant_id.clone(),
+                scope: h.identity.scope.clone(),
+                database: h.database.clone(),
+                client: h.client_addr.to_string(),
+                since: crate::time::rfc3339(h.started_at),
+                statements: h.statements(),
+            })
+            .collect(),
+    ))
+}
+
+async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<u64>) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&who, who.has(Role::Approver), "kill sessions")?;
+    let handle = state.sessions.get(id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))?;
+    handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {}", who.person)));
+    state.events.emit(Event::SessionKilled { session: id, by: who.person.clone() });
+    Ok(Json(serde_json::json!({ "killed": id })))
+}
+
+async fn list_scopes(State(state): State<Arc<ApiState>>, Caller(_who): Caller) -> Json<Vec<crate::scopes::Scope>> {
+    Json(state.grants.scopes().all().cloned().collect())
+}
+
+async fn show_scope(State(state): State<Arc<ApiState>>, Caller(_who): Caller, Path(name): Path<String>) -> Result<Json<crate::scopes::Scope>, ApiError> {
+    state.grants.scopes().get(&name).cloned().map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no scope named {name:?}")))
+}

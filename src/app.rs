@@ -1,0 +1,130 @@
+//! Wiring: from a config (and its secrets) to a running proxy, grant service and admin API.
+//! Shared by `pglease serve` and `pglease demo`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{AdminState, api::ApiState};
+use crate::config::Config;
+use crate::events::{Events, JsonlSink};
+use crate::grants::{FileStore, GrantService, GrantStore};
+use crate::people::People;
+use crate::scopes::Scopes;
+use crate::server::{GrantSettings, Proxy};
+use crate::session::SessionRegistry;
+use crate::tls::ServerTls;
+use crate::upstream::{Upstream, UpstreamLogin};
+
+/// Passwords the proxy logs in upstream with. Never logged.
+pub struct Secrets {
+    pub upstream: String,
+    /// Scope name → password of its backing role.
+    pub scopes: HashMap<String, String>,
+}
+
+impl Secrets {
+    /// Reads every password from where the config says (environment or files).
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let upstream = config.upstream.password()?;
+        let mut scopes = HashMap::new();
+        for (name, scope) in &config.scopes {
+            scopes.insert(name.clone(), scope.password(name)?);
+        }
+        Ok(Self { upstream, scopes })
+    }
+}
+
+/// A proxy ready to run.
+pub struct App {
+    pub proxy: Arc<Proxy>,
+    pub grants: Arc<GrantService>,
+    pub admin: AdminState,
+    pub events: Events,
+}
+
+pub struct RunningApp {
+    pub proxy_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    pub shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningApp {
+    /// Stops accepting, drains sessions, stops the admin API and the reaper.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl App {
+    /// Builds everything from the config. `store` overrides `grants.store` (tests, demo).
+    pub async fn build(config: &Config, secrets: Secrets, people: People, store: Option<Arc<dyn GrantStore>>) -> anyhow::Result<Self> {
+        let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?),
+            _ => None,
+        };
+        let upstream = Upstream::new(config.upstream.clone(), secrets.upstream, config.listen.max_message_bytes).context("upstream TLS")?;
+        let mut events = Events::new();
+        if let Some(path) = &config.grants.events_log {
+            events = events.with_sink(Arc::new(JsonlSink::open(path).with_context(|| format!("grants.events_log: cannot open {}", path.display()))?));
+        }
+        let scopes = Arc::new(Scopes::from_config(&config.scopes));
+        let sessions = SessionRegistry::new();
+        let store = store.unwrap_or_else(|| Arc::new(FileStore::new(&config.grants.store)));
+        let grants = GrantService::open(store, scopes.clone(), events.clone(), sessions.clone()).await.context("grants.store")?;
+
+        let mut scope_logins = HashMap::new();
+        for scope in scopes.all() {
+            let password = secrets.scopes.get(&scope.name).cloned().with_context(|| format!("scopes.{}: no password for its role", scope.name))?;
+            scope_logins.insert(scope.name.clone(), UpstreamLogin { user: scope.role.clone(), password });
+        }
+        let proxy = Proxy::new(config.listen.clone(), tls, upstream, grants.clone())
+            .with_sessions(sessions.clone())
+            .with_scope_logins(scope_logins)
+            .with_events(events.clone())
+            .with_grant_settings(GrantSettings { warn_before: config.grants.warn_before.clone(), failures_before_delay: config.grants.failures_before_delay });
+        let proxy = Arc::new(proxy);
+        let api = Arc::new(ApiState {
+            grants: grants.clone(),
+            people: Arc::new(people),
+            sessions: sessions.clone(),
+            events: events.clone(),
+            proxy_host: config.listen.addr.ip().to_string(),
+            proxy_port: config.listen.addr.port(),
+        });
+        let admin = AdminState { metrics: crate::admin::metrics_handle(), sessions, api: Some(api) };
+        Ok(Self { proxy, grants, admin, events })
+    }
+
+    /// Starts serving on the given listeners.
+    pub fn start(mut self, listener: TcpListener, admin_listener: TcpListener) -> anyhow::Result<RunningApp> {
+        let proxy_addr = listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        // The psql line must name the port actually bound (port 0 in tests).
+        if let Some(api) = self.admin.api.as_mut() {
+            let api = Arc::get_mut(api).expect("not shared before start");
+            api.proxy_port = proxy_addr.port();
+            let ip = proxy_addr.ip();
+            api.proxy_host = if ip.is_unspecified() { "127.0.0.1".to_owned() } else { ip.to_string() };
+        }
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(self.proxy.clone().run(listener, shutdown.clone())));
+        let admin = self.admin.clone();
+        let s = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(admin_listener, admin, s).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        }));
+        tasks.push(tokio::spawn(self.grants.clone().run_reaper(shutdown.clone())));
+        Ok(RunningApp { proxy_addr, admin_addr, shutdown, tasks })
+    }
+}

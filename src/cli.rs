@@ -1,0 +1,143 @@
+//! The admin commands (`grant`, `session`, `scope`): thin clients of the admin API that print
+//! tables for people and JSON with `--json`.
+
+use serde_json::Value;
+
+/// Where the admin API is and who is calling.
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The API answered with an error: exit 1.
+    #[error("{0}")]
+    Refused(String),
+    /// The API could not be reached or answered nonsense: exit 2.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Refused(_) => 1,
+            CliError::Unreachable(_) => 2,
+        }
+    }
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Self { base: base.trim_end_matches('/').to_owned(), token, agent }
+    }
+
+    fn finish(&self, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value, CliError> {
+        let mut resp = result.map_err(|e| CliError::Unreachable(format!("cannot reach the admin API at {}: {e}", self.base)))?;
+        let status = resp.status();
+        let body: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let message = body.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| format!("HTTP {status}"));
+            Err(CliError::Refused(format!("{message} (HTTP {})", status.as_u16())))
+        }
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token.as_deref().unwrap_or(""))
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, CliError> {
+        let r = self.agent.get(format!("{}/api{path}", self.base)).header("Authorization", self.auth()).call();
+        self.finish(r)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Result<Value, CliError> {
+        let r = self.agent.post(format!("{}/api{path}", self.base)).header("Authorization", self.auth()).send_json(body);
+        self.finish(r)
+    }
+}
+
+/// Prints rows as an aligned table with a header.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    line(widths.iter().map(|w| "-".repeat(*w)).collect());
+    for row in rows {
+        line(row.clone());
+    }
+    if rows.is_empty() {
+        println!("(none)");
+    }
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+pub fn grant_row(g: &Value) -> Vec<String> {
+    vec![s(g, "id"), s(g, "user"), s(g, "scope"), s(g, "status"), s(g, "login"), s(g, "expires_at"), s(g, "reason")]
+}
+
+pub const GRANT_HEADERS: &[&str] = &["ID", "USER", "SCOPE", "STATUS", "LOGIN", "EXPIRES", "REASON"];
+
+/// Prints one grant as `key: value` lines.
+pub fn print_grant(g: &Value) {
+    for key in [
+        "id", "user", "scope", "database", "status", "login", "reason", "requested_by", "requested_at", "break_glass", "decided_by", "decided_at",
+        "expires_at", "ended_at", "ended_by", "end_reason",
+    ] {
+        println!("{key:>13}: {}", s(g, key));
+    }
+}
+
+pub fn session_rows(sessions: &Value) -> Vec<Vec<String>> {
+    sessions
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| vec![s(x, "id"), s(x, "user"), s(x, "grant"), s(x, "scope"), s(x, "client"), s(x, "since"), s(x, "statements")])
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub const SESSION_HEADERS: &[&str] = &["ID", "USER", "GRANT", "SCOPE", "CLIENT", "SINCE", "STATEMENTS"];
+
+pub fn scope_rows(scopes: &Value) -> Vec<Vec<String>> {
+    scopes
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let max = x.get("max_duration").and_then(Value::as_u64).map(|d| crate::time::human_duration(std::time::Duration::from_secs(d))).unwrap_or_default();
+                    let approvers = x.get("approvers").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default();
+                    vec![s(x, "name"), s(x, "database"), s(x, "role"), max, if approvers.is_empty() { "any".into() } else { approvers }, s(x, "description")]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub const SCOPE_HEADERS: &[&str] = &["SCOPE", "DATABASE", "ROLE", "MAX", "APPROVERS", "DESCRIPTION"];

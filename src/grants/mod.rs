@@ -1,0 +1,507 @@
+//! Temporary grants: one person, one scope, a window, a reason, an approver.
+//!
+//! Lifecycle: `pending` → `active` (approved, or break-glass) or `denied`; `active` →
+//! `expired` | `revoked`. The window starts when the grant is approved. Each grant has its
+//! own login and a random secret shown once; only the SCRAM verifier is kept. When a grant
+//! ends, its sessions are ended with `FATAL 57P01`.
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Credential, CredentialSource, Identity, ScramVerifier};
+use crate::error::{ClientError, sqlstate};
+use crate::events::{Event, Events};
+use crate::people::Principal;
+use crate::scopes::Scopes;
+use crate::session::SessionRegistry;
+pub use store::{FileStore, GrantStore, MemoryStore, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantStatus {
+    Pending,
+    Active,
+    Denied,
+    Expired,
+    Revoked,
+}
+
+impl GrantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantStatus::Pending => "pending",
+            GrantStatus::Active => "active",
+            GrantStatus::Denied => "denied",
+            GrantStatus::Expired => "expired",
+            GrantStatus::Revoked => "revoked",
+        }
+    }
+}
+
+/// A grant as stored. `verifier` is the only trace of the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Grant {
+    pub id: String,
+    /// The person the grant is for.
+    pub user: String,
+    pub scope: String,
+    pub database: String,
+    pub login: String,
+    /// SCRAM-SHA-256 verifier of the secret, in Postgres's text form.
+    pub verifier: String,
+    pub status: GrantStatus,
+    pub reason: String,
+    pub requested_by: String,
+    #[serde(with = "crate::time::serde_rfc3339")]
+    pub requested_at: SystemTime,
+    pub duration_secs: u64,
+    pub break_glass: bool,
+    pub decided_by: Option<String>,
+    #[serde(with = "crate::time::serde_rfc3339_opt", default)]
+    pub decided_at: Option<SystemTime>,
+    #[serde(with = "crate::time::serde_rfc3339_opt", default)]
+    pub expires_at: Option<SystemTime>,
+    #[serde(with = "crate::time::serde_rfc3339_opt", default)]
+    pub ended_at: Option<SystemTime>,
+    pub ended_by: Option<String>,
+    pub end_reason: Option<String>,
+}
+
+impl Grant {
+    /// The status as of `now`: an active grant past its end is expired even before the
+    /// reaper has recorded it.
+    pub fn status_at(&self, now: SystemTime) -> GrantStatus {
+        match (self.status, self.expires_at) {
+            (GrantStatus::Active, Some(end)) if now >= end => GrantStatus::Expired,
+            (s, _) => s,
+        }
+    }
+
+    pub fn is_usable(&self, now: SystemTime) -> bool {
+        self.status_at(now) == GrantStatus::Active
+    }
+}
+
+/// A grant as the API shows it (no verifier).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantView {
+    pub id: String,
+    pub user: String,
+    pub scope: String,
+    pub database: String,
+    pub login: String,
+    pub status: GrantStatus,
+    pub reason: String,
+    pub requested_by: String,
+    pub requested_at: String,
+    pub duration_secs: u64,
+    pub break_glass: bool,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub ended_by: Option<String>,
+    pub end_reason: Option<String>,
+}
+
+impl GrantView {
+    pub fn of(g: &Grant, now: SystemTime) -> Self {
+        let t = |t: Option<SystemTime>| t.map(crate::time::rfc3339);
+        Self {
+            id: g.id.clone(),
+            user: g.user.clone(),
+            scope: g.scope.clone(),
+            database: g.database.clone(),
+            login: g.login.clone(),
+            status: g.status_at(now),
+            reason: g.reason.clone(),
+            requested_by: g.requested_by.clone(),
+            requested_at: crate::time::rfc3339(g.requested_at),
+            duration_secs: g.duration_secs,
+            break_glass: g.break_glass,
+            decided_by: g.decided_by.clone(),
+            decided_at: t(g.decided_at),
+            expires_at: t(g.expires_at),
+            ended_at: t(g.ended_at),
+            ended_by: g.ended_by.clone(),
+            end_reason: g.end_reason.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no grant {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a requester asks for.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub scope: String,
+    pub duration: Duration,
+    pub reason: String,
+    /// Whom the grant is for; the requester when None.
+    pub user: Option<String>,
+    pub break_glass: bool,
+}
+
+/// A new grant and its secret, which exists only in this value.
+pub struct NewGrant {
+    pub grant: Grant,
+    pub secret: String,
+}
+
+/// The grants, kept in memory and written through to the store.
+pub struct GrantService {
+    store: Arc<dyn GrantStore>,
+    grants: RwLock<HashMap<String, Grant>>,
+    /// Serialises changes so that store order equals memory order.
+    write: tokio::sync::Mutex<()>,
+    scopes: Arc<Scopes>,
+    events: Events,
+    sessions: Arc<SessionRegistry>,
+    changed: Notify,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    crate::people::hex(&raw)
+}
+
+impl GrantService {
+    /// Loads the store. A corrupt store is an error, never an empty start.
+    pub async fn open(store: Arc<dyn GrantStore>, scopes: Arc<Scopes>, events: Events, sessions: Arc<SessionRegistry>) -> Result<Arc<Self>, StoreError> {
+        let loaded = store.load().await?;
+        let grants = loaded.into_iter().map(|g| (g.id.clone(), g)).collect();
+        Ok(Arc::new(Self { store, grants: RwLock::new(grants), write: tokio::sync::Mutex::new(()), scopes, events, sessions, changed: Notify::new() }))
+    }
+
+    pub fn scopes(&self) -> &Arc<Scopes> {
+        &self.scopes
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Grant>> {
+        self.grants.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get_raw(&self, id: &str) -> Option<Grant> {
+        self.read().get(id).cloned()
+    }
+
+    /// Persists, then publishes, a grant's new version. Caller holds `write`.
+    async fn save(&self, grant: Grant) -> Result<Grant, GrantError> {
+        self.store.put(&grant).await?;
+        self.grants.write().unwrap_or_else(|p| p.into_inner()).insert(grant.id.clone(), grant.clone());
+        self.changed.notify_one();
+        Ok(grant)
+    }
+
+    pub async fn request(&self, who: &Principal, req: GrantRequest) -> Result<NewGrant, GrantError> {
+        use crate::config::Role;
+        if !(who.has(Role::Engineer) || who.has(Role::Approver)) {
+            return Err(GrantError::Forbidden(format!("{} may not request grants", who.person)));
+        }
+        let user = req.user.clone().unwrap_or_else(|| who.person.clone());
+        if user != who.person && !who.can_approve() {
+            return Err(GrantError::Forbidden("only approvers may request grants for someone else".into()));
+        }
+        if !crate::config::valid_name(&user) {
+            return Err(GrantError::Invalid(format!("invalid user name {user:?}")));
+        }
+        let scope = self.scopes.get(&req.scope).ok_or_else(|| GrantError::Invalid(format!("no scope named {:?}", req.scope)))?;
+        if req.reason.trim().is_empty() {
+            return Err(GrantError::Invalid("a reason is required".into()));
+        }
+        if req.duration.is_zero() {
+            return Err(GrantError::Invalid("the duration must be more than 0s".into()));
+        }
+        if req.duration > scope.max_duration {
+            return Err(GrantError::Invalid(format!(
+                "scope {:?} allows grants of at most {}",
+                scope.name,
+                crate::time::human_duration(scope.max_duration)
+            )));
+        }
+        if req.break_glass {
+            let limit = scope.break_glass.ok_or_else(|| GrantError::Forbidden(format!("scope {:?} does not allow break-glass", scope.name)))?;
+            if req.duration > limit {
+                return Err(GrantError::Invalid(format!("break-glass grants of {:?} last at most {}", scope.name, crate::time::human_duration(limit))));
+            }
+            if user != who.person {
+                return Err(GrantError::Forbidden("break-glass grants are only for oneself".into()));
+            }
+        }
+
+        let _w = self.write.lock().await;
+        let id = format!("g{}", random_hex(4));
+        let secret = random_hex(16);
+        let now = SystemTime::now();
+        let mut grant = Grant {
+            login: format!("{user}.{id}"),
+            id,
+            user: user.clone(),
+            scope: scope.name.clone(),
+            database: scope.database.clone(),
+            verifier: ScramVerifier::from_password(&secret).to_text(),
+            status: GrantStatus::Pending,
+            reason: req.reason.clone(),
+            requested_by: who.person.clone(),
+            requested_at: now,
+            duration_secs: req.duration.as_secs(),
+            break_glass: req.break_glass,
+            decided_by: None,
+            decided_at: None,
+            expires_at: None,
+            ended_at: None,
+            ended_by: None,
+            end_reason: None,
+        };
+        if req.break_glass {
+            grant.status = GrantStatus::Active;
+            grant.decided_at = Some(now);
+            grant.decided_by = Some(format!("{} (break-glass)", who.person));
+            grant.expires_at = Some(now + req.duration);
+        }
+        let grant = self.save(grant).await?;
+        self.events.emit(Event::GrantRequested {
+            grant: grant.id.clone(),
+            user: grant.user.clone(),
+            scope: grant.scope.clone(),
+            by: who.person.clone(),
+            reason: grant.reason.clone(),
+            duration_secs: grant.duration_secs,
+            break_glass: grant.break_glass,
+        });
+        if grant.break_glass {
+            self.emit_activated(&grant);
+        }
+        Ok(NewGrant { grant, secret })
+    }
+
+    fn emit_activated(&self, g: &Grant) {
+        self.events.emit(Event::GrantActivated {
+            grant: g.id.clone(),
+            user: g.user.clone(),
+            scope: g.scope.clone(),
+            expires_at: g.expires_at.unwrap_or(SystemTime::UNIX_EPOCH),
+            break_glass: g.break_glass,
+        });
+    }
+
+    /// Whether `who` may decide on grants of `scope_name` for `grant_user` requested by `requested_by`.
+    fn check_approver(&self, who: &Principal, scope_name: &str, grant_user: &str, requested_by: Option<&str>) -> Result<(), GrantError> {
+        if !who.can_approve() {
+            return Err(GrantError::Forbidden(format!("{} is not an approver", who.person)));
+        }
+        if who.person == grant_user || Some(who.person.as_str()) == requested_by {
+            return Err(GrantError::Forbidden("nobody approves their own request".into()));
+        }
+        if let Some(scope) = self.scopes.get(scope_name)
+            && !scope.approvers.is_empty()
+            && !scope.approvers.iter().any(|g| who.groups.contains(g))
+        {
+            return Err(GrantError::Forbidden(format!("grants of scope {:?} need approval by a member of {}", scope.name, scope.approvers.join(" or "))));
+        }
+        Ok(())
+    }
+
+    pub async fn approve(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {
+        let _w = self.write.lock().await;
+        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by))?;
+        if g.status != GrantStatus::Pending {
+            return Err(GrantError::Conflict(format!("grant {id} is {}, not pending", g.status_at(SystemTime::now()).as_str())));
+        }
+        let now = SystemTime::now();
+        g.status = GrantStatus::Active;
+        g.decided_by = Some(who.person.clone());
+        g.decided_at = Some(now);
+        g.expires_at = Some(now + Duration::from_secs(g.duration_secs));
+        let g = self.save(g).await?;
+        self.events.emit(Event::GrantApproved { grant: g.id.clone(), by: who.person.clone() });
+        self.emit_activated(&g);
+        Ok(g)
+    }
+
+    pub async fn deny(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
+        let _w = self.write.lock().await;
+        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by))?;
+        if g.status != GrantStatus::Pending {
+            return Err(GrantError::Conflict(format!("grant {id} is {}, not pending", g.status_at(SystemTime::now()).as_str())));
+        }
+        let now = SystemTime::now();
+        g.status = GrantStatus::Denied;
+        g.decided_by = Some(who.person.clone());
+        g.decided_at = Some(now);
+        g.ended_at = Some(now);
+        g.end_reason = Some(reason.to_owned()).filter(|r| !r.is_empty());
+        let g = self.save(g).await?;
+        self.events.emit(Event::GrantDenied { grant: g.id.clone(), by: who.person.clone(), reason: reason.to_owned() });
+        Ok(g)
+    }
+
+    /// Requests and approves in one step; the approver may not issue to themself.
+    pub async fn issue(&self, who: &Principal, user: &str, scope: &str, duration: Duration, reason: &str) -> Result<NewGrant, GrantError> {
+        // The issuer is the requester by design; what matters is that the grant is not theirs.
+        self.check_approver(who, scope, user, None)?;
+        let mut new = self.request(who, GrantRequest { scope: scope.to_owned(), duration, reason: reason.to_owned(), user: Some(user.to_owned()), break_glass: false }).await?;
+        new.grant = self.approve_issued(who, &new.grant.id).await?;
+        Ok(new)
+    }
+
+    /// `approve` without the requester check: the issuer requested on someone else's behalf.
+    async fn approve_issued(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {
+        let _w = self.write.lock().await;
+        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        let now = SystemTime::now();
+        g.status = GrantStatus::Active;
+        g.decided_by = Some(who.person.clone());
+        g.decided_at = Some(now);
+        g.expires_at = Some(now + Duration::from_secs(g.duration_secs));
+        let g = self.save(g).await?;
+        self.events.emit(Event::GrantApproved { grant: g.id.clone(), by: who.person.clone() });
+        self.emit_activated(&g);
+        Ok(g)
+    }
+
+    /// Ends a grant now and drops its sessions. Approvers, or the grant's own user.
+    pub async fn revoke(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
+        if reason.trim().is_empty() {
+            return Err(GrantError::Invalid("a reason is required".into()));
+        }
+        let _w = self.write.lock().await;
+        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        if !who.can_approve() && who.person != g.user {
+            return Err(GrantError::Forbidden(format!("{} may not revoke grant {id}", who.person)));
+        }
+        let now = SystemTime::now();
+        match g.status_at(now) {
+            GrantStatus::Active | GrantStatus::Pending => {}
+            other => return Err(GrantError::Conflict(format!("grant {id} is already {}", other.as_str()))),
+        }
+        g.status = GrantStatus::Revoked;
+        g.ended_at = Some(now);
+        g.ended_by = Some(who.person.clone());
+        g.end_reason = Some(reason.to_owned());
+        let g = self.save(g).await?;
+        self.events.emit(Event::GrantRevoked { grant: g.id.clone(), by: who.person.clone(), reason: reason.to_owned() });
+        let message = format!("pglease: grant {} for scope \"{}\" was revoked by {}: {}", g.id, g.scope, who.person, reason);
+        self.end_sessions(&g.id, &message);
+        Ok(g)
+    }
+
+    fn end_sessions(&self, grant_id: &str, message: &str) -> usize {
+        let err = ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, message);
+        self.sessions.kill_where(|h| h.identity.grant_id.as_deref() == Some(grant_id), &err)
+    }
+
+    pub fn list(&self, who: &Principal, active_only: bool) -> Vec<GrantView> {
+        let now = SystemTime::now();
+        let mut out: Vec<GrantView> = self
+            .read()
+            .values()
+            .filter(|g| who.can_read_all() || g.user == who.person || g.requested_by == who.person)
+            .filter(|g| !active_only || g.is_usable(now))
+            .map(|g| GrantView::of(g, now))
+            .collect();
+        out.sort_by(|a, b| a.requested_at.cmp(&b.requested_at).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    pub fn show(&self, who: &Principal, id: &str) -> Result<GrantView, GrantError> {
+        let g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        if !(who.can_read_all() || g.user == who.person || g.requested_by == who.person) {
+            // Same answer as a missing grant: ids of others' grants are not confirmed.
+            return Err(GrantError::NotFound(id.to_owned()));
+        }
+        Ok(GrantView::of(&g, SystemTime::now()))
+    }
+
+    /// Records the end of every grant past its window; returns the next deadline, if any.
+    pub async fn expire_due(&self) -> Result<Option<SystemTime>, GrantError> {
+        let now = SystemTime::now();
+        let due: Vec<Grant> = self.read().values().filter(|g| g.status == GrantStatus::Active && g.expires_at.is_some_and(|e| e <= now)).cloned().collect();
+        for mut g in due {
+            let _w = self.write.lock().await;
+            // Re-check under the write lock: a revoke may have won the race.
+            if self.get_raw(&g.id).map(|c| c.status) != Some(GrantStatus::Active) {
+                continue;
+            }
+            g.status = GrantStatus::Expired;
+            g.ended_at = g.expires_at;
+            g.end_reason = Some("expired".into());
+            let g = self.save(g).await?;
+            self.events.emit(Event::GrantExpired { grant: g.id.clone() });
+            let at = g.expires_at.map(crate::time::rfc3339).unwrap_or_default();
+            self.end_sessions(&g.id, &format!("pglease: grant {} for scope \"{}\" expired at {at}", g.id, g.scope));
+        }
+        Ok(self.read().values().filter(|g| g.status == GrantStatus::Active).filter_map(|g| g.expires_at).min())
+    }
+
+    /// Marks grants expired as their windows close. Sessions end on their own deadline timers;
+    /// this records the state change (and ends any session that slipped through).
+    pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = match self.expire_due().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record grant expiry; retrying");
+                    Some(SystemTime::now() + Duration::from_secs(1))
+                }
+            };
+            let wait = next.map(|t| t.duration_since(SystemTime::now()).unwrap_or_default()).unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.changed.notified() => {}
+            }
+        }
+    }
+
+    /// The grant behind a login, if it may connect to `database` now.
+    pub fn credential(&self, login: &str, database: &str) -> Option<Credential> {
+        let now = SystemTime::now();
+        let grants = self.read();
+        let g = grants.values().find(|g| g.login == login)?;
+        if !g.is_usable(now) || g.database != database {
+            return None;
+        }
+        let verifier = ScramVerifier::parse(&g.verifier)?;
+        Some(Credential {
+            verifier,
+            identity: Identity { login: g.login.clone(), person: g.user.clone(), grant_id: Some(g.id.clone()), scope: Some(g.scope.clone()), expires_at: g.expires_at },
+        })
+    }
+
+    /// Whether the grant is still usable (checked again after authentication).
+    pub fn is_active(&self, id: &str) -> bool {
+        self.read().get(id).is_some_and(|g| g.is_usable(SystemTime::now()))
+    }
+}
+
+/// Grants are the proxy's credential source.
+#[async_trait::async_trait]
+impl CredentialSource for GrantService {
+    async fn lookup(&self, login: &str, database: &str) -> Option<Credential> {
+        self.credential(login, database)
+    }
+}

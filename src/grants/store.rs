@@ -1,0 +1,147 @@
+//! Where grants are kept. The trait is small on purpose: a shared, Postgres-backed store for
+//! several proxy instances implements the same two calls (with `put` as an upsert keyed by id
+//! and `load` as a SELECT), plus change notification, which the file store does not need.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::Mutex;
+
+use super::Grant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("grant store {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("grant store {path} is corrupt at line {line}: {why}")]
+    Corrupt { path: String, line: usize, why: String },
+}
+
+#[async_trait::async_trait]
+pub trait GrantStore: Send + Sync + 'static {
+    /// Every grant, latest version of each.
+    async fn load(&self) -> Result<Vec<Grant>, StoreError>;
+    /// Records the new version of a grant durably before returning.
+    async fn put(&self, grant: &Grant) -> Result<(), StoreError>;
+}
+
+/// An append-only JSON Lines file: one full grant record per line, the last line for an id
+/// wins. Every `put` is written and fsynced before it returns, so a grant is never lost or
+/// resurrected by a crash. A torn last line (a crash mid-append, never acknowledged) is cut
+/// off; any other unreadable line stops startup with its line number.
+pub struct FileStore {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl FileStore {
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_owned(), file: Mutex::new(None) }
+    }
+
+    fn io(&self, source: std::io::Error) -> StoreError {
+        StoreError::Io { path: self.path.display().to_string(), source }
+    }
+
+    /// Rewrites the file with one line per grant (atomically: temp file, fsync, rename).
+    fn compact(&self, grants: &[Grant]) -> Result<(), StoreError> {
+        let tmp = self.path.with_extension("jsonl.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| self.io(e))?;
+        for g in grants {
+            let mut line = serde_json::to_vec(g).expect("grants serialize");
+            line.push(b'\n');
+            f.write_all(&line).map_err(|e| self.io(e))?;
+        }
+        f.sync_all().map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
+        sync_dir(&self.path);
+        Ok(())
+    }
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+#[async_trait::async_trait]
+impl GrantStore for FileStore {
+    async fn load(&self) -> Result<Vec<Grant>, StoreError> {
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut grants: Vec<Grant> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        let mut records = 0usize;
+        let complete = text.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
+        if complete < text.len() {
+            tracing::warn!(path = %self.path.display(), bytes = text.len() - complete, "grant store ends with a torn record (crash mid-write); dropping it");
+        }
+        for (n, line) in text[..complete].split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let grant: Grant = serde_json::from_slice(line).map_err(|e| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                line: n + 1,
+                why: e.to_string(),
+            })?;
+            records += 1;
+            match index.get(&grant.id) {
+                Some(&i) => grants[i] = grant,
+                None => {
+                    index.insert(grant.id.clone(), grants.len());
+                    grants.push(grant);
+                }
+            }
+        }
+        // Keep the log short, and drop a torn tail for good.
+        if complete < text.len() || records > 2 * grants.len() + 100 {
+            self.compact(&grants)?;
+        }
+        Ok(grants)
+    }
+
+    async fn put(&self, grant: &Grant) -> Result<(), StoreError> {
+        let mut slot = self.file.lock().await;
+        if slot.is_none() {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| self.io(e))?;
+            sync_dir(&self.path);
+            *slot = Some(f);
+        }
+        let file = slot.as_mut().expect("opened above");
+        let mut line = serde_json::to_vec(grant).expect("grants serialize");
+        line.push(b'\n');
+        // NOTE: blocking writes on the runtime: grants change a few times a minute at most.
+        file.write_all(&line).map_err(|e| self.io(e))?;
+        file.sync_data().map_err(|e| self.io(e))?;
+        Ok(())
+    }
+}
+
+/// Grants in memory only, for tests.
+#[derive(Default)]
+pub struct MemoryStore {
+    grants: std::sync::Mutex<Vec<Grant>>,
+}
+
+#[async_trait::async_trait]
+impl GrantStore for MemoryStore {
+    async fn load(&self) -> Result<Vec<Grant>, StoreError> {
+        Ok(self.grants.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    async fn put(&self, grant: &Grant) -> Result<(), StoreError> {
+        let mut all = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        match all.iter_mut().find(|g| g.id == grant.id) {
+            Some(g) => *g = grant.clone(),
+            None => all.push(grant.clone()),
+        }
+        Ok(())
+    }
+}
