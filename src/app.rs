@@ -38,6 +38,15 @@ impl Secrets {
     }
 }
 
+/// What tests and the demo change about a build.
+#[derive(Default)]
+pub struct BuildOptions {
+    /// Overrides `grants.store`.
+    pub store: Option<Arc<dyn GrantStore>>,
+    /// Extra event sinks.
+    pub event_sinks: Vec<Arc<dyn crate::events::EventSink>>,
+}
+
 /// A proxy ready to run.
 pub struct App {
     pub proxy: Arc<Proxy>,
@@ -64,14 +73,18 @@ impl RunningApp {
 }
 
 impl App {
-    /// Builds everything from the config. `store` overrides `grants.store` (tests, demo).
-    pub async fn build(config: &Config, secrets: Secrets, people: People, store: Option<Arc<dyn GrantStore>>) -> anyhow::Result<Self> {
+    /// Builds everything from the config.
+    pub async fn build(config: &Config, secrets: Secrets, people: People, options: BuildOptions) -> anyhow::Result<Self> {
+        let store = options.store;
         let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
             (Some(cert), Some(key)) => Some(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?),
             _ => None,
         };
         let upstream = Upstream::new(config.upstream.clone(), secrets.upstream, config.listen.max_message_bytes).context("upstream TLS")?;
         let mut events = Events::new();
+        for sink in options.event_sinks {
+            events = events.with_sink(sink);
+        }
         if let Some(path) = &config.grants.events_log {
             events = events.with_sink(Arc::new(JsonlSink::open(path).with_context(|| format!("grants.events_log: cannot open {}", path.display()))?));
         }

@@ -238,7 +238,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
     // NOTE: the default upstream login (the superuser) is never used for client sessions: every
     // grant has a scope, and scoped sessions log in as the scope's role or not at all.
     let secrets = Secrets { upstream: cluster.password.clone(), scopes: scope_passwords };
-    let app = App::build(&config, secrets, people, None).await?;
+    let app = App::build(&config, secrets, people, Default::default()).await?;
     let grants = app.grants.clone();
     let listener = TcpListener::bind(options.listen).await.with_context(|| format!("--listen: cannot listen on {}", options.listen))?;
     let admin_listener = TcpListener::bind(options.admin).await.with_context(|| format!("--admin: cannot listen on {}", options.admin))?;

@@ -352,7 +352,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     init_tracing(&config.log.level, config.log.format);
     let secrets = pglease::app::Secrets::from_config(&config)?;
     let people = pglease::people::People::from_config(&config.people);
-    let app = pglease::app::App::build(&config, secrets, people, None).await?;
+    let app = pglease::app::App::build(&config, secrets, people, Default::default()).await?;
     let listener = TcpListener::bind(config.listen.addr).await.with_context(|| format!("listen.addr: cannot listen on {}", config.listen.addr))?;
     let admin_listener = TcpListener::bind(config.admin.addr).await.with_context(|| format!("admin.addr: cannot listen on {}", config.admin.addr))?;
     let running = app.start(listener, admin_listener)?;

@@ -1,9 +1,10 @@
-//! Timestamps as RFC 3339 text (UTC, seconds precision) in JSON and on screen.
+//! Timestamps as RFC 3339 text (UTC, millisecond precision) in JSON and on screen.
 
 use std::time::{Duration, SystemTime};
 
+/// Millisecond precision: grant deadlines are enforced to the millisecond, and shown so.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 pub fn parse_rfc3339(s: &str) -> Result<SystemTime, humantime::TimestampError> {

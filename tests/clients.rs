@@ -186,7 +186,7 @@ async fn metrics_and_health_are_served() {
     client.simple_query("SELECT 1").await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = pglease::admin::AdminState { metrics: handle, sessions: proxy.proxy.sessions.clone() };
+    let state = pglease::admin::AdminState { metrics: handle, sessions: proxy.proxy.sessions.clone(), api: None };
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(pglease::admin::serve(listener, state, shutdown.clone()));
     let get = |path: &'static str| async move {

@@ -145,3 +145,66 @@ impl GrantStore for MemoryStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grants::GrantStatus;
+    use std::time::SystemTime;
+
+    fn grant(id: &str, status: GrantStatus) -> Grant {
+        Grant {
+            id: id.into(),
+            user: "alice".into(),
+            scope: "read".into(),
+            database: "shop".into(),
+            login: format!("alice.{id}"),
+            verifier: "SCRAM-SHA-256$4096:c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            status,
+            reason: "r".into(),
+            requested_by: "alice".into(),
+            requested_at: SystemTime::UNIX_EPOCH,
+            duration_secs: 60,
+            break_glass: false,
+            decided_by: None,
+            decided_at: None,
+            expires_at: None,
+            ended_at: None,
+            ended_by: None,
+            end_reason: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn last_record_wins_and_a_torn_tail_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.jsonl");
+        let store = FileStore::new(&path);
+        store.put(&grant("g1", GrantStatus::Pending)).await.unwrap();
+        store.put(&grant("g2", GrantStatus::Pending)).await.unwrap();
+        store.put(&grant("g1", GrantStatus::Revoked)).await.unwrap();
+        // A crash in the middle of appending the next record.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"id\":\"g3\",\"us").unwrap();
+        drop(f);
+        let loaded = FileStore::new(&path).load().await.unwrap();
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded.iter().find(|g| g.id == "g1").unwrap().status, GrantStatus::Revoked);
+        // The torn tail was cut off for good.
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("}\n"));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_line_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.jsonl");
+        let store = FileStore::new(&path);
+        store.put(&grant("g1", GrantStatus::Pending)).await.unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"garbage\n").unwrap();
+        drop(f);
+        store.put(&grant("g2", GrantStatus::Pending)).await.unwrap();
+        let e = FileStore::new(&path).load().await.unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+}

@@ -2,6 +2,7 @@
 //! database per test, and a real pglease proxy in front of it on a free port.
 #![allow(dead_code)]
 
+pub mod grants;
 pub mod raw;
 
 use std::net::SocketAddr;

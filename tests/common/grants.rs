@@ -1,0 +1,220 @@
+//! A full pglease (proxy, grant service, admin API) in front of a fresh database, with scopes
+//! backed by real roles and the people alice (engineer), bob (approver, dba) and carol (auditor).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pglease::app::{App, RunningApp, Secrets};
+use pglease::config::*;
+use pglease::events::MemorySink;
+use pglease::people::People;
+
+pub const ALICE: &str = "tok-alice";
+pub const BOB: &str = "tok-bob";
+pub const CAROL: &str = "tok-carol";
+pub const DAVE: &str = "tok-dave";
+
+pub struct GrantsEnv {
+    pub database: String,
+    pub running: Option<RunningApp>,
+    pub proxy_addr: SocketAddr,
+    pub admin_url: String,
+    pub store: PathBuf,
+    pub events: Arc<MemorySink>,
+    pub grants: Option<Arc<pglease::grants::GrantService>>,
+    config: Config,
+    secrets: BTreeMap<String, String>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone)]
+pub struct EnvOptions {
+    pub warn_before: Vec<Duration>,
+    pub failures_before_delay: u32,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self { warn_before: vec![], failures_before_delay: 100 }
+    }
+}
+
+impl GrantsEnv {
+    pub async fn start(options: EnvOptions) -> GrantsEnv {
+        let h = super::harness().await;
+        let database = super::fresh_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        // Roles are cluster-wide: name them after the database.
+        let read_role = format!("{database}_read");
+        let write_role = format!("{database}_write");
+        let dba_role = format!("{database}_dba");
+        let mut secrets = BTreeMap::new();
+        let mut sql = String::new();
+        for (scope, role) in [("read", &read_role), ("write", &write_role), ("dba", &dba_role)] {
+            let password = format!("pw-{role}");
+            sql.push_str(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'; GRANT CONNECT ON DATABASE {database} TO {role};"));
+            secrets.insert(scope.to_owned(), password);
+        }
+        h.cluster.execute("postgres", &sql).await.unwrap();
+        h.cluster
+            .execute(
+                &database,
+                &format!(
+                    "CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);
+                     GRANT SELECT ON public.t TO {read_role}; GRANT SELECT, INSERT, UPDATE, DELETE ON public.t TO {write_role};
+                     GRANT ALL ON public.t TO {dba_role};"
+                ),
+            )
+            .await
+            .unwrap();
+
+        let scope = |role: &str, max: u64, approvers: &[&str], break_glass: Option<u64>| ScopeConfig {
+            description: String::new(),
+            database: database.clone(),
+            role: role.to_owned(),
+            password_env: None,
+            password_file: None,
+            max_duration: Duration::from_secs(max),
+            approvers: approvers.iter().map(|s| s.to_string()).collect(),
+            break_glass: break_glass.map(|s| BreakGlassConfig { max_duration: Duration::from_secs(s) }),
+        };
+        let mut scopes = BTreeMap::new();
+        scopes.insert("read".to_owned(), scope(&read_role, 3600, &[], Some(600)));
+        scopes.insert("write".to_owned(), scope(&write_role, 3600, &[], None));
+        scopes.insert("dba".to_owned(), scope(&dba_role, 3600, &["dba"], None));
+        let config = Config {
+            listen: ListenConfig {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                tls_cert: Some(h.cert_file.clone()),
+                tls_key: Some(h.key_file.clone()),
+                allow_plaintext: false,
+                max_connections: 100,
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: None,
+                max_message_bytes: 64 << 20,
+                shutdown_grace: Duration::from_secs(2),
+            },
+            upstream: UpstreamConfig {
+                host: "127.0.0.1".into(),
+                port: h.cluster.port,
+                user: super::UPSTREAM_ROLE.into(),
+                password_env: None,
+                password_file: None,
+                tls: UpstreamTls::VerifyFull,
+                ca_file: Some(h.cluster.ca_file.clone()),
+                server_name: Some("localhost".into()),
+                allow_md5: false,
+                allow_cleartext: false,
+                connect_timeout: Duration::from_secs(5),
+            },
+            admin: AdminConfig { addr: "127.0.0.1:0".parse().unwrap() },
+            log: LogConfig::default(),
+            grants: GrantsConfig {
+                store: dir.path().join("grants.jsonl"),
+                warn_before: options.warn_before.clone(),
+                events_log: None,
+                failures_before_delay: options.failures_before_delay,
+            },
+            scopes,
+            people: BTreeMap::new(),
+        };
+        let store = config.grants.store.clone();
+        let events = Arc::new(MemorySink::default());
+        let mut env = GrantsEnv {
+            database,
+            running: None,
+            proxy_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_url: String::new(),
+            store,
+            events,
+            grants: None,
+            config,
+            secrets,
+            _dir: dir,
+        };
+        env.boot().await;
+        env
+    }
+
+    /// (Re)starts the proxy from the same config and store.
+    pub async fn boot(&mut self) {
+        let app = self.build().await.expect("app builds");
+        self.grants = Some(app.grants.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = app.start(listener, admin).unwrap();
+        self.proxy_addr = running.proxy_addr;
+        self.admin_url = format!("http://{}", running.admin_addr);
+        self.running = Some(running);
+    }
+
+    pub async fn build(&self) -> anyhow::Result<App> {
+        let secrets = Secrets { upstream: super::UPSTREAM_PASSWORD.into(), scopes: self.secrets.clone().into_iter().collect() };
+        let mut people = People::default();
+        people.add("alice", &[Role::Engineer], &[], ALICE);
+        people.add("bob", &[Role::Approver], &["dba"], BOB);
+        people.add("carol", &[Role::Auditor], &[], CAROL);
+        people.add("dave", &[Role::Approver], &[], DAVE);
+        let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()] };
+        App::build(&self.config, secrets, people, options).await
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
+    /// Calls the admin API as the holder of `token`; returns (HTTP-ish status, JSON).
+    pub async fn api(&self, token: Option<&str>, method: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+        let client = pglease::cli::ApiClient::new(&self.admin_url, token.map(str::to_owned));
+        let (method, path) = (method.to_owned(), path.to_owned());
+        tokio::task::spawn_blocking(move || if method == "GET" { client.get(&path) } else { client.post(&path, body) })
+            .await
+            .unwrap()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Requests a grant as alice and has bob approve it; returns (id, login, password).
+    pub async fn active_grant(&self, scope: &str, duration: &str) -> (String, String, String) {
+        let g = self.api(Some(BOB), "POST", "/grants/issue", serde_json::json!({"user": "alice", "scope": scope, "duration": duration, "reason": "test"})).await.unwrap();
+        (g["id"].as_str().unwrap().to_owned(), g["login"].as_str().unwrap().to_owned(), g["password"].as_str().unwrap().to_owned())
+    }
+
+    /// A tokio-postgres connection through the proxy with a grant's login.
+    pub async fn connect(&self, login: &str, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.connect_db(login, password, &self.database).await
+    }
+
+    pub async fn connect_db(&self, login: &str, password: &str, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(self.proxy_addr.port()).user(login).password(password).dbname(database).ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config.connect(super::tls_connector()).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Direct superuser connection to the same database.
+    pub async fn direct(&self) -> tokio_postgres::Client {
+        let h = super::harness().await;
+        let (client, connection) = h.cluster.superuser_config(&self.database).connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+}
+
+impl Drop for GrantsEnv {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.shutdown.cancel();
+        }
+    }
+}
+
