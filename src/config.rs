@@ -90,6 +90,82 @@ pub struct ScopeConfig {
     pub approvers: Vec<String>,
     /// Lets a requester activate a short grant without approval, with a mandatory reason.
     pub break_glass: Option<BreakGlassConfig>,
+    /// Tables (patterns `schema.table`, `*` wildcards) and what may be done to them. First match
+    /// wins; a table no rule matches may not be touched. `pg_catalog` and `information_schema`
+    /// are readable unless `catalog = false` (psql's `\d` family needs them).
+    #[serde(default)]
+    pub tables: Vec<TableRuleConfig>,
+    /// The session's `search_path`, pinned upstream; unqualified names resolve against it.
+    #[serde(default = "default_search_path")]
+    pub search_path: Vec<String>,
+    /// Results are cut to this many rows (a `LIMIT` added or lowered).
+    pub row_limit: Option<u64>,
+    /// `statement_timeout` pinned for the scope's sessions.
+    #[serde(default, with = "humantime_serde")]
+    pub statement_timeout: Option<Duration>,
+    /// UPDATE and DELETE must have a WHERE clause.
+    #[serde(default = "yes")]
+    pub require_where: bool,
+    /// Settings (GUCs) a session may change with SET, beyond the harmless display ones. `"*"`:
+    /// any setting pglease does not pin.
+    #[serde(default)]
+    pub settings: Vec<String>,
+    #[serde(default)]
+    pub functions: FunctionsConfig,
+    /// Allow reading `pg_catalog` and `information_schema`.
+    #[serde(default = "yes")]
+    pub catalog: bool,
+}
+
+/// One table rule of a scope.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRuleConfig {
+    /// `schema.table`, either part may use `*` (e.g. `orders.*`, `public.pgbench_*`).
+    pub name: String,
+    /// What may be done: read, insert, update, delete, truncate, copy-in, copy-out, ddl,
+    /// maintenance, or all.
+    pub allow: Vec<Action>,
+    /// Columns that may not be read or written.
+    #[serde(default)]
+    pub deny_columns: Vec<String>,
+}
+
+/// A kind of statement on a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Read,
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+    CopyIn,
+    CopyOut,
+    Ddl,
+    Maintenance,
+    All,
+}
+
+/// Functions beyond (or removed from) the built-in read-only allowlist.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionsConfig {
+    /// Extra functions, by name or `schema.name`; `"*"` allows any function not in pglease's
+    /// never-list (files, programs, signals, settings, SQL from strings).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Built-in functions to refuse after all.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_search_path() -> Vec<String> {
+    vec!["public".to_owned()]
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,6 +480,21 @@ impl Config {
             }
             if scope.max_duration.is_zero() {
                 return Err(ConfigError::invalid(&key("max_duration"), "must be more than 0s"));
+            }
+            for (i, rule) in scope.tables.iter().enumerate() {
+                let parts: Vec<&str> = rule.name.split('.').collect();
+                if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                    return Err(ConfigError::invalid(&format!("scopes.{name}.tables[{i}].name"), "must be schema.table (either part may be *)"));
+                }
+                if rule.allow.is_empty() {
+                    return Err(ConfigError::invalid(&format!("scopes.{name}.tables[{i}].allow"), "must name at least one action"));
+                }
+            }
+            if scope.search_path.is_empty() || scope.search_path.iter().any(|s| s.is_empty() || s.contains(['"', ','])) {
+                return Err(ConfigError::invalid(&key("search_path"), "must list one or more schema names"));
+            }
+            if scope.row_limit == Some(0) {
+                return Err(ConfigError::invalid(&key("row_limit"), "must be at least 1"));
             }
             if let Some(bg) = &scope.break_glass
                 && (bg.max_duration.is_zero() || bg.max_duration > scope.max_duration)

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use crate::app::{App, Secrets};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{
-    AdminConfig, BreakGlassConfig, Config, GrantsConfig, ListenConfig, LogConfig, Role, ScopeConfig, UpstreamConfig, UpstreamTls,
+    AdminConfig, Config, GrantsConfig, ListenConfig, LogConfig, Role, ScopeConfig, UpstreamConfig, UpstreamTls,
 };
 use crate::people::People;
 use crate::tls::generate_dev_certificates;
@@ -49,65 +49,68 @@ INSERT INTO orders.items
 ANALYZE;
 "#;
 
-/// The demo's scopes: name, backing role, max duration, approver groups, break-glass, and the
-/// native privileges of the role (interim: the policy work generates these from the scope).
-struct DemoScope {
-    name: &'static str,
-    description: &'static str,
-    role: &'static str,
-    max_duration: Duration,
-    approvers: &'static [&'static str],
-    break_glass: Option<Duration>,
-    grants: &'static str,
-}
+/// The demo's scopes, as a DBA would write them in `pglease.toml` (passwords are filled in by
+/// the demo: each backing role gets a random one only the proxy holds).
+pub const DEMO_SCOPES: &str = r#"
+[orders-read]
+description = "read-only access to schema orders"
+database = "shop"
+role = "pglease_orders_read"
+max_duration = "8h"
+break_glass = { max_duration = "30m" }
+search_path = ["orders"]
+row_limit = 1000
+statement_timeout = "30s"
+tables = [{ name = "orders.*", allow = ["read", "copy-out"] }]
 
-const SCOPES: &[DemoScope] = &[
-    DemoScope {
-        name: "orders-read",
-        description: "read-only access to schema orders",
-        role: "pglease_orders_read",
-        max_duration: Duration::from_secs(8 * 3600),
-        approvers: &[],
-        break_glass: Some(Duration::from_secs(30 * 60)),
-        grants: "GRANT USAGE ON SCHEMA orders TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA orders TO {role};",
-    },
-    DemoScope {
-        name: "support",
-        description: "read customers (without ssn) and orders",
-        role: "pglease_support",
-        max_duration: Duration::from_secs(8 * 3600),
-        approvers: &[],
-        break_glass: None,
-        grants: "GRANT USAGE ON SCHEMA orders, public TO {role}; GRANT SELECT (id, name, email) ON public.customers TO {role}; GRANT SELECT ON orders.orders TO {role};",
-    },
-    DemoScope {
-        name: "orders-write",
-        description: "read and write schema orders",
-        role: "pglease_orders_write",
-        max_duration: Duration::from_secs(4 * 3600),
-        approvers: &[],
-        break_glass: None,
-        grants: "GRANT USAGE ON SCHEMA orders TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA orders TO {role};",
-    },
-    DemoScope {
-        name: "bench",
-        description: "read and write the pgbench tables",
-        role: "pglease_bench",
-        max_duration: Duration::from_secs(8 * 3600),
-        approvers: &[],
-        break_glass: None,
-        grants: "GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON public.pgbench_accounts, public.pgbench_branches, public.pgbench_tellers, public.pgbench_history TO {role};",
-    },
-    DemoScope {
-        name: "dba",
-        description: "everything in shop, DDL included",
-        role: "pglease_dba",
-        max_duration: Duration::from_secs(2 * 3600),
-        approvers: &["dba"],
-        break_glass: None,
-        grants: "GRANT CREATE ON DATABASE shop TO {role}; GRANT USAGE, CREATE ON SCHEMA orders, public TO {role}; GRANT ALL ON ALL TABLES IN SCHEMA orders, public TO {role}; GRANT ALL ON ALL SEQUENCES IN SCHEMA orders, public TO {role};",
-    },
-];
+[support]
+description = "read customers (without ssn) and orders"
+database = "shop"
+role = "pglease_support"
+max_duration = "8h"
+tables = [
+  { name = "public.customers", allow = ["read"], deny_columns = ["ssn"] },
+  { name = "orders.orders", allow = ["read"] },
+]
+
+[orders-write]
+description = "read and write schema orders"
+database = "shop"
+role = "pglease_orders_write"
+max_duration = "4h"
+search_path = ["orders"]
+tables = [{ name = "orders.*", allow = ["read", "insert", "update", "delete", "copy-in", "copy-out"] }]
+
+[bench]
+description = "read and write the pgbench tables"
+database = "shop"
+role = "pglease_bench"
+max_duration = "8h"
+tables = [{ name = "public.pgbench_*", allow = ["read", "insert", "update", "delete"] }]
+
+[dba]
+description = "everything in shop, DDL included"
+database = "shop"
+role = "pglease_dba"
+max_duration = "2h"
+approvers = ["dba"]
+settings = ["*"]
+functions = { allow = ["*"] }
+tables = [{ name = "*.*", allow = ["all"] }]
+"#;
+
+/// The demo scopes, parsed (with placeholder password sources the demo never reads).
+pub fn demo_scopes() -> BTreeMap<String, ScopeConfig> {
+    let mut text = String::new();
+    for line in DEMO_SCOPES.lines() {
+        text.push_str(line);
+        text.push('\n');
+        if line.starts_with("role = ") {
+            text.push_str("password_env = \"PGLEASE_DEMO_UNUSED\"\n");
+        }
+    }
+    toml::from_str(&text).expect("the embedded demo scopes parse")
+}
 
 fn random_secret() -> String {
     use rand::RngCore;
@@ -148,15 +151,14 @@ async fn prepare_database(cluster: &Cluster) -> anyhow::Result<HashMap<String, S
         anyhow::bail!("pgbench -i failed: {}", String::from_utf8_lossy(&pgbench.stderr));
     }
     let mut passwords = HashMap::new();
+    // The database-wide part: nobody but the scope roles' own grants reaches shop.
     let mut sql = String::from("REVOKE ALL ON DATABASE shop FROM PUBLIC; REVOKE CREATE ON SCHEMA public FROM PUBLIC;");
-    for scope in SCOPES {
+    for (name, scope) in demo_scopes() {
         let password = random_secret();
-        sql.push_str(&format!(
-            "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD '{password}'; GRANT CONNECT ON DATABASE shop TO {role}; ",
-            role = scope.role
-        ));
-        sql.push_str(&scope.grants.replace("{role}", scope.role));
-        passwords.insert(scope.name.to_owned(), password);
+        // Exactly what `pglease scope sql` prints, then the secret only the proxy will hold.
+        sql.push_str(&crate::policy::sql::scope_sql(&name, &scope));
+        sql.push_str(&format!("ALTER ROLE {} PASSWORD '{password}';\n", scope.role));
+        passwords.insert(name, password);
     }
     cluster.execute("shop", &sql).await?;
     Ok(passwords)
@@ -209,24 +211,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         admin: AdminConfig { addr: options.admin },
         log: LogConfig::default(),
         grants: GrantsConfig { store: work.join("grants.jsonl"), events_log: Some(events_log.clone()), ..GrantsConfig::default() },
-        scopes: SCOPES
-            .iter()
-            .map(|s| {
-                (
-                    s.name.to_owned(),
-                    ScopeConfig {
-                        description: s.description.to_owned(),
-                        database: "shop".into(),
-                        role: s.role.into(),
-                        password_env: None,
-                        password_file: None,
-                        max_duration: s.max_duration,
-                        approvers: s.approvers.iter().map(|a| a.to_string()).collect(),
-                        break_glass: s.break_glass.map(|max_duration| BreakGlassConfig { max_duration }),
-                    },
-                )
-            })
-            .collect::<BTreeMap<_, _>>(),
+        scopes: demo_scopes(),
         people: BTreeMap::new(),
     };
     let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();

