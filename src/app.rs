@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::events::{Events, JsonlSink};
 use crate::grants::{FileStore, GrantService, GrantStore};
 use crate::people::People;
+use crate::policy::ScopePolicy;
 use crate::scopes::Scopes;
 use crate::server::{GrantSettings, Proxy};
 use crate::session::SessionRegistry;
@@ -98,7 +99,10 @@ impl App {
             let password = secrets.scopes.get(&scope.name).cloned().with_context(|| format!("scopes.{}: no password for its role", scope.name))?;
             scope_logins.insert(scope.name.clone(), UpstreamLogin { user: scope.role.clone(), password });
         }
+        let policies: HashMap<String, Arc<ScopePolicy>> =
+            config.scopes.iter().map(|(name, c)| (name.clone(), Arc::new(ScopePolicy::from_config(name, c)))).collect();
         let proxy = Proxy::new(config.listen.clone(), tls, upstream, grants.clone())
+            .with_policies(policies)
             .with_sessions(sessions.clone())
             .with_scope_logins(scope_logins)
             .with_events(events.clone())

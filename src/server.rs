@@ -33,6 +33,8 @@ use crate::stream::Stream;
 use crate::tls::ServerTls;
 use crate::upstream::{Upstream, UpstreamLogin};
 use crate::auth::Identity;
+use crate::policy::ScopePolicy;
+use crate::policy::hooks::PolicyHooks;
 use crate::events::{Event, Events};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -58,6 +60,10 @@ pub struct Proxy {
     listen: ListenConfig,
     /// The upstream role of each scope; sessions with a scope log in as it, never as the default.
     scope_logins: HashMap<String, UpstreamLogin>,
+    /// The statement policy of each scope.
+    policies: HashMap<String, Arc<ScopePolicy>>,
+    /// Scopes refused at startup (their backing role can do more than the scope allows).
+    disabled_scopes: HashMap<String, String>,
     grant_settings: GrantSettings,
     events: Events,
     throttle: LoginThrottle,
@@ -79,6 +85,8 @@ impl Proxy {
             tls: ClientTlsPolicy { tls: tls.map(Arc::new), allow_plaintext: listen.allow_plaintext },
             listen,
             scope_logins: HashMap::new(),
+            policies: HashMap::new(),
+            disabled_scopes: HashMap::new(),
             grant_settings: GrantSettings::default(),
             events: Events::new(),
             throttle: LoginThrottle::default(),
@@ -94,6 +102,18 @@ impl Proxy {
     /// Sets the upstream role each scope's sessions log in as.
     pub fn with_scope_logins(mut self, logins: HashMap<String, UpstreamLogin>) -> Self {
         self.scope_logins = logins;
+        self
+    }
+
+    /// Sets the statement policy of each scope. Sessions with a scope run under its policy.
+    pub fn with_policies(mut self, policies: HashMap<String, Arc<ScopePolicy>>) -> Self {
+        self.policies = policies;
+        self
+    }
+
+    /// Scopes that must not be served, with the reason shown to their users.
+    pub fn with_disabled_scopes(mut self, disabled: HashMap<String, String>) -> Self {
+        self.disabled_scopes = disabled;
         self
     }
 
@@ -288,22 +308,34 @@ impl Proxy {
         };
         self.throttle.succeeded(addr.ip());
 
-        // Fail closed: a session governed by a scope logs in as that scope's role or not at all.
-        let login = match &identity.scope {
-            Some(scope) => match self.scope_logins.get(scope) {
-                Some(l) => l.clone(),
-                None => {
-                    tracing::error!(scope = %scope, "no upstream role configured for scope");
-                    let e = ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("pglease: scope \"{scope}\" has no upstream role configured"));
-                    handshake::send_error(reader.get_mut(), &e).await;
-                    return Err(HandshakeError::Refused(e));
+        // Fail closed: a session governed by a scope logs in as that scope's role, under that
+        // scope's policy, or not at all.
+        let (login, hooks, pinned): (UpstreamLogin, Arc<dyn SessionHooks>, Vec<(String, String)>) = match &identity.scope {
+            Some(scope) => {
+                let refuse = |why: String| ClientError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, why);
+                let found = match (self.scope_logins.get(scope), self.policies.get(scope), self.disabled_scopes.get(scope)) {
+                    (_, _, Some(why)) => Err(refuse(format!("pglease: scope \"{scope}\" is disabled: {why}"))),
+                    (Some(l), Some(p), None) => Ok((l.clone(), p.clone())),
+                    _ => Err(refuse(format!("pglease: scope \"{scope}\" is not configured on this proxy"))),
+                };
+                match found {
+                    Ok((l, policy)) => {
+                        let hooks: Arc<dyn SessionHooks> = Arc::new(PolicyHooks::new(policy.clone(), &l.user));
+                        (l, hooks, policy.pinned_startup_params())
+                    }
+                    Err(e) => {
+                        tracing::error!(scope = %scope, error = %e, "session refused");
+                        handshake::send_error(reader.get_mut(), &e).await;
+                        return Err(HandshakeError::Refused(e));
+                    }
                 }
-            },
-            None => self.upstream.default_login().clone(),
+            }
+            None => (self.upstream.default_login().clone(), self.hooks.clone(), Vec::new()),
         };
 
         let mut forwarded: Vec<(String, String)> = params.forwarded.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("application_name")).cloned().collect();
         forwarded.push(("client_encoding".into(), "UTF8".into()));
+        forwarded.extend(pinned);
         // Stamp the upstream session so pg_stat_activity shows who is behind it.
         let client_app = params.forwarded.iter().find(|(k, _)| k.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.as_str()).unwrap_or("");
         forwarded.push(("application_name".into(), stamp(&identity, client_app)));
@@ -342,7 +374,7 @@ impl Proxy {
             upstream: self.upstream.clone(),
             upstream_key: upstream.key,
             tx: upstream.tx,
-            hooks: self.hooks.clone(),
+            hooks,
             handle: registered.handle.clone(),
             shutdown: shutdown.clone(),
             options: SessionOptions { idle_timeout: self.listen.idle_timeout, warn_before: self.grant_settings.warn_before.clone() },

@@ -51,7 +51,7 @@ async fn the_demo_serves_grants_and_cleans_up_after_itself() {
     assert!(ok, "{err}");
     assert_eq!(out, "5000");
     let (ok, _, err) = psql(&conn, password, "select ssn from public.customers limit 1").await;
-    assert!(!ok && err.contains("permission denied"), "orders-read cannot read customers: {err}");
+    assert!(!ok && err.contains("pglease: scope \"orders-read\" does not allow SELECT on public.customers"), "orders-read cannot read customers: {err}");
 
     // An engineer asks, an approver approves, the new login works.
     let admin = |token: &str, args: &[&str]| {

@@ -11,7 +11,7 @@ use common::raw::{Raw, message, query};
 use common::{ProxyOptions, TestProxy, sqlstate};
 use pglease::codec::messages::{Bind, Parse};
 use pglease::error::ClientError;
-use pglease::session::{BackendEvent, SessionContext, SessionHooks, Verdict};
+use pglease::session::{BackendAction, BackendEvent, SessionContext, SessionHooks, Verdict};
 
 /// Refuses SQL mentioning `forbidden`, rewrites `'rewrite-me'`, and records result events.
 #[derive(Default)]
@@ -49,7 +49,7 @@ impl SessionHooks for TestHooks {
         }
     }
 
-    fn on_backend(&self, _ctx: &SessionContext, event: BackendEvent<'_>) {
+    fn on_backend(&self, _ctx: &SessionContext, event: BackendEvent<'_>) -> BackendAction {
         let text = match event {
             BackendEvent::CommandComplete(tag) => format!("complete {tag}"),
             BackendEvent::Error(e) => format!("error {}", e.code().unwrap_or("?")),
@@ -57,6 +57,7 @@ impl SessionHooks for TestHooks {
             BackendEvent::ParameterStatus { name, .. } => format!("status {name}"),
         };
         self.events.lock().unwrap().push(text);
+        BackendAction::Continue
     }
 }
 

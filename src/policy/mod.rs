@@ -6,6 +6,7 @@
 //! statement kinds it does not know, functions it does not know — all are refused.
 
 pub mod functions;
+pub mod hooks;
 mod rewrite;
 pub mod sql;
 mod walk;

@@ -62,7 +62,17 @@ pub trait SessionHooks: Send + Sync + 'static {
     }
 
     /// A result event. Must not block: it runs on the relay's path back to the client.
-    fn on_backend(&self, _ctx: &SessionContext, _event: BackendEvent<'_>) {}
+    fn on_backend(&self, _ctx: &SessionContext, _event: BackendEvent<'_>) -> BackendAction {
+        BackendAction::Continue
+    }
+}
+
+/// What the relay does after a result event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAction {
+    Continue,
+    /// End the session with this `FATAL` (e.g. a pinned setting changed).
+    End(ClientError),
 }
 
 /// Forwards everything: the proxy core on its own.

@@ -28,7 +28,7 @@ use crate::codec::{Frame, FrameError, FramedReader, ReadEvent};
 use crate::error::{ClientError, sqlstate};
 use crate::stream::Stream;
 use crate::upstream::Upstream;
-pub use hooks::{BackendEvent, PassThrough, SessionContext, SessionHooks, Verdict};
+pub use hooks::{BackendAction, BackendEvent, PassThrough, SessionContext, SessionHooks, Verdict};
 pub use registry::{SessionHandle, SessionRegistry};
 
 /// Size of the write buffers in each direction. Together with the read buffers (bounded by
@@ -625,7 +625,7 @@ async fn upstream_to_client(
                 }
                 drained = st.draining && st.idle();
                 drop(st);
-                hooks.on_backend(ctx, BackendEvent::Ready(tx));
+                let _ = hooks.on_backend(ctx, BackendEvent::Ready(tx));
                 frame
             }
             b'E' => {
@@ -653,26 +653,32 @@ async fn upstream_to_client(
                         err.encode(&mut buf);
                         let refused = Frame::from_encoded(buf.freeze());
                         if let Ok(f) = ErrorFields::decode(&refused) {
-                            hooks.on_backend(ctx, BackendEvent::Error(&f));
+                            let _ = hooks.on_backend(ctx, BackendEvent::Error(&f));
                         }
                         refused
                     }
                     None => {
-                        hooks.on_backend(ctx, BackendEvent::Error(&fields));
+                        let _ = hooks.on_backend(ctx, BackendEvent::Error(&fields));
                         frame
                     }
                 }
             }
             b'C' => {
                 match messages::decode_command_tag(&frame) {
-                    Ok(tag) => hooks.on_backend(ctx, BackendEvent::CommandComplete(&tag)),
+                    Ok(tag) => {
+                        let _ = hooks.on_backend(ctx, BackendEvent::CommandComplete(&tag));
+                    }
                     Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
                 }
                 frame
             }
             b'S' => {
                 match ParameterStatus::decode(&frame) {
-                    Ok(p) => hooks.on_backend(ctx, BackendEvent::ParameterStatus { name: &p.name, value: &p.value }),
+                    Ok(p) => {
+                        if let BackendAction::End(err) = hooks.on_backend(ctx, BackendEvent::ParameterStatus { name: &p.name, value: &p.value }) {
+                            return Outcome::End(err);
+                        }
+                    }
                     Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
                 }
                 frame

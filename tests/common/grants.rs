@@ -71,20 +71,32 @@ impl GrantsEnv {
             .await
             .unwrap();
 
-        let scope = |role: &str, max: u64, approvers: &[&str], break_glass: Option<u64>| ScopeConfig {
-            description: String::new(),
-            database: database.clone(),
-            role: role.to_owned(),
-            password_env: None,
-            password_file: None,
-            max_duration: Duration::from_secs(max),
-            approvers: approvers.iter().map(|s| s.to_string()).collect(),
-            break_glass: break_glass.map(|s| BreakGlassConfig { max_duration: Duration::from_secs(s) }),
-        };
-        let mut scopes = BTreeMap::new();
-        scopes.insert("read".to_owned(), scope(&read_role, 3600, &[], Some(600)));
-        scopes.insert("write".to_owned(), scope(&write_role, 3600, &[], None));
-        scopes.insert("dba".to_owned(), scope(&dba_role, 3600, &["dba"], None));
+        let db = &database;
+        let scopes: BTreeMap<String, ScopeConfig> = toml::from_str(&format!(
+            r#"
+            [read]
+            database = "{db}"
+            role = "{read_role}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            break_glass = {{ max_duration = "10m" }}
+            tables = [{{ name = "public.t", allow = ["read"] }}]
+            [write]
+            database = "{db}"
+            role = "{write_role}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete"] }}]
+            [dba]
+            database = "{db}"
+            role = "{dba_role}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            approvers = ["dba"]
+            tables = [{{ name = "*.*", allow = ["all"] }}]
+            "#
+        ))
+        .unwrap();
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
