@@ -18,12 +18,15 @@ pub enum CliError {
     /// The API could not be reached or answered nonsense: exit 2.
     #[error("{0}")]
     Unreachable(String),
+    /// `scope check` refused the statement (already printed): exit 1.
+    #[error("statement refused")]
+    Denied,
 }
 
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Refused(_) => 1,
+            CliError::Refused(_) | CliError::Denied => 1,
             CliError::Unreachable(_) => 2,
         }
     }

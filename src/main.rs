@@ -91,10 +91,43 @@ enum SessionCommand {
 
 #[derive(Subcommand)]
 enum ScopeCommand {
-    /// Scopes as loaded.
+    /// Scopes as loaded (admin API).
     List,
-    /// One scope.
+    /// One scope (admin API).
     Show { name: String },
+    /// The decision the proxy would take for SQL under scope S, offline from the config.
+    Check {
+        scope: String,
+        sql: String,
+        #[command(flatten)]
+        source: ScopeSource,
+    },
+    /// The CREATE ROLE / GRANT statements of the Postgres role that backs scope S.
+    Sql {
+        scope: String,
+        #[command(flatten)]
+        source: ScopeSource,
+    },
+}
+
+/// Where offline scope commands read scopes from.
+#[derive(clap::Args)]
+struct ScopeSource {
+    /// Configuration file with the scopes.
+    #[arg(long, default_value = "config/pglease.toml")]
+    config: PathBuf,
+    /// Use the demo's built-in scopes instead of a config file.
+    #[arg(long)]
+    demo: bool,
+}
+
+fn load_scopes(source: &ScopeSource) -> Result<std::collections::BTreeMap<String, pglease::config::ScopeConfig>, pglease::cli::CliError> {
+    if source.demo {
+        return Ok(pglease::demo::demo_scopes());
+    }
+    let text = std::fs::read_to_string(&source.config).map_err(|e| pglease::cli::CliError::Unreachable(format!("cannot read {}: {e}", source.config.display())))?;
+    let config = Config::parse(&text).map_err(|e| pglease::cli::CliError::Unreachable(e.to_string()))?;
+    Ok(config.scopes)
 }
 
 #[derive(Subcommand)]
@@ -195,6 +228,7 @@ fn main() -> std::process::ExitCode {
     };
     match admin {
         Some(Ok(())) | None => std::process::ExitCode::SUCCESS,
+        Some(Err(pglease::cli::CliError::Denied)) => std::process::ExitCode::from(1),
         Some(Err(e)) => {
             eprintln!("pglease: {e}");
             std::process::ExitCode::from(e.exit_code())
@@ -274,6 +308,33 @@ fn session(command: SessionCommand, api: &ApiArgs) -> Result<(), pglease::cli::C
 }
 
 fn scope(command: ScopeCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliError> {
+    use pglease::cli::CliError;
+    use pglease::policy::{Decision, ScopePolicy};
+    match &command {
+        ScopeCommand::Check { scope, sql, source } => {
+            let scopes = load_scopes(source)?;
+            let config = scopes.get(scope).ok_or_else(|| CliError::Refused(format!("no scope named {scope:?}")))?;
+            let verdict = ScopePolicy::from_config(scope, config).decide_uncached(sql);
+            if api.json {
+                print_json(&serde_json::to_value(&verdict.decision).unwrap_or_default());
+            } else {
+                match &verdict.decision {
+                    Decision::Allow => println!("allow"),
+                    Decision::Rewrite { sql, reason } => println!("rewrite ({reason}):\n{sql}"),
+                    Decision::Deny { code, message } => println!("deny ({code}): {message}"),
+                }
+            }
+            // Exit 1 for a refusal, so scripts can test statements.
+            return if verdict.decision.is_deny() { Err(CliError::Denied) } else { Ok(()) };
+        }
+        ScopeCommand::Sql { scope, source } => {
+            let scopes = load_scopes(source)?;
+            let config = scopes.get(scope).ok_or_else(|| CliError::Refused(format!("no scope named {scope:?}")))?;
+            print!("{}", pglease::policy::sql::scope_sql(scope, config));
+            return Ok(());
+        }
+        _ => {}
+    }
     let c = client(api);
     match command {
         ScopeCommand::List => {
@@ -286,6 +347,7 @@ fn scope(command: ScopeCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
                 pglease::cli::print_table(pglease::cli::SCOPE_HEADERS, &pglease::cli::scope_rows(&v));
             }
         }
+        ScopeCommand::Check { .. } | ScopeCommand::Sql { .. } => unreachable!("handled above"),
         ScopeCommand::Show { name } => {
             let v = c.get(&format!("/scopes/{name}"))?;
             if api.json {
