@@ -46,6 +46,8 @@ pub struct BuildOptions {
     pub store: Option<Arc<dyn GrantStore>>,
     /// Extra event sinks.
     pub event_sinks: Vec<Arc<dyn crate::events::EventSink>>,
+    /// Skip the startup check of each scope's backing role (tests of other parts only).
+    pub skip_role_check: bool,
 }
 
 /// A proxy ready to run.
@@ -101,8 +103,30 @@ impl App {
         }
         let policies: HashMap<String, Arc<ScopePolicy>> =
             config.scopes.iter().map(|(name, c)| (name.clone(), Arc::new(ScopePolicy::from_config(name, c)))).collect();
+        // Defense in depth: a scope whose backing role can do more than the scope allows is not
+        // served (its users get a FATAL naming the excess), and neither is one that cannot be checked.
+        let mut disabled = HashMap::new();
+        if !options.skip_role_check {
+            for (name, policy) in &policies {
+                let (Some(login), Some(scope)) = (scope_logins.get(name), scopes.get(name)) else { continue };
+                match crate::policy::rolecheck::excess_privileges(&upstream, login, &scope.database, policy).await {
+                    Ok(excess) if excess.is_empty() => tracing::info!(scope = %name, role = %login.user, "backing role matches its scope"),
+                    Ok(excess) => {
+                        let why = format!("its role {} can do more than the scope allows: {}", login.user, excess.join(", "));
+                        tracing::error!(scope = %name, "{why}; the scope is not served");
+                        disabled.insert(name.clone(), why);
+                    }
+                    Err(e) => {
+                        let why = format!("its role {} could not be checked: {e}", login.user);
+                        tracing::error!(scope = %name, "{why}; the scope is not served");
+                        disabled.insert(name.clone(), why);
+                    }
+                }
+            }
+        }
         let proxy = Proxy::new(config.listen.clone(), tls, upstream, grants.clone())
             .with_policies(policies)
+            .with_disabled_scopes(disabled)
             .with_sessions(sessions.clone())
             .with_scope_logins(scope_logins)
             .with_events(events.clone())

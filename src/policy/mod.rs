@@ -7,6 +7,7 @@
 
 pub mod functions;
 pub mod hooks;
+pub mod rolecheck;
 mod rewrite;
 pub mod sql;
 mod walk;
@@ -117,6 +118,13 @@ pub struct ScopePolicy {
 /// refills with the hot ones at once).
 const CACHE_ENTRIES: usize = 10_000;
 
+/// An identifier as Postgres would print it: bare when it needs no quotes.
+fn quote_ident(s: &str) -> String {
+    let plain = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain { s.to_owned() } else { format!("\"{}\"", s.replace('"', "\"\"")) }
+}
+
 /// Postgres truncates identifiers to NAMEDATALEN - 1 bytes.
 fn truncate_ident(s: &str) -> &str {
     if s.len() <= 63 {
@@ -186,7 +194,7 @@ impl ScopePolicy {
     }
 
     /// Whether `action` is allowed on `schema.table`.
-    fn allows(&self, schema: &str, table: &str, action: Action) -> bool {
+    pub fn allows(&self, schema: &str, table: &str, action: Action) -> bool {
         if let Some((actions, _)) = self.rule_for(schema, table) {
             return actions.contains(&action);
         }
@@ -194,7 +202,7 @@ impl ScopePolicy {
     }
 
     /// Denied columns of the table(s) a possibly unqualified name can resolve to.
-    fn denied_columns(&self, schema: Option<&str>, table: &str) -> Vec<String> {
+    pub fn denied_columns(&self, schema: Option<&str>, table: &str) -> Vec<String> {
         self.candidates(schema, table).iter().filter_map(|(s, t)| self.rule_for(s, t)).flat_map(|(_, cols)| cols.iter().cloned()).collect()
     }
 
@@ -299,7 +307,7 @@ impl ScopePolicy {
     /// Startup parameters that pin this scope's session state upstream.
     pub fn pinned_startup_params(&self) -> Vec<(String, String)> {
         let mut p = vec![
-            ("search_path".to_owned(), self.search_path.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")),
+            ("search_path".to_owned(), self.search_path.iter().map(|s| quote_ident(s)).collect::<Vec<_>>().join(", ")),
             ("standard_conforming_strings".to_owned(), "on".to_owned()),
         ];
         if self.read_only {

@@ -9,6 +9,19 @@ fn int_const(n: i64) -> Node {
     }
 }
 
+/// `n::bigint`, built by the parser itself.
+fn bigint_const(n: i64) -> Option<Node> {
+    let parsed = pg_query::parse(&format!("SELECT {n}::bigint"), 0).ok()?;
+    let stmt = parsed.protobuf.stmts.into_iter().next()?.stmt?;
+    match stmt.node? {
+        NodeEnum::SelectStmt(s) => match s.target_list.into_iter().next()?.node? {
+            NodeEnum::ResTarget(r) => r.val.map(|v| *v),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Lowers or adds the LIMIT of a SELECT so it returns at most `limit` rows. Returns whether it
 /// changed anything.
 fn cap(select: &mut SelectStmt, limit: u64) -> bool {
@@ -28,13 +41,15 @@ fn cap(select: &mut SelectStmt, limit: u64) -> bool {
             select.limit_option = LimitOption::Count as i32;
             true
         }
-        // An expression or parameter: LEAST(expr, cap).
+        // An expression or parameter: LEAST(expr, cap::bigint). The cast keeps a parameter's
+        // inferred type bigint, as it is for a bare LIMIT $1.
         (Some(expr), None) => {
             let expr = (**expr).clone();
+            let Some(bigint) = bigint_const(limit) else { return false };
             select.limit_count = Some(Box::new(Node {
                 node: Some(NodeEnum::MinMaxExpr(Box::new(MinMaxExpr {
                     op: MinMaxOp::IsLeast as i32,
-                    args: vec![expr, int_const(limit)],
+                    args: vec![expr, bigint],
                     location: -1,
                     ..Default::default()
                 }))),

@@ -40,7 +40,7 @@ fn reads_in_scope_are_allowed_and_capped() {
     }
     assert_eq!(s.decide_uncached("SELECT * FROM orders.orders LIMIT 10").decision, Decision::Allow);
     match s.decide_uncached("SELECT * FROM orders.orders LIMIT $1").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.contains("LEAST($1, 1000)"), "{sql}"),
+        Decision::Rewrite { sql, .. } => assert!(sql.contains("LEAST($1, 1000::bigint)"), "{sql}"),
         other => panic!("{other:?}"),
     }
     match s.decide_uncached("COPY orders.orders TO STDOUT").decision {

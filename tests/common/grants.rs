@@ -48,55 +48,75 @@ impl GrantsEnv {
         let database = super::fresh_database().await;
         let dir = tempfile::tempdir().unwrap();
         // Roles are cluster-wide: name them after the database.
-        let read_role = format!("{database}_read");
-        let write_role = format!("{database}_write");
-        let dba_role = format!("{database}_dba");
-        let mut secrets = BTreeMap::new();
-        let mut sql = String::new();
-        for (scope, role) in [("read", &read_role), ("write", &write_role), ("dba", &dba_role)] {
-            let password = format!("pw-{role}");
-            sql.push_str(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'; GRANT CONNECT ON DATABASE {database} TO {role};"));
-            secrets.insert(scope.to_owned(), password);
-        }
-        h.cluster.execute("postgres", &sql).await.unwrap();
-        h.cluster
-            .execute(
-                &database,
-                &format!(
-                    "CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);
-                     GRANT SELECT ON public.t TO {read_role}; GRANT SELECT, INSERT, UPDATE, DELETE ON public.t TO {write_role};
-                     GRANT ALL ON public.t TO {dba_role};"
-                ),
-            )
-            .await
-            .unwrap();
-
+        let role = |scope: &str| format!("{database}_{scope}");
         let db = &database;
         let scopes: BTreeMap<String, ScopeConfig> = toml::from_str(&format!(
             r#"
             [read]
             database = "{db}"
-            role = "{read_role}"
+            role = "{read}"
             password_env = "UNUSED"
             max_duration = "1h"
             break_glass = {{ max_duration = "10m" }}
-            tables = [{{ name = "public.t", allow = ["read"] }}]
+            row_limit = 3
+            statement_timeout = "20s"
+            tables = [{{ name = "public.t", allow = ["read", "copy-out"] }}]
             [write]
             database = "{db}"
-            role = "{write_role}"
+            role = "{write}"
             password_env = "UNUSED"
             max_duration = "1h"
             tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete"] }}]
             [dba]
             database = "{db}"
-            role = "{dba_role}"
+            role = "{dba}"
             password_env = "UNUSED"
             max_duration = "1h"
             approvers = ["dba"]
+            settings = ["*"]
+            functions = {{ allow = ["*"] }}
             tables = [{{ name = "*.*", allow = ["all"] }}]
-            "#
+            [support]
+            database = "{db}"
+            role = "{support}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            tables = [{{ name = "public.people", allow = ["read"], deny_columns = ["ssn"] }}]
+            [leaky]
+            database = "{db}"
+            role = "{leaky}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            tables = [{{ name = "public.t", allow = ["read"] }}]
+            "#,
+            read = role("read"),
+            write = role("write"),
+            dba = role("dba"),
+            support = role("support"),
+            leaky = role("leaky"),
         ))
         .unwrap();
+        h.cluster
+            .execute(
+                &database,
+                "CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);
+                 CREATE TABLE public.people (id int, name text, ssn text); INSERT INTO people VALUES (1, 'ann', '111-11-1111'), (2, 'bo', '222-22-2222');",
+            )
+            .await
+            .unwrap();
+        // Each role exactly as `pglease scope sql` describes it, plus its password.
+        let mut secrets = BTreeMap::new();
+        let mut sql = String::new();
+        for (name, scope) in &scopes {
+            sql.push_str(&pglease::policy::sql::scope_sql(name, scope));
+            let password = format!("pw-{}", scope.role);
+            sql.push_str(&format!("ALTER ROLE \"{}\" PASSWORD '{password}';\n", scope.role));
+            secrets.insert(name.clone(), password);
+        }
+        // …except the leaky one, which can read more than its scope says.
+        sql.push_str(&format!("GRANT SELECT ON public.people TO \"{}\";", role("leaky")));
+        h.cluster.execute(&database, &sql).await.unwrap();
+
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
@@ -170,7 +190,7 @@ impl GrantsEnv {
         people.add("bob", &[Role::Approver], &["dba"], BOB);
         people.add("carol", &[Role::Auditor], &[], CAROL);
         people.add("dave", &[Role::Approver], &[], DAVE);
-        let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()] };
+        let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()], skip_role_check: false };
         App::build(&self.config, secrets, people, options).await
     }
 

@@ -43,7 +43,9 @@ static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
 pub async fn harness() -> &'static Harness {
     HARNESS
         .get_or_init(|| async {
-            let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default()))
+            // Every statement Postgres receives is logged, so tests can prove refused ones never arrive.
+            let options = ClusterOptions { extra_conf: vec!["log_statement = 'all'".into()], ..ClusterOptions::default() };
+            let cluster = tokio::task::spawn_blocking(move || Cluster::start(options))
                 .await
                 .unwrap()
                 .expect("start throwaway Postgres");
@@ -301,4 +303,10 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether Postgres's own log shows it received a statement containing `marker`.
+pub async fn postgres_saw(marker: &str) -> bool {
+    let h = harness().await;
+    std::fs::read_to_string(h.cluster.dir.join("postgres.log")).unwrap_or_default().contains(marker)
 }

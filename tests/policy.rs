@@ -1,0 +1,202 @@
+//! The statement policy through the real proxy: refused statements never reach Postgres (its
+//! own log is the witness), allowed ones behave as direct, refusals keep Postgres's semantics,
+//! rewrites cap rows, pinned settings stay pinned, and the backing roles hold exactly the
+//! scope's privileges.
+
+mod common;
+
+use std::time::Duration;
+
+use common::grants::{EnvOptions, GrantsEnv};
+use common::raw::{Raw, message, query, startup_packet};
+use common::{postgres_saw, sqlstate};
+
+async fn env() -> GrantsEnv {
+    GrantsEnv::start(EnvOptions::default()).await
+}
+
+fn marker(name: &str) -> String {
+    use rand::RngCore;
+    format!("{name}_{}", rand::rngs::OsRng.next_u32())
+}
+
+/// Gives Postgres's logger a moment to write out what it received.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn refused_statements_never_reach_postgres_and_allowed_ones_do() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let (ok, bad, multi, ext) = (marker("allowed"), marker("refused"), marker("multi"), marker("extended"));
+    // Markers are string literals: comments do not survive the row-cap rewrite.
+    client.simple_query(&format!("SELECT id, '{ok}' FROM t WHERE id > 0")).await.unwrap();
+    let e = client.simple_query(&format!("DELETE FROM t WHERE id = 1 AND '{bad}' <> ''")).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    let scope_msg = format!("pglease: scope \"read\" does not allow DELETE on public.t");
+    assert_eq!(e.as_db_error().unwrap().message(), scope_msg);
+    // One refused statement in a message: none of it runs.
+    let e = client.simple_query(&format!("SELECT '{multi}'; INSERT INTO t VALUES (3); SELECT 2")).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    // Extended protocol: the Parse is refused before it is sent.
+    let e = client.prepare(&format!("UPDATE t SET id = 9 WHERE id = 1 AND '{ext}' <> ''")).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    settle().await;
+    assert!(postgres_saw(&ok).await, "the allowed statement reached Postgres");
+    for m in [&bad, &multi, &ext] {
+        assert!(!postgres_saw(m).await, "{m} must never reach Postgres");
+    }
+    let direct = env.direct().await;
+    let n: i64 = direct.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    // The session goes on.
+    assert_eq!(client.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn refusals_inside_transactions_behave_like_postgres_errors() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("write", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("INSERT INTO t VALUES (10)").await.unwrap();
+    let e = client.batch_execute("DELETE FROM t").await.unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().message(), "pglease: scope \"write\" does not allow DELETE without WHERE");
+    assert_eq!(sqlstate(&client.simple_query("SELECT 1").await.unwrap_err()).as_deref(), Some("25P02"));
+    client.batch_execute("COMMIT").await.unwrap(); // rolls back
+    let direct = env.direct().await;
+    let n: i64 = direct.query_one("SELECT count(*) FROM t WHERE id = 10", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "the failed transaction rolled back");
+    // Writes within the scope work as direct.
+    let n = client.execute("UPDATE t SET id = id WHERE id = 1", &[]).await.unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn bind_to_a_statement_the_proxy_has_not_vetted_is_refused() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let mut raw = Raw::tls(env.proxy_addr).await;
+    raw.send(&startup_packet(3 << 16, &[("user", &login), ("database", &env.database)])).await;
+    raw.scram(&password).await.unwrap();
+    raw.until_ready().await;
+    // Bind to "s1", which no Parse created through the proxy, then Execute and Sync.
+    let mut batch = message(b'B', b"\0s1\0\0\0\0\0\0\0");
+    batch.extend(message(b'E', &[0, 0, 0, 0, 0]));
+    batch.extend(message(b'S', &[]));
+    raw.send(&batch).await;
+    let answer = raw.until_ready().await;
+    let err = answer.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(err.code(), "42501");
+    assert!(err.field(b'M').unwrap().contains("has not checked"), "{err:?}");
+    // A statement prepared through the proxy, by Parse or by SQL PREPARE, binds fine.
+    raw.send(&query("PREPARE p1 AS SELECT id FROM t WHERE id = $1")).await;
+    raw.until_ready().await;
+    let mut batch = message(b'B', b"\0p1\0\0\0\0\x01\0\0\0\x011\0\0");
+    batch.extend(message(b'E', &[0, 0, 0, 0, 0]));
+    batch.extend(message(b'S', &[]));
+    raw.send(&batch).await;
+    let tags: Vec<u8> = raw.until_ready().await.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"2DCZ".to_vec());
+}
+
+#[tokio::test]
+async fn rows_are_capped_by_rewriting_the_statement() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let rows = client.query("SELECT g FROM generate_series(1, 10) g", &[]).await.unwrap();
+    assert_eq!(rows.len(), 3, "row_limit = 3");
+    let rows = client.query("SELECT g FROM generate_series(1, 10) g LIMIT 2", &[]).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    let rows = client.query("SELECT g FROM generate_series(1, 10) g LIMIT $1", &[&8i64]).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    let simple = client.simple_query("SELECT g FROM generate_series(1, 10) g; SELECT 1").await.unwrap();
+    let n = simple.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert_eq!(n, 4);
+    // What ran is the rewritten statement.
+    settle().await;
+    assert!(postgres_saw("FROM generate_series(1, 10) g LIMIT 3").await);
+}
+
+#[tokio::test]
+async fn pinned_settings_stay_pinned() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let show = |name: &'static str| {
+        let client = &client;
+        async move {
+            let m = client.simple_query(&format!("SHOW {name}")).await.unwrap();
+            m.iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap()
+        }
+    };
+    assert_eq!(show("default_transaction_read_only").await, "on");
+    assert_eq!(show("statement_timeout").await, "20s");
+    assert_eq!(show("search_path").await, "public");
+    for sql in ["SET search_path = pg_temp, public", "SET ROLE postgres", "SET statement_timeout = 0", "BEGIN READ WRITE", "SELECT set_config('search_path', 'x', false)"] {
+        let e = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}");
+    }
+    // Even a write the policy missed would hit a read-only transaction upstream.
+    assert_eq!(show("transaction_read_only").await, "on");
+}
+
+#[tokio::test]
+async fn column_rules_and_the_backing_role_agree() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("support", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let rows = client.query("SELECT id, name FROM people ORDER BY id", &[]).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    for sql in ["SELECT * FROM people", "SELECT ssn FROM people", "SELECT id FROM people WHERE ssn LIKE '1%'", "SELECT p FROM people p"] {
+        let e = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}");
+    }
+    // Defense in depth: the role itself (as `scope sql` made it) cannot read ssn either.
+    let h = common::harness().await;
+    let mut config = h.cluster.superuser_config(&env.database);
+    config.user(&format!("{}_support", env.database)).password(format!("pw-{}_support", env.database));
+    let (direct, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let e = direct.simple_query("SELECT ssn FROM people").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    direct.simple_query("SELECT id, name FROM people").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_scope_whose_role_can_do_more_is_not_served() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("leaky", "30m").await;
+    let e = env.connect(&login, &password).await.err().expect("refused");
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    let m = e.as_db_error().unwrap().message().to_owned();
+    assert!(m.contains("scope \"leaky\" is disabled") && m.contains("SELECT on public.people"), "{m}");
+}
+
+#[tokio::test]
+async fn psql_catalog_commands_work_under_read_scopes() {
+    let env = env().await;
+    let h = common::harness().await;
+    for scope in ["read", "support"] {
+        let (_, login, password) = env.active_grant(scope, "30m").await;
+        let conn = format!(
+            "host=127.0.0.1 port={} user={login} dbname={} sslmode=verify-full sslrootcert={}",
+            env.proxy_addr.port(),
+            env.database,
+            h.ca_file.display()
+        );
+        for meta in ["\\d", "\\dt", "\\dt public.*", "\\d+ public.t", "\\d public.people", "\\l", "\\dn", "\\df", "\\dv", "\\di", "\\du", "\\dx", "\\dT", "\\conninfo"] {
+            let (status, stdout, stderr) = common::run_client_with_password("psql", &["-X", "-d", &conn, "-c", meta], &password).await;
+            assert!(status.success() && !stderr.contains("ERROR"), "{scope}: {meta}: {stderr}");
+            assert!(!stdout.is_empty() || stderr.contains("Did not find"), "{scope}: {meta}");
+        }
+    }
+}
