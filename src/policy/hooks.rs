@@ -126,3 +126,55 @@ impl SessionHooks for RefuseAll {
         Verdict::Refuse(ClientError::error(sqlstate::INSUFFICIENT_PRIVILEGE, self.0.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Identity;
+
+    fn ctx() -> SessionContext {
+        SessionContext {
+            id: 1,
+            identity: Identity { login: "a.g1".into(), person: "a".into(), grant_id: Some("g1".into()), scope: Some("orders-read".into()), expires_at: None },
+            client_addr: "127.0.0.1:1".parse().unwrap(),
+            database: "shop".into(),
+        }
+    }
+
+    fn hooks() -> PolicyHooks {
+        let scopes = crate::demo::demo_scopes();
+        PolicyHooks::new(Arc::new(ScopePolicy::from_config("orders-read", &scopes["orders-read"])), "pglease_orders_read")
+    }
+
+    #[test]
+    fn a_pinned_setting_that_changes_anyway_ends_the_session() {
+        let h = hooks();
+        for (name, value) in [("session_authorization", "postgres"), ("is_superuser", "on"), ("standard_conforming_strings", "off"), ("client_encoding", "LATIN1"), ("default_transaction_read_only", "off")] {
+            assert!(matches!(h.on_backend(&ctx(), BackendEvent::ParameterStatus { name, value }), BackendAction::End(_)), "{name}");
+        }
+        assert_eq!(h.on_backend(&ctx(), BackendEvent::ParameterStatus { name: "session_authorization", value: "pglease_orders_read" }), BackendAction::Continue);
+        assert_eq!(h.on_backend(&ctx(), BackendEvent::ParameterStatus { name: "TimeZone", value: "UTC" }), BackendAction::Continue);
+    }
+
+    #[tokio::test]
+    async fn only_vetted_statements_can_be_bound() {
+        let h = hooks();
+        let bind = |name: &str| Bind { portal: String::new(), statement: name.into(), param_formats: vec![], params: vec![], result_formats: vec![] };
+        assert!(matches!(h.on_bind(&ctx(), &bind("s1")).await, Verdict::Refuse(_)));
+        let parse = Parse { name: "s1".into(), sql: "SELECT id FROM orders.orders WHERE id = $1".into(), param_types: vec![] };
+        assert!(matches!(h.on_parse(&ctx(), &parse).await, Verdict::Rewrite(_)));
+        assert_eq!(h.on_bind(&ctx(), &bind("s1")).await, Verdict::Forward);
+        // A refused unnamed Parse leaves nothing bindable under "".
+        let ok = Parse { name: String::new(), sql: "SELECT 1".into(), param_types: vec![] };
+        h.on_parse(&ctx(), &ok).await;
+        assert_eq!(h.on_bind(&ctx(), &bind("")).await, Verdict::Forward);
+        let bad = Parse { name: String::new(), sql: "DELETE FROM orders.orders WHERE id = 1".into(), param_types: vec![] };
+        assert!(matches!(h.on_parse(&ctx(), &bad).await, Verdict::Refuse(_)));
+        assert!(matches!(h.on_bind(&ctx(), &bind("")).await, Verdict::Refuse(_)));
+        // SQL PREPARE and DEALLOCATE are tracked too.
+        h.on_query(&ctx(), "PREPARE p2 AS SELECT 1").await;
+        assert_eq!(h.on_bind(&ctx(), &bind("p2")).await, Verdict::Forward);
+        h.on_query(&ctx(), "DEALLOCATE p2").await;
+        assert!(matches!(h.on_bind(&ctx(), &bind("p2")).await, Verdict::Refuse(_)));
+    }
+}
