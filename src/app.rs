@@ -56,6 +56,7 @@ pub struct App {
     pub grants: Arc<GrantService>,
     pub admin: AdminState,
     pub events: Events,
+    pub audit: crate::audit::AuditLog,
 }
 
 pub struct RunningApp {
@@ -84,7 +85,16 @@ impl App {
             _ => None,
         };
         let upstream = Upstream::new(config.upstream.clone(), secrets.upstream, config.listen.max_message_bytes).context("upstream TLS")?;
-        let mut events = Events::new();
+        let (audit, audit_thread) = crate::audit::AuditLog::open(crate::audit::AuditOptions {
+            path: config.audit.path.clone(),
+            durability: config.audit.durability,
+            rotate_bytes: config.audit.rotate_bytes,
+            anchor: config.audit.anchor.clone(),
+            params: config.audit.params,
+        })
+        .map_err(|e| anyhow::anyhow!("audit.path: {e}"))?;
+        drop(audit_thread); // ends when the last handle to the log is dropped
+        let mut events = Events::new().with_sink(Arc::new(crate::audit::AuditEvents(audit.clone())));
         for sink in options.event_sinks {
             events = events.with_sink(sink);
         }
@@ -127,6 +137,7 @@ impl App {
         let proxy = Proxy::new(config.listen.clone(), tls, upstream, grants.clone())
             .with_policies(policies)
             .with_disabled_scopes(disabled)
+            .with_audit(audit.clone())
             .with_sessions(sessions.clone())
             .with_scope_logins(scope_logins)
             .with_events(events.clone())
@@ -141,7 +152,7 @@ impl App {
             proxy_port: config.listen.addr.port(),
         });
         let admin = AdminState { metrics: crate::admin::metrics_handle(), sessions, api: Some(api) };
-        Ok(Self { proxy, grants, admin, events })
+        Ok(Self { proxy, grants, admin, events, audit })
     }
 
     /// Starts serving on the given listeners.

@@ -38,6 +38,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub grants: GrantsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Named scopes: what a grant lets its holder do, and the Postgres role that backs it.
     #[serde(default)]
     pub scopes: BTreeMap<String, ScopeConfig>,
@@ -67,6 +69,42 @@ impl Default for GrantsConfig {
     fn default() -> Self {
         Self { store: default_grant_store(), warn_before: default_warn_before(), events_log: None, failures_before_delay: default_failures_before_delay() }
     }
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON Lines file; rotated files are `PATH.000001`, `PATH.000002`, …
+    #[serde(default = "default_audit_path")]
+    pub path: PathBuf,
+    /// "write": each record is written before its statement runs (survives the proxy being
+    /// killed). "fsync": it is on disk first (group commit).
+    #[serde(default)]
+    pub durability: crate::audit::Durability,
+    /// Start a new file past this size (bytes); the hash chain continues across files.
+    #[serde(default = "default_rotate_bytes")]
+    pub rotate_bytes: u64,
+    /// A second file (ideally elsewhere) that receives the chain head about once a second, so
+    /// that cutting off the log's tail is detectable by `audit verify --anchor`.
+    pub anchor: Option<PathBuf>,
+    /// Bound parameters: "log" (what replay needs), "redact" or "omit".
+    #[serde(default)]
+    pub params: crate::audit::ParamLogging,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { path: default_audit_path(), durability: Default::default(), rotate_bytes: default_rotate_bytes(), anchor: None, params: Default::default() }
+    }
+}
+
+fn default_audit_path() -> PathBuf {
+    PathBuf::from("pglease-audit.jsonl")
+}
+
+fn default_rotate_bytes() -> u64 {
+    256 << 20
 }
 
 /// One scope. The policy rules join it in the policy work.
@@ -512,6 +550,9 @@ impl Config {
             if person.roles.is_empty() {
                 return Err(ConfigError::invalid(&format!("people.{name}.roles"), "must name at least one role"));
             }
+        }
+        if self.audit.rotate_bytes < 4096 {
+            return Err(ConfigError::invalid("audit.rotate_bytes", "must be at least 4096"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid("log.level", format!("not a valid filter: {:?}", self.log.level)));

@@ -181,7 +181,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         // Readable by whoever runs psql with sslrootcert=… (the cluster dir belongs to postgres).
         std::fs::set_permissions(&cluster.dir, std::fs::Permissions::from_mode(0o755))?;
     }
-    let events_log = work.join("events.jsonl");
+    let audit_log = work.join("audit.jsonl");
 
     let config = Config {
         listen: ListenConfig {
@@ -210,7 +210,8 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         },
         admin: AdminConfig { addr: options.admin },
         log: LogConfig::default(),
-        grants: GrantsConfig { store: work.join("grants.jsonl"), events_log: Some(events_log.clone()), ..GrantsConfig::default() },
+        grants: GrantsConfig { store: work.join("grants.jsonl"), ..GrantsConfig::default() },
+        audit: crate::config::AuditConfig { path: audit_log.clone(), anchor: Some(work.join("audit.anchor")), ..Default::default() },
         scopes: demo_scopes(),
         people: BTreeMap::new(),
     };
@@ -248,7 +249,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
             "tokens": tokens,
             "upstream": format!("postgresql://{}:{}@127.0.0.1:{}/shop?sslmode=require", cluster.superuser, cluster.password, cluster.port),
             "database": "shop",
-            "audit_log": events_log.display().to_string(),
+            "audit_log": audit_log.display().to_string(),
             "ca_cert": ca_cert.display().to_string(),
             "grant": { "id": first.grant.id, "login": first.grant.login, "password": first.secret, "psql": psql },
         });
@@ -266,7 +267,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         println!("  PGLEASE_ADMIN_TOKEN={} pglease grant approve <id>", tokens["bob"]);
         println!();
         println!("Tokens: alice (engineer) {}  bob (approver, dba) {}  carol (auditor) {}", tokens["alice"], tokens["bob"], tokens["carol"]);
-        println!("Events: {}   CA certificate: {}", events_log.display(), ca_cert.display());
+        println!("Audit log: {}   CA certificate: {}", audit_log.display(), ca_cert.display());
         println!("Press Ctrl-C to stop; Postgres and every file of the demo are removed on exit.");
     }
     use std::io::Write;

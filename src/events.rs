@@ -18,10 +18,22 @@ pub enum Event {
     GrantActivated { grant: String, user: String, scope: String, #[serde(with = "crate::time::serde_rfc3339")] expires_at: SystemTime, break_glass: bool },
     GrantExpired { grant: String },
     GrantRevoked { grant: String, by: String, reason: String },
-    SessionOpened { session: u64, grant: Option<String>, login: String, user: String, scope: Option<String>, client: String, database: String },
+    SessionOpened {
+        session: u64,
+        grant: Option<String>,
+        login: String,
+        user: String,
+        scope: Option<String>,
+        client: String,
+        database: String,
+        /// Settings pinned upstream for the session.
+        settings: std::collections::BTreeMap<String, String>,
+    },
     SessionClosed { session: u64, grant: Option<String>, reason: String, statements: u64 },
     SessionKilled { session: u64, by: String },
     LoginFailed { login: String, client: String },
+    /// A cancel request; `forwarded` when it matched a live session.
+    CancelRequest { pid: i32, client: String, forwarded: bool },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -35,3 +35,4 @@ pub mod time;
 pub mod app;
 pub mod cli;
 pub mod policy;
+pub mod audit;

@@ -131,6 +131,65 @@ fn load_scopes(source: &ScopeSource) -> Result<std::collections::BTreeMap<String
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the log's hash chain: exit 0 intact, 1 broken (naming the first bad record).
+    Verify {
+        log: PathBuf,
+        /// Anchor file with chain heads written by the proxy; detects a cut-off tail.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sessions in the log: who, grant, scope, from, to, statements, denials, errors.
+    Sessions {
+        log: PathBuf,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        grant: Option<String>,
+        #[arg(long)]
+        scope: Option<String>,
+        /// Sessions started at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Sessions started at or before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only sessions with a statement of this decision: allow, rewrite, deny.
+        #[arg(long)]
+        decision: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One session's statements in order, with decision, timing, rows and errors.
+    Show {
+        log: PathBuf,
+        #[arg(long)]
+        session: u64,
+        /// Keep printing new statements as they are logged.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run a session's allowed statements against another database and report differences.
+    Replay {
+        log: PathBuf,
+        #[arg(long)]
+        session: u64,
+        /// libpq-style connection string or URL of the target database.
+        #[arg(long)]
+        target: Option<String>,
+        /// Print the statements instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Make a new admin API token; prints it and the hash for `people.<name>.token_sha256`.
     New,
@@ -167,6 +226,11 @@ enum Command {
         command: ScopeCommand,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// Auditors' tools over the audit log (offline).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Admin API tokens.
     Token {
@@ -216,6 +280,7 @@ fn main() -> std::process::ExitCode {
         Command::Grant { command, api } => Some(grant(command, &api)),
         Command::Session { command, api } => Some(session(command, &api)),
         Command::Scope { command, api } => Some(scope(command, &api)),
+        Command::Audit { command } => return audit(command),
         Command::Token { command: TokenCommand::New } => {
             let (token, hash) = pglease::people::new_token();
             println!("token:        {token}");
@@ -362,6 +427,169 @@ fn scope(command: ScopeCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
     Ok(())
 }
 
+fn audit(command: AuditCommand) -> std::process::ExitCode {
+    use pglease::audit::reader;
+    use std::process::ExitCode;
+    let fail = |code: u8, e: String| {
+        eprintln!("pglease: {e}");
+        ExitCode::from(code)
+    };
+    match command {
+        AuditCommand::Verify { log, anchor, json } => match reader::verify(&log, anchor.as_deref()) {
+            Ok(r) => {
+                if json {
+                    print_json(&serde_json::json!({"intact": true, "records": r.records, "head": r.head, "anchors_checked": r.anchors_checked}));
+                } else {
+                    println!("intact: {} records, head {}{}", r.records, r.head, if r.anchors_checked > 0 { format!(", {} anchors checked", r.anchors_checked) } else { String::new() });
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                if json {
+                    print_json(&serde_json::json!({"intact": false, "error": e}));
+                } else {
+                    println!("BROKEN: {e}");
+                }
+                ExitCode::from(1)
+            }
+        },
+        AuditCommand::Sessions { log, user, grant, scope, since, until, decision, json } => {
+            let filter = reader::SessionFilter { user, grant, scope, since, until, decision };
+            match reader::sessions(&log, &filter) {
+                Ok(list) => {
+                    if json {
+                        for s in &list {
+                            print_json(&serde_json::to_value(s).unwrap_or_default());
+                        }
+                    } else {
+                        let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                        let rows: Vec<Vec<String>> = list
+                            .iter()
+                            .map(|s| vec![s.session.to_string(), s.user.clone(), o(&s.grant), o(&s.scope), s.client.clone(), o(&s.started_at), o(&s.ended_at), s.statements.to_string(), s.denied.to_string(), s.errors.to_string()])
+                            .collect();
+                        pglease::cli::print_table(&["SESSION", "USER", "GRANT", "SCOPE", "CLIENT", "STARTED", "ENDED", "STATEMENTS", "DENIED", "ERRORS"], &rows);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(2, e),
+            }
+        }
+        AuditCommand::Show { log, session, follow, json } => {
+            let mut printed = 0usize;
+            loop {
+                let list = match reader::show_session(&log, session) {
+                    Ok(l) => l,
+                    Err(e) => return fail(2, e),
+                };
+                // Only statements whose result is in (or that were refused) are final.
+                for s in list.iter().skip(printed) {
+                    if follow && s.rows.is_none() && s.error_code.is_none() && s.decision != "deny" && !s.skipped {
+                        break;
+                    }
+                    if json {
+                        print_json(&serde_json::to_value(s).unwrap_or_default());
+                    } else {
+                        let outcome = match (&s.error_code, s.skipped, s.decision.as_str()) {
+                            (_, true, _) => "skipped after an earlier error".to_owned(),
+                            (Some(c), _, _) => format!("ERROR {c} {}", s.error.clone().unwrap_or_default()),
+                            (None, _, _) => format!("{} ({} rows)", s.tags.join(", "), s.rows.unwrap_or(0)),
+                        };
+                        let ms = s.duration_us.map(|d| format!("{:.3} ms", d as f64 / 1000.0)).unwrap_or_else(|| "-".into());
+                        println!("#{} {} [{}] {} {}", s.stmt, s.at, s.protocol, s.decision.to_uppercase(), ms);
+                        println!("    {}", s.sql.replace('\n', "\n    "));
+                        if let Some(ran) = &s.sql_ran {
+                            println!("    ran: {ran}");
+                        }
+                        if s.params.as_array().is_some_and(|a| !a.is_empty()) {
+                            println!("    params: {}", s.params);
+                        }
+                        if let Some(r) = &s.reason {
+                            println!("    reason: {r}");
+                        }
+                        println!("    -> {outcome}");
+                    }
+                    printed += 1;
+                }
+                if !follow {
+                    return ExitCode::SUCCESS;
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+        AuditCommand::Replay { log, session, target, dry_run, json } => {
+            let statements = match pglease::audit::replay::replayable(&log, session) {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
+            if dry_run {
+                for s in &statements {
+                    let sql = s.sql_ran.clone().unwrap_or_else(|| s.sql.clone());
+                    if json {
+                        print_json(&serde_json::json!({"stmt": s.stmt, "sql": sql, "params": s.params}));
+                    } else {
+                        println!("{};{}", sql, if s.params.as_array().is_some_and(|a| !a.is_empty()) { format!("  -- params: {}", s.params) } else { String::new() });
+                    }
+                }
+                return ExitCode::SUCCESS;
+            }
+            let Some(target) = target else { return fail(2, "--target is required (or --dry-run)".into()) };
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return fail(2, e.to_string()),
+            };
+            runtime.block_on(async {
+                let client = match connect_target(&target).await {
+                    Ok(c) => c,
+                    Err(e) => return fail(2, format!("cannot connect to the target: {e}")),
+                };
+                let settings = match pglease::audit::replay::session_settings(&log, session) {
+                    Ok(s) => s,
+                    Err(e) => return fail(2, e),
+                };
+                if let Err(e) = pglease::audit::replay::apply_settings(&client, &settings).await {
+                    return fail(2, e);
+                }
+                let results = pglease::audit::replay::replay(&client, &statements).await;
+                let differing = results.iter().filter(|r| !r.matches).count();
+                for r in &results {
+                    if json {
+                        print_json(&serde_json::to_value(r).unwrap_or_default());
+                    } else if !r.matches {
+                        println!(
+                            "DIFFERS #{}: {}\n    recorded: rows {:?} error {:?}\n    replayed: rows {:?} error {:?}",
+                            r.stmt, r.sql, r.recorded_rows, r.recorded_error, r.replayed_rows, r.replayed_error
+                        );
+                    }
+                }
+                if !json {
+                    println!("{} statements replayed, {} differ", results.len(), differing);
+                }
+                if differing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            })
+        }
+    }
+}
+
+/// Connects to a replay target; TLS (without certificate checks, as libpq's `require`) when
+/// the connection string asks for it.
+async fn connect_target(target: &str) -> Result<tokio_postgres::Client, String> {
+    let config: tokio_postgres::Config = target.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+    let wants_tls = config.get_ssl_mode() != tokio_postgres::config::SslMode::Disable;
+    if wants_tls {
+        let tls = pglease::tls::upstream_client_config(pglease::tls::UpstreamVerify::None, None).map_err(|e| e.to_string())?;
+        let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+        let (client, conn) = config.connect(connector).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(client)
+    } else {
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+}
+
 fn run_server_command(command: Command) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -379,7 +607,9 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
-            Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } => unreachable!("handled in main"),
+            Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } => {
+                unreachable!("handled in main")
+            }
             Command::Demo { dir, listen, admin, json } => {
                 init_tracing("warn,pglease=info", LogFormat::Text);
                 pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json }).await

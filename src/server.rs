@@ -32,6 +32,7 @@ use crate::session::{PassThrough, Session, SessionContext, SessionEnd, SessionHo
 use crate::stream::Stream;
 use crate::tls::ServerTls;
 use crate::upstream::{Upstream, UpstreamLogin};
+use crate::audit::AuditLog;
 use crate::auth::Identity;
 use crate::policy::ScopePolicy;
 use crate::policy::hooks::PolicyHooks;
@@ -64,6 +65,8 @@ pub struct Proxy {
     policies: HashMap<String, Arc<ScopePolicy>>,
     /// Scopes refused at startup (their backing role can do more than the scope allows).
     disabled_scopes: HashMap<String, String>,
+    /// Where every statement is recorded before it runs.
+    audit: Option<AuditLog>,
     grant_settings: GrantSettings,
     events: Events,
     throttle: LoginThrottle,
@@ -87,6 +90,7 @@ impl Proxy {
             scope_logins: HashMap::new(),
             policies: HashMap::new(),
             disabled_scopes: HashMap::new(),
+            audit: None,
             grant_settings: GrantSettings::default(),
             events: Events::new(),
             throttle: LoginThrottle::default(),
@@ -108,6 +112,12 @@ impl Proxy {
     /// Sets the statement policy of each scope. Sessions with a scope run under its policy.
     pub fn with_policies(mut self, policies: HashMap<String, Arc<ScopePolicy>>) -> Self {
         self.policies = policies;
+        self
+    }
+
+    /// Records every statement of every session in `log` before it reaches Postgres.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
         self
     }
 
@@ -224,6 +234,7 @@ impl Proxy {
             scope: session.ctx.identity.scope.clone(),
             client: addr.to_string(),
             database: session.ctx.database.clone(),
+            settings: session.ctx.settings.iter().cloned().collect(),
         });
         metrics::gauge!("pglease_sessions_active").increment(1.0);
         let end = session.run().await;
@@ -267,7 +278,8 @@ impl Proxy {
     async fn setup(&self, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
         let startup = match handshake::negotiate(tcp, &self.tls).await? {
             Handshake::Cancel { pid, secret } => {
-                self.cancels.cancel(pid, &secret).await;
+                let forwarded = self.cancels.cancel(pid, &secret).await;
+                self.events.emit(Event::CancelRequest { pid, client: addr.to_string(), forwarded });
                 return Ok(None);
             }
             Handshake::Startup(s) => s,
@@ -335,7 +347,7 @@ impl Proxy {
 
         let mut forwarded: Vec<(String, String)> = params.forwarded.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("application_name")).cloned().collect();
         forwarded.push(("client_encoding".into(), "UTF8".into()));
-        forwarded.extend(pinned);
+        forwarded.extend(pinned.iter().cloned());
         // Stamp the upstream session so pg_stat_activity shows who is behind it.
         let client_app = params.forwarded.iter().find(|(k, _)| k.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.as_str()).unwrap_or("");
         forwarded.push(("application_name".into(), stamp(&identity, client_app)));
@@ -363,7 +375,11 @@ impl Proxy {
         s.write_all(&hello).await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
         s.flush().await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
 
-        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database };
+        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database, settings: pinned };
+        let hooks = match &self.audit {
+            Some(log) => crate::audit::audited(hooks, log, &ctx),
+            None => hooks,
+        };
         let session = Session::new(SessionParts {
             ctx,
             client: reader,

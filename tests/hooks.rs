@@ -55,6 +55,8 @@ impl SessionHooks for TestHooks {
             BackendEvent::Error(e) => format!("error {}", e.code().unwrap_or("?")),
             BackendEvent::Ready(tx) => format!("ready {tx:?}"),
             BackendEvent::ParameterStatus { name, .. } => format!("status {name}"),
+            BackendEvent::EmptyQuery => "empty".to_owned(),
+            BackendEvent::PortalSuspended => "suspended".to_owned(),
         };
         self.events.lock().unwrap().push(text);
         BackendAction::Continue

@@ -138,6 +138,7 @@ mod tests {
             identity: Identity { login: "a.g1".into(), person: "a".into(), grant_id: Some("g1".into()), scope: Some("orders-read".into()), expires_at: None },
             client_addr: "127.0.0.1:1".parse().unwrap(),
             database: "shop".into(),
+            settings: vec![],
         }
     }
 

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use crate::auth::Identity;
-use crate::codec::messages::{Bind, ErrorFields, Parse, TxStatus};
+use crate::codec::messages::{Bind, ErrorFields, Execute, Parse, TxStatus};
 use crate::error::ClientError;
 
 /// Facts about the session, for hooks.
@@ -19,6 +19,9 @@ pub struct SessionContext {
     pub identity: Identity,
     pub client_addr: SocketAddr,
     pub database: String,
+    /// Settings pinned for the session upstream (search_path, statement_timeout…), so that
+    /// a replay can run under the same ones.
+    pub settings: Vec<(String, String)>,
 }
 
 /// A hook's answer about a statement.
@@ -38,6 +41,10 @@ pub enum Verdict {
 #[derive(Debug)]
 pub enum BackendEvent<'a> {
     CommandComplete(&'a str),
+    /// The statement was empty.
+    EmptyQuery,
+    /// An `Execute` with a row limit stopped before the end.
+    PortalSuspended,
     Error(&'a ErrorFields),
     /// `ReadyForQuery`: the end of a simple query or of an extended-protocol `Sync`.
     Ready(TxStatus),
@@ -60,6 +67,14 @@ pub trait SessionHooks: Send + Sync + 'static {
     async fn on_bind(&self, _ctx: &SessionContext, _bind: &Bind) -> Verdict {
         Verdict::Forward
     }
+
+    /// An extended-protocol `Execute`: the moment a bound statement runs. Default: forward.
+    async fn on_execute(&self, _ctx: &SessionContext, _execute: &Execute) -> Verdict {
+        Verdict::Forward
+    }
+
+    /// A `Sync` was forwarded: the end of an extended-protocol batch.
+    fn on_sync(&self, _ctx: &SessionContext) {}
 
     /// A result event. Must not block: it runs on the relay's path back to the client.
     fn on_backend(&self, _ctx: &SessionContext, _event: BackendEvent<'_>) -> BackendAction {

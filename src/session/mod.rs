@@ -471,9 +471,23 @@ async fn client_to_upstream(
                 };
                 Some(extended(shared, frame, verdict, &mut discarding, |_| unreachable_rewrite()))
             }
-            b'E' | b'D' | b'C' | b'H' => {
+            b'E' => {
+                let execute = match Execute::decode(&frame) {
+                    Ok(e) => e,
+                    Err(e) => return violation(e.to_string()),
+                };
+                if discarding {
+                    None
+                } else {
+                    let verdict = match hooks.on_execute(ctx, &execute).await {
+                        Verdict::Rewrite(_) => Verdict::Refuse(ClientError::error(sqlstate::INTERNAL_ERROR, "pglease: an Execute cannot be rewritten")),
+                        v => v,
+                    };
+                    Some(extended(shared, frame, verdict, &mut discarding, |_| unreachable_rewrite()))
+                }
+            }
+            b'D' | b'C' | b'H' => {
                 let valid = match frame.tag() {
-                    b'E' => Execute::decode(&frame).map(drop),
                     b'D' => Target::decode("Describe", &frame).map(drop),
                     b'C' => Target::decode("Close", &frame).map(drop),
                     _ => Ok(()),
@@ -493,9 +507,12 @@ async fn client_to_upstream(
             }
             b'S' => {
                 discarding = false;
-                let mut st = lock(shared);
-                let group = st.open.take().unwrap_or_else(SyncGroup::new);
-                st.pending.push_back(group);
+                {
+                    let mut st = lock(shared);
+                    let group = st.open.take().unwrap_or_else(SyncGroup::new);
+                    st.pending.push_back(group);
+                }
+                hooks.on_sync(ctx);
                 Some(frame)
             }
             b'd' | b'c' => Some(frame),
@@ -681,6 +698,14 @@ async fn upstream_to_client(
                     }
                     Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
                 }
+                frame
+            }
+            b'I' => {
+                let _ = hooks.on_backend(ctx, BackendEvent::EmptyQuery);
+                frame
+            }
+            b's' => {
+                let _ = hooks.on_backend(ctx, BackendEvent::PortalSuspended);
                 frame
             }
             b'W' => return Outcome::UpstreamProtocol("CopyBothResponse (replication) is not relayed".into()),

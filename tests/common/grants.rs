@@ -23,6 +23,8 @@ pub struct GrantsEnv {
     pub proxy_addr: SocketAddr,
     pub admin_url: String,
     pub store: PathBuf,
+    pub audit_log: PathBuf,
+    pub audit_anchor: PathBuf,
     pub events: Arc<MemorySink>,
     pub grants: Option<Arc<pglease::grants::GrantService>>,
     config: Config,
@@ -152,6 +154,7 @@ impl GrantsEnv {
             },
             scopes,
             people: BTreeMap::new(),
+            audit: AuditConfig { path: dir.path().join("audit.jsonl"), anchor: Some(dir.path().join("audit.anchor")), ..AuditConfig::default() },
         };
         let store = config.grants.store.clone();
         let events = Arc::new(MemorySink::default());
@@ -161,6 +164,8 @@ impl GrantsEnv {
             proxy_addr: "127.0.0.1:0".parse().unwrap(),
             admin_url: String::new(),
             store,
+            audit_log: config.audit.path.clone(),
+            audit_anchor: config.audit.anchor.clone().unwrap(),
             events,
             grants: None,
             config,

@@ -1,0 +1,308 @@
+//! The audit log writer: one OS thread that owns the file, assigns `seq`/`prev`, writes batches
+//! (group commit), and acknowledges each record once it is as durable as the mode promises.
+//!
+//! - `write` (default): the record is in the kernel (write(2) returned) before the statement is
+//!   forwarded, so it survives the proxy being killed (`kill -9`), not a power loss.
+//! - `fsync`: the record is on disk (fdatasync) before the statement is forwarded; concurrent
+//!   sessions share each fsync.
+//!
+//! A failed write leaves nothing half-written (the file is cut back to its last good length),
+//! is reported to every waiting statement (which is then refused), and the next record tries
+//! again: service resumes by itself when the disk does.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::{Body, GENESIS, seal};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// In the kernel before the statement runs: survives `kill -9` of the proxy.
+    #[default]
+    Write,
+    /// On disk (fdatasync, group commit) before the statement runs.
+    Fsync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamLogging {
+    /// Parameter values are logged (what replay needs).
+    #[default]
+    Log,
+    /// Types and formats are logged, values replaced by "<redacted>".
+    Redact,
+    /// No parameters at all.
+    Omit,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    pub path: PathBuf,
+    pub durability: Durability,
+    /// Rotate to a new file past this size; the chain continues across files.
+    pub rotate_bytes: u64,
+    /// A second file that receives the chain head (`seq`, `hash`) about once a second, so that
+    /// cutting off the log's tail is detectable.
+    pub anchor: Option<PathBuf>,
+    pub params: ParamLogging,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the audit log cannot be written: {0}")]
+pub struct AuditError(pub String);
+
+struct Pending {
+    body: Body,
+    ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
+}
+
+/// Handle to the writer. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    // NOTE: unbounded, yet memory stays bounded: every statement waits for its record's
+    // acknowledgement before it runs, so each session has at most one statement record and one
+    // result record queued; lifecycle events are few.
+    tx: mpsc::UnboundedSender<Pending>,
+    pub params: ParamLogging,
+    pub path: PathBuf,
+}
+
+/// Rotated files: `LOG.000001`, `LOG.000002`, … then `LOG` itself, in chain order.
+pub fn log_files(path: &Path) -> Vec<PathBuf> {
+    let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let file = entry.file_name();
+            let Some(file) = file.to_str() else { continue };
+            if let Some(n) = file.strip_prefix(name).and_then(|r| r.strip_prefix('.')).and_then(|n| n.parse::<u64>().ok()) {
+                rotated.push((n, entry.path()));
+            }
+        }
+    }
+    rotated.sort();
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    if path.exists() {
+        files.push(path.to_owned());
+    }
+    files
+}
+
+/// The last complete record of the log: (seq, hash). A torn last line (a crash mid-write) is
+/// cut off; it was never acknowledged.
+fn chain_head(path: &Path) -> Result<(u64, String), String> {
+    for file in log_files(path).iter().rev() {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
+        if complete < bytes.len() && file == path {
+            tracing::warn!(path = %file.display(), "audit log ends with a torn record; cutting it off");
+            let f = std::fs::OpenOptions::new().write(true).open(file).map_err(|e| e.to_string())?;
+            f.set_len(complete as u64).map_err(|e| e.to_string())?;
+        }
+        let Some(last) = bytes[..complete].split(|&b| b == b'\n').filter(|l| !l.is_empty()).next_back() else { continue };
+        let v: serde_json::Value = serde_json::from_slice(last).map_err(|e| format!("{}: last record is not JSON: {e}", file.display()))?;
+        let seq = v.get("seq").and_then(|s| s.as_u64()).ok_or_else(|| format!("{}: last record has no seq", file.display()))?;
+        let hash = v.get("hash").and_then(|s| s.as_str()).ok_or_else(|| format!("{}: last record has no hash", file.display()))?;
+        return Ok((seq, hash.to_owned()));
+    }
+    Ok((0, GENESIS.to_owned()))
+}
+
+struct Writer {
+    options: AuditOptions,
+    file: Option<std::fs::File>,
+    /// Length of the file after the last successful write.
+    good_len: u64,
+    seq: u64,
+    head: String,
+    last_anchor: Instant,
+    anchored_seq: u64,
+}
+
+impl Writer {
+    fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
+        if self.file.is_none() {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.options.path)?;
+            self.good_len = f.metadata()?.len();
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("opened"))
+    }
+
+    /// Writes a batch; on failure, nothing of it stays in the file.
+    fn write_batch(&mut self, batch: &[Pending]) -> Result<Vec<u64>, AuditError> {
+        let at = crate::time::rfc3339(SystemTime::now());
+        let mut buf = Vec::new();
+        let mut seq = self.seq;
+        let mut head = self.head.clone();
+        let mut seqs = Vec::with_capacity(batch.len());
+        for p in batch {
+            seq += 1;
+            let (line, hash) = seal(&p.body, seq, &head, &at);
+            buf.extend_from_slice(&line);
+            head = hash;
+            seqs.push(seq);
+        }
+        let durability = self.options.durability;
+        let result = (|| -> std::io::Result<()> {
+            let f = self.open()?;
+            f.write_all(&buf)?;
+            if durability == Durability::Fsync {
+                f.sync_data()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Cut back whatever part of the batch reached the file, and reopen next time.
+            if let Some(f) = self.file.take() {
+                let _ = f.set_len(self.good_len);
+            }
+            return Err(AuditError(e.to_string()));
+        }
+        self.good_len += buf.len() as u64;
+        self.seq = seq;
+        self.head = head;
+        metrics::counter!("pglease_audit_records_total").increment(batch.len() as u64);
+        metrics::counter!("pglease_audit_bytes_total").increment(buf.len() as u64);
+        Ok(seqs)
+    }
+
+    fn rotate_if_needed(&mut self) {
+        if self.good_len < self.options.rotate_bytes {
+            return;
+        }
+        let next = log_files(&self.options.path)
+            .iter()
+            .filter_map(|p| p.extension().and_then(|e| e.to_str()).and_then(|e| e.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let rotated = PathBuf::from(format!("{}.{next:06}", self.options.path.display()));
+        if let Some(f) = self.file.take() {
+            let _ = f.sync_all();
+        }
+        if let Err(e) = std::fs::rename(&self.options.path, &rotated) {
+            tracing::error!(error = %e, "cannot rotate the audit log; continuing in the same file");
+        }
+        self.good_len = 0;
+    }
+
+    fn anchor(&mut self, force: bool) {
+        let Some(anchor) = self.options.anchor.clone() else { return };
+        if self.seq == self.anchored_seq || (!force && self.last_anchor.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        let line = format!("{{\"seq\":{},\"hash\":\"{}\",\"at\":\"{}\"}}\n", self.seq, self.head, crate::time::rfc3339(SystemTime::now()));
+        let written = std::fs::OpenOptions::new().create(true).append(true).open(&anchor).and_then(|mut f| {
+            f.write_all(line.as_bytes())?;
+            f.sync_data()
+        });
+        match written {
+            Ok(()) => {
+                self.anchored_seq = self.seq;
+                self.last_anchor = Instant::now();
+            }
+            Err(e) => tracing::error!(error = %e, path = %anchor.display(), "cannot write the audit anchor"),
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pending>) {
+        const BATCH: usize = 512;
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            metrics::gauge!("pglease_audit_queue_depth").set(batch.len() as f64);
+            let started = Instant::now();
+            let result = self.write_batch(&batch);
+            metrics::histogram!("pglease_audit_write_seconds").record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(seqs) => {
+                    for (p, seq) in batch.into_iter().zip(seqs) {
+                        if let Some(ack) = p.ack {
+                            let _ = ack.send(Ok(seq));
+                        }
+                    }
+                    self.rotate_if_needed();
+                    self.anchor(false);
+                }
+                Err(e) => {
+                    metrics::counter!("pglease_audit_failures_total").increment(1);
+                    tracing::error!(error = %e.0, path = %self.options.path.display(), records = batch.len(), "audit write failed");
+                    // Records nobody waits for (results, events) are kept and retried; a
+                    // statement whose record failed is refused, so it needs no record.
+                    let mut retry = Vec::new();
+                    for p in batch {
+                        match p.ack {
+                            Some(ack) => {
+                                let _ = ack.send(Err(e.clone()));
+                            }
+                            None => retry.push(p),
+                        }
+                    }
+                    if !retry.is_empty() {
+                        std::thread::sleep(Duration::from_millis(100));
+                        while !retry.is_empty() {
+                            if self.write_batch(&retry).is_ok() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(500));
+                            // Keep acknowledging new statements (with errors) while we wait.
+                            while let Ok(p) = rx.try_recv() {
+                                match p.ack {
+                                    Some(ack) => {
+                                        let _ = ack.send(Err(e.clone()));
+                                    }
+                                    None => retry.push(p),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.anchor(true);
+        if let Some(f) = self.file.take() {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens (or continues) the log and starts its writer thread.
+    pub fn open(options: AuditOptions) -> Result<(AuditLog, std::thread::JoinHandle<()>), String> {
+        if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let (seq, head) = chain_head(&options.path)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, options: options.clone() };
+        let thread = std::thread::Builder::new().name("pglease-audit".into()).spawn(move || writer.run(rx)).map_err(|e| e.to_string())?;
+        Ok((AuditLog { tx, params: options.params, path: options.path }, thread))
+    }
+
+    /// Appends a record and waits until it is written (as the durability mode promises).
+    /// Cancel-safe: a dropped call still gets its record written.
+    pub async fn append(&self, body: Body) -> Result<u64, AuditError> {
+        let (ack, done) = oneshot::channel();
+        self.tx.send(Pending { body, ack: Some(ack) }).map_err(|_| AuditError("the audit writer has stopped".into()))?;
+        done.await.map_err(|_| AuditError("the audit writer has stopped".into()))?
+    }
+
+    /// Appends a record without waiting (results, events). Never dropped while the writer runs.
+    pub fn append_nowait(&self, body: Body) {
+        if self.tx.send(Pending { body, ack: None }).is_err() {
+            tracing::error!("audit writer stopped; a record could not be queued");
+        }
+    }
+}
