@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc as std_mpsc;
+
+use tokio::sync::oneshot;
 
 use super::record::{Body, GENESIS, seal};
 
@@ -68,7 +70,7 @@ pub struct AuditLog {
     // NOTE: unbounded, yet memory stays bounded: every statement waits for its record's
     // acknowledgement before it runs, so each session has at most one statement record and one
     // result record queued; lifecycle events are few.
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: std_mpsc::Sender<Pending>,
     pub params: ParamLogging,
     pub path: PathBuf,
 }
@@ -98,6 +100,11 @@ pub fn log_files(path: &Path) -> Vec<PathBuf> {
 /// cut off; it was never acknowledged.
 fn chain_head(path: &Path) -> Result<(u64, String), String> {
     for file in log_files(path).iter().rev() {
+        // Only regular files hold a chain (a device such as /dev/full reads forever).
+        if !std::fs::metadata(file).map(|m| m.is_file()).unwrap_or(false) {
+            tracing::warn!(path = %file.display(), "audit log path is not a regular file; starting a new chain");
+            return Ok((0, GENESIS.to_owned()));
+        }
         let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let complete = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
         if complete < bytes.len() && file == path {
@@ -212,15 +219,32 @@ impl Writer {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Pending>) {
         const BATCH: usize = 512;
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
+        // Records nobody waits for (results, events) that could not be written yet: they go
+        // first into the next attempt, so nothing is dropped and order is kept.
+        let mut carry: Vec<Pending> = Vec::new();
+        loop {
+            let wait = if carry.is_empty() { Duration::from_secs(1) } else { Duration::from_millis(200) };
+            let mut batch = std::mem::take(&mut carry);
+            match rx.recv_timeout(wait) {
+                Ok(p) => batch.push(p),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    if batch.is_empty() {
+                        break;
+                    }
+                }
+            }
             while batch.len() < BATCH {
                 match rx.try_recv() {
                     Ok(p) => batch.push(p),
                     Err(_) => break,
                 }
+            }
+            if batch.is_empty() {
+                self.anchor(false);
+                continue;
             }
             metrics::gauge!("pglease_audit_queue_depth").set(batch.len() as f64);
             let started = Instant::now();
@@ -239,33 +263,13 @@ impl Writer {
                 Err(e) => {
                     metrics::counter!("pglease_audit_failures_total").increment(1);
                     tracing::error!(error = %e.0, path = %self.options.path.display(), records = batch.len(), "audit write failed");
-                    // Records nobody waits for (results, events) are kept and retried; a
-                    // statement whose record failed is refused, so it needs no record.
-                    let mut retry = Vec::new();
+                    // A statement whose record failed is refused, so it needs no record.
                     for p in batch {
                         match p.ack {
                             Some(ack) => {
                                 let _ = ack.send(Err(e.clone()));
                             }
-                            None => retry.push(p),
-                        }
-                    }
-                    if !retry.is_empty() {
-                        std::thread::sleep(Duration::from_millis(100));
-                        while !retry.is_empty() {
-                            if self.write_batch(&retry).is_ok() {
-                                break;
-                            }
-                            std::thread::sleep(Duration::from_millis(500));
-                            // Keep acknowledging new statements (with errors) while we wait.
-                            while let Ok(p) = rx.try_recv() {
-                                match p.ack {
-                                    Some(ack) => {
-                                        let _ = ack.send(Err(e.clone()));
-                                    }
-                                    None => retry.push(p),
-                                }
-                            }
+                            None => carry.push(p),
                         }
                     }
                 }
@@ -285,7 +289,7 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let (seq, head) = chain_head(&options.path)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = std_mpsc::channel();
         let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, options: options.clone() };
         let thread = std::thread::Builder::new().name("pglease-audit".into()).spawn(move || writer.run(rx)).map_err(|e| e.to_string())?;
         Ok((AuditLog { tx, params: options.params, path: options.path }, thread))

@@ -68,7 +68,7 @@ impl GrantsEnv {
             role = "{write}"
             password_env = "UNUSED"
             max_duration = "1h"
-            tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete"] }}]
+            tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete", "copy-in"] }}]
             [dba]
             database = "{db}"
             role = "{dba}"
