@@ -48,6 +48,8 @@ pub struct BuildOptions {
     pub event_sinks: Vec<Arc<dyn crate::events::EventSink>>,
     /// Skip the startup check of each scope's backing role (tests of other parts only).
     pub skip_role_check: bool,
+    /// Connection string of the audit database, instead of `audit.postgres.dsn_env`.
+    pub audit_pg_dsn: Option<String>,
 }
 
 /// A proxy ready to run.
@@ -57,6 +59,8 @@ pub struct App {
     pub admin: AdminState,
     pub events: Events,
     pub audit: crate::audit::AuditLog,
+    /// The Postgres audit sink, when configured: (connection string, table).
+    audit_pg: Option<(String, String)>,
 }
 
 pub struct RunningApp {
@@ -95,7 +99,7 @@ impl App {
         .map_err(|e| anyhow::anyhow!("audit.path: {e}"))?;
         drop(audit_thread); // ends when the last handle to the log is dropped
         let mut events = Events::new().with_sink(Arc::new(crate::audit::AuditEvents(audit.clone())));
-        for sink in options.event_sinks {
+        for sink in options.event_sinks.iter().cloned() {
             events = events.with_sink(sink);
         }
         if let Some(path) = &config.grants.events_log {
@@ -152,7 +156,17 @@ impl App {
             proxy_port: config.listen.addr.port(),
         });
         let admin = AdminState { metrics: crate::admin::metrics_handle(), sessions, api: Some(api) };
-        Ok(Self { proxy, grants, admin, events, audit })
+        let audit_pg = match &config.audit.postgres {
+            Some(pg) => {
+                let dsn = match options.audit_pg_dsn.clone() {
+                    Some(d) => d,
+                    None => std::env::var(&pg.dsn_env).with_context(|| format!("audit.postgres.dsn_env: {} is not set", pg.dsn_env))?,
+                };
+                Some((dsn, pg.table.clone()))
+            }
+            None => None,
+        };
+        Ok(Self { proxy, grants, admin, events, audit, audit_pg })
     }
 
     /// Starts serving on the given listeners.
@@ -177,6 +191,10 @@ impl App {
             }
         }));
         tasks.push(tokio::spawn(self.grants.clone().run_reaper(shutdown.clone())));
+        if let Some((dsn, table)) = self.audit_pg.take() {
+            let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone() };
+            tasks.push(tokio::spawn(crate::audit::pgsink::run(options, shutdown.clone())));
+        }
         Ok(RunningApp { proxy_addr, admin_addr, shutdown, tasks })
     }
 }

@@ -91,11 +91,26 @@ pub struct AuditConfig {
     /// Bound parameters: "log" (what replay needs), "redact" or "omit".
     #[serde(default)]
     pub params: crate::audit::ParamLogging,
+    /// Also copy every record, batched, into a table of a separate Postgres database.
+    pub postgres: Option<AuditPostgresConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPostgresConfig {
+    /// Environment variable holding the connection string (it carries a password).
+    pub dsn_env: String,
+    #[serde(default = "default_audit_table")]
+    pub table: String,
+}
+
+fn default_audit_table() -> String {
+    "pglease_audit".to_owned()
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { path: default_audit_path(), durability: Default::default(), rotate_bytes: default_rotate_bytes(), anchor: None, params: Default::default() }
+        Self { path: default_audit_path(), durability: Default::default(), rotate_bytes: default_rotate_bytes(), anchor: None, params: Default::default(), postgres: None }
     }
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::grants::{BOB, EnvOptions, GrantsEnv};
+use common::grants::{EnvOptions, GrantsEnv};
 use common::raw::{Raw, message, query, startup_packet};
 use common::{postgres_saw, sqlstate};
 use futures_util::SinkExt;
@@ -366,4 +366,34 @@ async fn kill_9_mid_pgbench_loses_no_committed_transaction() {
     assert!(recorded >= committed, "every committed INSERT has its record ({recorded} < {committed})");
     let report = reader::verify(&log, None).expect("the chain verifies after kill -9");
     assert!(report.records > 0);
+}
+
+#[tokio::test]
+async fn records_are_copied_into_a_postgres_table() {
+    let env = GrantsEnv::start(EnvOptions { audit_pg: true, ..Default::default() }).await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    for i in 0..20 {
+        client.simple_query(&format!("SELECT id, {i} FROM t")).await.unwrap();
+    }
+    drop(client);
+    settle().await;
+    let in_file = records(&env).len() as i64;
+    let h = common::harness().await;
+    let (audit_db, conn) = h.cluster.superuser_config(&format!("{}_audit", env.database)).connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let copied = common::eventually(Duration::from_secs(15), || async {
+        let n: i64 = audit_db.query_one("SELECT count(*) FROM audit.records", &[]).await.ok()?.get(0);
+        (n >= in_file).then_some(n)
+    })
+    .await;
+    assert_eq!(copied, Some(in_file), "every record of the file is in the table");
+    // The table keeps the chain: an auditor can check it with SQL.
+    let row = audit_db
+        .query_one("SELECT count(*) FROM audit.records a JOIN audit.records b ON b.seq = a.seq + 1 WHERE b.prev <> a.hash", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0);
+    let n: i64 = audit_db.query_one("SELECT count(*) FROM audit.records WHERE kind = 'statement' AND record->>'sql' LIKE 'SELECT id, %'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 20);
 }

@@ -3,6 +3,7 @@
 
 pub mod hooks;
 pub mod log;
+pub mod pgsink;
 pub mod reader;
 pub mod record;
 pub mod replay;

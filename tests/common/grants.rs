@@ -36,11 +36,13 @@ pub struct GrantsEnv {
 pub struct EnvOptions {
     pub warn_before: Vec<Duration>,
     pub failures_before_delay: u32,
+    /// Also copy the audit log into a table of the database `<db>_audit`.
+    pub audit_pg: bool,
 }
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { warn_before: vec![], failures_before_delay: 100 }
+        Self { warn_before: vec![], failures_before_delay: 100, audit_pg: false }
     }
 }
 
@@ -154,8 +156,17 @@ impl GrantsEnv {
             },
             scopes,
             people: BTreeMap::new(),
-            audit: AuditConfig { path: dir.path().join("audit.jsonl"), anchor: Some(dir.path().join("audit.anchor")), ..AuditConfig::default() },
+            audit: AuditConfig {
+                path: dir.path().join("audit.jsonl"),
+                anchor: Some(dir.path().join("audit.anchor")),
+                postgres: options.audit_pg.then(|| AuditPostgresConfig { dsn_env: "UNUSED".into(), table: "audit.records".into() }),
+                ..AuditConfig::default()
+            },
         };
+        if options.audit_pg {
+            h.cluster.execute("postgres", &format!("CREATE DATABASE {database}_audit")).await.unwrap();
+            h.cluster.execute(&format!("{database}_audit"), "CREATE SCHEMA audit").await.unwrap();
+        }
         let store = config.grants.store.clone();
         let events = Arc::new(MemorySink::default());
         let mut env = GrantsEnv {
@@ -195,7 +206,11 @@ impl GrantsEnv {
         people.add("bob", &[Role::Approver], &["dba"], BOB);
         people.add("carol", &[Role::Auditor], &[], CAROL);
         people.add("dave", &[Role::Approver], &[], DAVE);
-        let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()], skip_role_check: false };
+        let h = super::harness().await;
+        let audit_pg_dsn = self.config.audit.postgres.as_ref().map(|_| {
+            format!("host={} port={} user={} password={} dbname={}_audit sslmode=disable", h.cluster.socket_dir().display(), h.cluster.port, h.cluster.superuser, h.cluster.password, self.database)
+        });
+        let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()], skip_role_check: false, audit_pg_dsn };
         App::build(&self.config, secrets, people, options).await
     }
 
