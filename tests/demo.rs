@@ -50,6 +50,15 @@ async fn the_demo_serves_grants_and_cleans_up_after_itself() {
     let (ok, out, err) = psql(&conn, password, "select count(*) from orders.orders").await;
     assert!(ok, "{err}");
     assert_eq!(out, "5000");
+    // psql's catalog commands work under the read scope.
+    for meta in ["\\d", "\\dt orders.*", "\\d orders.orders", "\\dn", "\\l", "\\df"] {
+        let (ok, _, err) = psql(&conn, password, meta).await;
+        assert!(ok && !err.contains("ERROR"), "{meta}: {err}");
+    }
+    // orders.items has 10,000 rows; orders-read returns at most 1,000 per result.
+    let (ok, out, err) = psql(&conn, password, "select sku from orders.items").await;
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1000);
     let (ok, _, err) = psql(&conn, password, "select ssn from public.customers limit 1").await;
     assert!(!ok && err.contains("pglease: scope \"orders-read\" does not allow SELECT on public.customers"), "orders-read cannot read customers: {err}");
 

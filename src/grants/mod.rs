@@ -324,9 +324,15 @@ impl GrantService {
     }
 
     pub async fn approve(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {
+        self.activate(who, id, true).await
+    }
+
+    /// Marks a pending grant approved and starts its window. `check_requester`: whether the
+    /// approver must differ from the requester (not for `issue`, where they are the same by design).
+    async fn activate(&self, who: &Principal, id: &str, check_requester: bool) -> Result<Grant, GrantError> {
         let _w = self.write.lock().await;
         let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
-        self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by))?;
+        self.check_approver(who, &g.scope, &g.user, check_requester.then_some(g.requested_by.as_str()))?;
         if g.status != GrantStatus::Pending {
             return Err(GrantError::Conflict(format!("grant {id} is {}, not pending", g.status_at(SystemTime::now()).as_str())));
         }
@@ -364,23 +370,8 @@ impl GrantService {
         // The issuer is the requester by design; what matters is that the grant is not theirs.
         self.check_approver(who, scope, user, None)?;
         let mut new = self.request(who, GrantRequest { scope: scope.to_owned(), duration, reason: reason.to_owned(), user: Some(user.to_owned()), break_glass: false }).await?;
-        new.grant = self.approve_issued(who, &new.grant.id).await?;
+        new.grant = self.activate(who, &new.grant.id, false).await?;
         Ok(new)
-    }
-
-    /// `approve` without the requester check: the issuer requested on someone else's behalf.
-    async fn approve_issued(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {
-        let _w = self.write.lock().await;
-        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
-        let now = SystemTime::now();
-        g.status = GrantStatus::Active;
-        g.decided_by = Some(who.person.clone());
-        g.decided_at = Some(now);
-        g.expires_at = Some(now + Duration::from_secs(g.duration_secs));
-        let g = self.save(g).await?;
-        self.events.emit(Event::GrantApproved { grant: g.id.clone(), by: who.person.clone() });
-        self.emit_activated(&g);
-        Ok(g)
     }
 
     /// Ends a grant now and drops its sessions. Approvers, or the grant's own user.

@@ -411,18 +411,12 @@ async fn client_to_upstream(
         let frame = match event {
             ReadEvent::Large { tag, body_len } => {
                 // Only CopyData is streamable on this side.
-                let mut header = Vec::with_capacity(5);
-                header.put_u8(tag);
-                header.put_i32((body_len + 4) as i32);
-                up.mid_message = true;
-                if let Err(e) = up.w.write_all(&header).await {
-                    return Outcome::Io(e.to_string());
+                if let Err(e) = stream_large(client, up, tag, body_len).await {
+                    return match e {
+                        FrameError::Io(e) => Outcome::Io(e.to_string()),
+                        e => client_read_error(e),
+                    };
                 }
-                if let Err(e) = client.stream_body(body_len, &mut up.w).await {
-                    return client_read_error(e);
-                }
-                up.mid_message = false;
-                up.bytes += (body_len + 5) as u64;
                 continue;
             }
             ReadEvent::Frame(f) => f,
@@ -554,6 +548,21 @@ async fn client_to_upstream(
     }
 }
 
+/// Passes a message too large to buffer from `from` to `to` in chunks (row or COPY data).
+///
+/// NOTE: not cancel-safe: `to` is marked mid-message until the body is through.
+async fn stream_large(from: &mut FramedReader<ReadHalf<Stream>>, to: &mut Out, tag: u8, body_len: usize) -> Result<(), FrameError> {
+    let mut header = Vec::with_capacity(5);
+    header.put_u8(tag);
+    header.put_i32((body_len + 4) as i32);
+    to.mid_message = true;
+    to.w.write_all(&header).await?;
+    from.stream_body(body_len, &mut to.w).await?;
+    to.mid_message = false;
+    to.bytes += (body_len + 5) as u64;
+    Ok(())
+}
+
 fn unreachable_rewrite() -> Frame {
     unreachable!("Bind rewrites are turned into refusals before this point")
 }
@@ -611,18 +620,9 @@ async fn upstream_to_client(
         messages += 1;
         let frame = match event {
             ReadEvent::Large { tag, body_len } => {
-                let mut header = Vec::with_capacity(5);
-                header.put_u8(tag);
-                header.put_i32((body_len + 4) as i32);
-                client.mid_message = true;
-                if let Err(e) = client.w.write_all(&header).await {
+                if let Err(e) = stream_large(up, client, tag, body_len).await {
                     return Outcome::Io(e.to_string());
                 }
-                if let Err(e) = up.stream_body(body_len, &mut client.w).await {
-                    return Outcome::Io(e.to_string());
-                }
-                client.mid_message = false;
-                client.bytes += (body_len + 5) as u64;
                 continue;
             }
             ReadEvent::Frame(f) => f,
