@@ -121,11 +121,16 @@ pub fn seal(body: &Body, seq: u64, prev: &str, at: &str) -> (Vec<u8>, String) {
     m.insert("seq".into(), Value::from(seq));
     m.insert("prev".into(), Value::from(prev));
     m.insert("at".into(), Value::from(at));
-    // Re-parse through a BTreeMap-backed Value so the stored key order is the canonical one.
-    let hash = sha256_hex(&canonical(&v));
-    v.as_object_mut().expect("object").insert("hash".into(), Value::from(hash.clone()));
+    // The canonical encoding (sorted keys, no hash) is serialised once; the stored line is that
+    // encoding with the hash added at the end: readers parse the line and drop `hash` again,
+    // so where it stands in the line does not matter.
     let mut line = serde_json::to_vec(&v).expect("records serialise");
-    line.push(b'\n');
+    let hash = sha256_hex(&line);
+    debug_assert_eq!(line.last(), Some(&b'}'));
+    line.pop();
+    line.extend_from_slice(b",\"hash\":\"");
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(b"\"}\n");
     (line, hash)
 }
 
