@@ -36,7 +36,8 @@ fn relay(c: &mut Criterion) {
     let certs = generate_dev_certificates(&["localhost", "127.0.0.1"]).unwrap();
     std::fs::write(dir.path().join("c.pem"), &certs.cert_pem).unwrap();
     std::fs::write(dir.path().join("k.pem"), &certs.key_pem).unwrap();
-    rt.block_on(cluster.execute("postgres", "CREATE ROLE bench LOGIN SUPERUSER PASSWORD 'bench'; CREATE DATABASE bench OWNER bench")).unwrap();
+    rt.block_on(cluster.execute("postgres", "CREATE ROLE bench LOGIN SUPERUSER PASSWORD 'bench'")).unwrap();
+    rt.block_on(cluster.execute("postgres", "CREATE DATABASE bench OWNER bench")).unwrap();
 
     let listen = ListenConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
