@@ -115,6 +115,7 @@ fn command(bin: &Path, name: &str, owner: &Option<RunAs>) -> Command {
 }
 
 /// Options for a new cluster.
+#[derive(Default)]
 pub struct ClusterOptions {
     /// Directory to create the cluster in (must not exist or be empty); a temporary one if None.
     pub dir: Option<PathBuf>,
@@ -124,11 +125,6 @@ pub struct ClusterOptions {
     pub extra_conf: Vec<String>,
 }
 
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        Self { dir: None, keep_dir: false, extra_conf: Vec::new() }
-    }
-}
 
 impl Cluster {
     /// `initdb`, configure TLS and SCRAM, start, and wait until it accepts connections.

@@ -95,7 +95,7 @@ async fn verify_full_refuses_an_upstream_signed_by_another_ca() {
     let other_ca = h.certs_dir.join("other-ca.crt");
     std::fs::write(&other_ca, other.ca_pem).unwrap();
     let proxy = TestProxy::start_with(ProxyOptions { upstream_ca: Some(other_ca), ..Default::default() }).await;
-    let e = proxy.try_connect(common::LOGIN, common::LOGIN_PASSWORD, |_| {}).await.err().expect("refused");
+    let e = proxy.try_connect(common::LOGIN, common::LOGIN_PASSWORD, |_| {}).await.expect_err("refused");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("08006"), "{e:?}");
     // The client learns nothing of the proxy's upstream address or credentials.
     let message = e.as_db_error().unwrap().message().to_owned();

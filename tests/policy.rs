@@ -35,7 +35,7 @@ async fn refused_statements_never_reach_postgres_and_allowed_ones_do() {
     client.simple_query(&format!("SELECT id, '{ok}' FROM t WHERE id > 0")).await.unwrap();
     let e = client.simple_query(&format!("DELETE FROM t WHERE id = 1 AND '{bad}' <> ''")).await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
-    let scope_msg = format!("pglease: scope \"read\" does not allow DELETE on public.t");
+    let scope_msg = "pglease: scope \"read\" does not allow DELETE on public.t".to_string();
     assert_eq!(e.as_db_error().unwrap().message(), scope_msg);
     // One refused statement in a message: none of it runs.
     let e = client.simple_query(&format!("SELECT '{multi}'; INSERT INTO t VALUES (3); SELECT 2")).await.unwrap_err();
@@ -163,7 +163,7 @@ async fn column_rules_and_the_backing_role_agree() {
     // Defense in depth: the role itself (as `scope sql` made it) cannot read ssn either.
     let h = common::harness().await;
     let mut config = h.cluster.superuser_config(&env.database);
-    config.user(&format!("{}_support", env.database)).password(format!("pw-{}_support", env.database));
+    config.user(format!("{}_support", env.database)).password(format!("pw-{}_support", env.database));
     let (direct, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let e = direct.simple_query("SELECT ssn FROM people").await.unwrap_err();
@@ -175,7 +175,7 @@ async fn column_rules_and_the_backing_role_agree() {
 async fn a_scope_whose_role_can_do_more_is_not_served() {
     let env = env().await;
     let (_, login, password) = env.active_grant("leaky", "30m").await;
-    let e = env.connect(&login, &password).await.err().expect("refused");
+    let e = env.connect(&login, &password).await.expect_err("refused");
     assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
     let m = e.as_db_error().unwrap().message().to_owned();
     assert!(m.contains("scope \"leaky\" is disabled") && m.contains("SELECT on public.people"), "{m}");

@@ -267,7 +267,7 @@ async fn parameter_status_changes_are_relayed() {
 async fn too_many_connections_get_53300() {
     let proxy = TestProxy::start_with(ProxyOptions { max_connections: 1, ..Default::default() }).await;
     let first = proxy.connect().await;
-    let e = proxy.try_connect(LOGIN, LOGIN_PASSWORD, |_| {}).await.err().expect("second connection refused");
+    let e = proxy.try_connect(LOGIN, LOGIN_PASSWORD, |_| {}).await.expect_err("second connection refused");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
     drop(first);
     // The slot frees when the first client leaves.

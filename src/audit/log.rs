@@ -112,7 +112,7 @@ fn chain_head(path: &Path) -> Result<(u64, String), String> {
             let f = std::fs::OpenOptions::new().write(true).open(file).map_err(|e| e.to_string())?;
             f.set_len(complete as u64).map_err(|e| e.to_string())?;
         }
-        let Some(last) = bytes[..complete].split(|&b| b == b'\n').filter(|l| !l.is_empty()).next_back() else { continue };
+        let Some(last) = bytes[..complete].split(|&b| b == b'\n').rfind(|l| !l.is_empty()) else { continue };
         let v: serde_json::Value = serde_json::from_slice(last).map_err(|e| format!("{}: last record is not JSON: {e}", file.display()))?;
         let seq = v.get("seq").and_then(|s| s.as_u64()).ok_or_else(|| format!("{}: last record has no seq", file.display()))?;
         let hash = v.get("hash").and_then(|s| s.as_str()).ok_or_else(|| format!("{}: last record has no hash", file.display()))?;
