@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use sha2::Digest;
+
+use crate::auth::scram::{ClientExchange, SCRAM_SHA_256_PLUS, ScramError, salted_password};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -35,7 +37,7 @@ pub enum UpstreamError {
     #[error("upstream asked for an unsupported authentication method (code {0})")]
     UnsupportedAuth(i32),
     #[error("upstream SCRAM exchange failed: {0}")]
-    Scram(std::io::Error),
+    Scram(ScramError),
     #[error("upstream rejected the login: {code} {message}")]
     LoginRejected { code: String, message: String },
     #[error("upstream refused the session: {code} {message}")]
@@ -95,6 +97,9 @@ pub struct Upstream {
     default_login: UpstreamLogin,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_frame: usize,
+    /// SCRAM salted passwords by (SHA-256 of password, salt, iterations): PBKDF2 runs once per
+    /// role instead of once per upstream connection.
+    salted: std::sync::Mutex<std::collections::HashMap<([u8; 32], Vec<u8>, u32), [u8; 32]>>,
 }
 
 /// A logged-in upstream session, ready for queries.
@@ -115,7 +120,7 @@ impl Upstream {
             UpstreamTls::VerifyFull => Some(tls::upstream_client_config(UpstreamVerify::Full, config.ca_file.as_deref())?),
         };
         let default_login = UpstreamLogin { user: config.user.clone(), password };
-        Ok(Self { config, default_login, tls, max_frame })
+        Ok(Self { config, default_login, tls, max_frame, salted: Default::default() })
     }
 
     pub fn describe(&self) -> String {
@@ -222,7 +227,7 @@ impl Upstream {
     }
 
     async fn authenticate(&self, reader: &mut FramedReader<Stream>, login: &UpstreamLogin, end_point: Option<Vec<u8>>) -> Result<(), UpstreamError> {
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ClientExchange> = None;
         loop {
             let frame = next_frame(reader).await?;
             if frame.tag() == b'E' {
@@ -251,41 +256,39 @@ impl Upstream {
                     send_password_message(reader, hash.as_bytes()).await?;
                 }
                 AuthRequest::Sasl { mechanisms } => {
-                    let plus = mechanisms.iter().any(|m| m == "SCRAM-SHA-256-PLUS");
-                    let (mechanism, binding) = match (&end_point, plus) {
-                        (Some(hash), true) => ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(hash.clone())),
-                        (Some(_), false) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
-                        (None, _) => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
-                    };
+                    let plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+                    let binding = end_point.clone().filter(|_| plus);
+                    let s = ClientExchange::new(&login.password, binding, end_point.is_some());
+                    let mechanism = s.mechanism();
                     if !mechanisms.iter().any(|m| m == mechanism) {
                         return Err(UpstreamError::UnsupportedAuth(10));
                     }
-                    let s = ScramSha256::new(login.password.as_bytes(), binding);
+                    let first = s.client_first();
                     let mut msg = BytesMut::new();
                     msg.put_u8(b'p');
                     msg.put_i32(0);
                     msg.put_slice(mechanism.as_bytes());
                     msg.put_u8(0);
-                    msg.put_i32(s.message().len() as i32);
-                    msg.put_slice(s.message());
+                    msg.put_i32(first.len() as i32);
+                    msg.put_slice(&first);
                     finish_length(&mut msg);
                     reader.get_mut().write_all(&msg).await?;
                     scram = Some(s);
                 }
                 AuthRequest::SaslContinue(data) => {
                     let s = scram.as_mut().ok_or_else(|| UpstreamError::Protocol("SASL continue without SASL start".into()))?;
-                    s.update(&data).map_err(UpstreamError::Scram)?;
+                    let fin = s.client_final(&data, |password, salt, iterations| self.salted_password(password, salt, iterations)).map_err(scram_error)?;
                     let mut msg = BytesMut::new();
                     msg.put_u8(b'p');
                     msg.put_i32(0);
-                    msg.put_slice(s.message());
+                    msg.put_slice(&fin);
                     finish_length(&mut msg);
                     reader.get_mut().write_all(&msg).await?;
                 }
                 AuthRequest::SaslFinal(data) => {
                     let s = scram.as_mut().ok_or_else(|| UpstreamError::Protocol("SASL final without SASL start".into()))?;
                     // Verifies the server's signature: the upstream proved it knows the verifier.
-                    s.finish(&data).map_err(UpstreamError::Scram)?;
+                    s.finish(&data).map_err(scram_error)?;
                 }
                 AuthRequest::Other(code) => return Err(UpstreamError::UnsupportedAuth(code)),
             }
@@ -307,6 +310,27 @@ impl Upstream {
         let mut sink = [0u8; 1];
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
         Ok(())
+    }
+}
+
+fn scram_error(e: ScramError) -> UpstreamError {
+    UpstreamError::Scram(e)
+}
+
+impl Upstream {
+    /// The salted password for a SCRAM exchange, from the cache when this role's salt was seen.
+    fn salted_password(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        let key: ([u8; 32], Vec<u8>, u32) = (sha2::Sha256::digest(password).into(), salt.to_vec(), iterations);
+        if let Some(s) = self.salted.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return *s;
+        }
+        let s = salted_password(password, salt, iterations);
+        let mut cache = self.salted.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 1000 {
+            cache.clear();
+        }
+        cache.insert(key, s);
+        s
     }
 }
 
