@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
@@ -67,12 +68,63 @@ struct Pending {
 /// Handle to the writer. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
+    sink: Sink,
+    pub params: ParamLogging,
+    pub path: PathBuf,
+}
+
+#[derive(Clone)]
+enum Sink {
+    /// `fsync` mode: records go to the writer thread, which batches them into one fsync.
     // NOTE: unbounded, yet memory stays bounded: every statement waits for its record's
     // acknowledgement before it runs, so each session has at most one statement record and one
     // result record queued; lifecycle events are few.
-    tx: std_mpsc::Sender<Pending>,
-    pub params: ParamLogging,
-    pub path: PathBuf,
+    Thread(std_mpsc::Sender<Pending>),
+    /// `write` mode: the session's task writes its record itself, under a lock (a write(2) to
+    /// the page cache is a few microseconds; a hop to another thread costs more).
+    Inline(Arc<Mutex<Inline>>),
+}
+
+/// The writer, and records nobody waits for that could not be written yet.
+struct Inline {
+    writer: Writer,
+    carry: Vec<Pending>,
+}
+
+impl Drop for Inline {
+    fn drop(&mut self) {
+        // The last head is anchored when the log closes.
+        if let Some(p) = self.carry.pop() {
+            let _ = self.write(p);
+        }
+        self.writer.anchor(true);
+    }
+}
+
+impl Inline {
+    /// Writes what is carried plus `record`; returns the seq of `record`.
+    fn write(&mut self, record: Pending) -> Result<u64, AuditError> {
+        let mut batch = std::mem::take(&mut self.carry);
+        batch.push(record);
+        let started = Instant::now();
+        let result = self.writer.write_batch(&batch);
+        metrics::histogram!("pglease_audit_write_seconds").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(seqs) => {
+                self.writer.rotate_if_needed();
+                self.writer.anchor(false);
+                Ok(*seqs.last().expect("one record at least"))
+            }
+            Err(e) => {
+                metrics::counter!("pglease_audit_failures_total").increment(1);
+                tracing::error!(error = %e.0, path = %self.writer.options.path.display(), "audit write failed");
+                // The statement's own record is dropped with its statement (refused); the rest
+                // is kept for the next attempt.
+                self.carry = batch.into_iter().filter(|p| p.ack.is_none()).collect();
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Rotated files: `LOG.000001`, `LOG.000002`, … then `LOG` itself, in chain order.
@@ -283,30 +335,125 @@ impl Writer {
 }
 
 impl AuditLog {
-    /// Opens (or continues) the log and starts its writer thread.
+    /// Opens (or continues) the log and starts its writer thread: the group-commit writer in
+    /// `fsync` mode; in `write` mode a thread that anchors the head and retries carried records
+    /// while the log is idle.
     pub fn open(options: AuditOptions) -> Result<(AuditLog, std::thread::JoinHandle<()>), String> {
         if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let (seq, head) = chain_head(&options.path)?;
-        let (tx, rx) = std_mpsc::channel();
         let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, options: options.clone() };
-        let thread = std::thread::Builder::new().name("pglease-audit".into()).spawn(move || writer.run(rx)).map_err(|e| e.to_string())?;
-        Ok((AuditLog { tx, params: options.params, path: options.path }, thread))
+        let (sink, thread) = match options.durability {
+            Durability::Fsync => {
+                let (tx, rx) = std_mpsc::channel();
+                let thread = std::thread::Builder::new().name("pglease-audit".into()).spawn(move || writer.run(rx)).map_err(|e| e.to_string())?;
+                (Sink::Thread(tx), thread)
+            }
+            Durability::Write => {
+                let inline = Arc::new(Mutex::new(Inline { writer, carry: Vec::new() }));
+                let weak = Arc::downgrade(&inline);
+                let thread = std::thread::Builder::new()
+                    .name("pglease-audit".into())
+                    .spawn(move || {
+                        // Ends when the log is dropped.
+                        while let Some(inline) = weak.upgrade() {
+                            {
+                                let mut i = inline.lock().unwrap_or_else(|p| p.into_inner());
+                                if let Some(p) = i.carry.pop() {
+                                    let _ = i.write(p);
+                                }
+                                i.writer.anchor(false);
+                            }
+                            drop(inline);
+                            std::thread::sleep(Duration::from_millis(250));
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+                (Sink::Inline(inline), thread)
+            }
+        };
+        Ok((AuditLog { sink, params: options.params, path: options.path }, thread))
     }
 
     /// Appends a record and waits until it is written (as the durability mode promises).
     /// Cancel-safe: a dropped call still gets its record written.
     pub async fn append(&self, body: Body) -> Result<u64, AuditError> {
-        let (ack, done) = oneshot::channel();
-        self.tx.send(Pending { body, ack: Some(ack) }).map_err(|_| AuditError("the audit writer has stopped".into()))?;
-        done.await.map_err(|_| AuditError("the audit writer has stopped".into()))?
+        match &self.sink {
+            Sink::Thread(tx) => {
+                let (ack, done) = oneshot::channel();
+                tx.send(Pending { body, ack: Some(ack) }).map_err(|_| AuditError("the audit writer has stopped".into()))?;
+                done.await.map_err(|_| AuditError("the audit writer has stopped".into()))?
+            }
+            Sink::Inline(inline) => {
+                // An ack marks it as a record someone waits for (not carried on failure).
+                let (ack, _) = oneshot::channel();
+                inline.lock().unwrap_or_else(|p| p.into_inner()).write(Pending { body, ack: Some(ack) })
+            }
+        }
     }
 
     /// Appends a record without waiting (results, events). Never dropped while the writer runs.
     pub fn append_nowait(&self, body: Body) {
-        if self.tx.send(Pending { body, ack: None }).is_err() {
-            tracing::error!("audit writer stopped; a record could not be queued");
+        match &self.sink {
+            Sink::Thread(tx) => {
+                if tx.send(Pending { body, ack: None }).is_err() {
+                    tracing::error!("audit writer stopped; a record could not be queued");
+                }
+            }
+            Sink::Inline(inline) => {
+                let _ = inline.lock().unwrap_or_else(|p| p.into_inner()).write(Pending { body, ack: None });
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u64) -> Body {
+        Body::Event { event: serde_json::json!({"event": "test", "n": n}) }
+    }
+
+    async fn write_some(durability: Durability) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let anchor = dir.path().join("a.anchor");
+        let options = AuditOptions { path: path.clone(), durability, rotate_bytes: 4096, anchor: Some(anchor.clone()), params: ParamLogging::Log };
+        let (log, thread) = AuditLog::open(options.clone()).unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..50u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append(event(n)).await.unwrap();
+                log.append_nowait(event(1000 + n));
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        drop(log);
+        thread.join().unwrap();
+        // Rotated at 4 KiB, the chain continuing across files, and anchored at the end.
+        assert!(log_files(&path).len() > 1, "rotated");
+        let report = crate::audit::reader::verify(&path, Some(&anchor)).unwrap();
+        assert_eq!(report.records, 100);
+        // Reopening continues the chain.
+        let (log, thread) = AuditLog::open(options).unwrap();
+        log.append(event(7)).await.unwrap();
+        drop(log);
+        thread.join().unwrap();
+        assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 101);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_mode_chains_rotates_and_anchors() {
+        write_some(Durability::Write).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fsync_mode_chains_rotates_and_anchors() {
+        write_some(Durability::Fsync).await;
     }
 }
