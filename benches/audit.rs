@@ -4,7 +4,6 @@
 //! `cargo bench --bench audit` (needs pgbench; starts its own throwaway cluster).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pglease::app::{App, BuildOptions, Secrets};
@@ -52,8 +51,10 @@ fn main() {
     let workloads: [(&str, &[&str]); 2] = [("-S -M prepared -c 4", &["-n", "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "8"]), ("tpcb -M prepared -c 4", &["-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "8"])];
     let direct = format!("host={socket} port={port} user={} dbname=bench", cluster.superuser);
     let mut results: Vec<(String, String, f64)> = Vec::new();
+    let direct_tls = format!("host=127.0.0.1 port={port} user={} dbname=bench sslmode=require", cluster.superuser);
     for (name, args) in workloads {
         results.push((name.into(), "direct (unix socket, superuser)".into(), pgbench(&cluster, args, &direct, &cluster.password)));
+        results.push((name.into(), "direct (TCP + TLS, superuser)".into(), pgbench(&cluster, args, &direct_tls, &cluster.password)));
     }
     for (label, durability) in [("pglease, audit write", Durability::Write), ("pglease, audit fsync", Durability::Fsync)] {
         let config = Config {
@@ -105,10 +106,9 @@ fn main() {
         }
         rt.block_on(running.stop());
     }
-    println!("\n{:<24} {:<34} {:>10} {:>8}", "workload", "path", "tps", "ratio");
+    println!("\n{:<24} {:<34} {:>10} {:>12}", "workload", "path", "tps", "vs TLS direct");
     for (w, path, tps) in &results {
-        let base = results.iter().find(|(w2, p, _)| w2 == w && p.starts_with("direct")).map(|r| r.2).unwrap();
-        println!("{w:<24} {path:<34} {tps:>10.0} {:>8.2}", tps / base);
+        let base = results.iter().find(|(w2, p, _)| w2 == w && p.starts_with("direct (TCP")).map(|r| r.2).unwrap();
+        println!("{w:<24} {path:<34} {tps:>10.0} {:>12.2}", tps / base);
     }
-    let _ = Arc::new(());
 }
