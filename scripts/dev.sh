@@ -4,6 +4,7 @@
 #
 #   scripts/dev.sh demo [pglease demo options]
 #   scripts/dev.sh test [cargo test options]
+#   scripts/dev.sh bench           (end to end: direct vs pgbouncer vs pglease; see benches/e2e.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ install_missing() {
     # pg_query (the Postgres parser, used by the policy engine) builds with bindgen.
     have_libclang || packages+=(libclang-dev)
     command -v cc >/dev/null || packages+=(build-essential)
+    if [ "${1:-}" = bench ]; then command -v pgbouncer >/dev/null || packages+=(pgbouncer); fi
     if [ ${#packages[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "installing: ${packages[*]}" >&2
@@ -47,7 +49,12 @@ case "$command" in
         install_missing
         cargo test --locked "$@"
         ;;
+    bench)
+        install_missing bench
+        # A fresh pgbouncer package may start a service of its own; ours runs on a free port.
+        exec cargo bench --locked --bench e2e "$@"
+        ;;
     *)
-        die "usage: scripts/dev.sh demo|test [options]"
+        die "usage: scripts/dev.sh demo|test|bench [options]"
         ;;
 esac

@@ -83,7 +83,8 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     bail!("PostgreSQL server binaries (initdb, postgres) not found: install postgresql (Debian: apt-get install postgresql) or set PGLEASE_PG_BIN")
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback TCP port free at the time of asking.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
