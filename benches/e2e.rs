@@ -5,7 +5,8 @@
 //! `scripts/dev.sh bench` (installs pgbouncer and pgbench when missing, then runs this).
 //! Knobs (environment): `PGLEASE_BENCH_SECONDS` per pgbench run (default 8),
 //! `PGLEASE_BENCH_ROUNDS` (default 2), `PGLEASE_BENCH_IDLE` idle-session counts for the memory
-//! slope (default `1000,5000`; empty skips it), `PGLEASE_BENCH_JSON` a file for the raw results.
+//! slope (default `1000,5000`; empty skips it), `PGLEASE_BENCH_JSON` a file for the raw results,
+//! `PGLEASE_BENCH_ONLY_WORKLOAD` / `PGLEASE_BENCH_ONLY_PATH` (exact path name) to run a subset, for profiling.
 //!
 //! Every path runs without TLS on loopback TCP (as the reference figures were taken): the cost
 //! measured is the proxy's, not the cipher's. Postgres sees the same non-superuser role on every
@@ -284,7 +285,15 @@ fn main() {
         std::env::var("PGLEASE_BENCH_IDLE").unwrap_or_else(|_| "1000,5000".into()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let max_idle = idle_counts.iter().copied().max().unwrap_or(0);
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = std::sync::Arc::new(if std::env::var("PGLEASE_BENCH_RUNTIME").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    });
+    {
+        let rt = rt.clone();
+        std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+    }
     let cluster = Cluster::start(ClusterOptions {
         extra_conf: vec![format!("max_connections = {}", 2 * max_idle + 100), "shared_buffers = 256MB".into()],
         ..ClusterOptions::default()
@@ -332,10 +341,13 @@ fn main() {
         ("-S -M prepared -c 1", vec!["-n", "-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", &t], &["direct", "pgbouncer", "pglease"]),
         ("tpcb -M prepared -c 8", vec!["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease", "pglease fsync"]),
     ];
+    // Profiling aids: run only the workloads / paths whose names contain these.
+    let only_workload = std::env::var("PGLEASE_BENCH_ONLY_WORKLOAD").unwrap_or_default();
+    let only_path = std::env::var("PGLEASE_BENCH_ONLY_PATH").unwrap_or_default();
     let mut runs: BTreeMap<(&str, &str), Vec<Run>> = BTreeMap::new();
     for round in 1..=rounds {
-        for (name, args, paths) in &workloads {
-            for target in targets.iter().filter(|t| paths.contains(&t.name)) {
+        for (name, args, paths) in workloads.iter().filter(|w| w.0.contains(&only_workload)) {
+            for target in targets.iter().filter(|t| paths.contains(&t.name) && (only_path.is_empty() || t.name == only_path)) {
                 let pid = target.pid;
                 let run = pgbench(&cluster, args, target, || pid.map(cpu_seconds));
                 eprintln!("round {round}/{rounds} {name:<22} {:<14} {:>9.0} tps {:>8.3} ms", target.name, run.tps, run.latency_ms);

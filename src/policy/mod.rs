@@ -9,12 +9,15 @@ pub mod functions;
 pub mod hooks;
 pub mod rolecheck;
 mod rewrite;
+pub mod shape;
 pub mod sql;
 mod walk;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashSet;
 use std::time::Duration;
+
+use dashmap::DashMap;
+use serde_json::Value;
 
 use serde::Serialize;
 
@@ -95,7 +98,8 @@ pub const PINNED_SETTINGS: &[&str] = &[
     "default_tablespace", "temp_tablespaces", "log_statement", "log_min_duration_statement", "row_security",
 ];
 
-/// A scope's statement rules, ready to decide. Decisions are cached by statement text.
+/// A scope's statement rules, ready to decide. Decisions are cached by statement text, and
+/// where provably the same for every literal value, by statement shape (see [`shape`]).
 pub struct ScopePolicy {
     pub name: String,
     rules: Vec<TableRule>,
@@ -111,12 +115,29 @@ pub struct ScopePolicy {
     functions_deny: HashSet<String>,
     /// True when no rule allows anything but reading: sessions run read-only transactions.
     pub read_only: bool,
-    cache: Mutex<HashMap<String, Verdict>>,
+    /// Decisions by exact statement text. Sharded: sessions of a scope do not queue on one lock.
+    exact: DashMap<String, Verdict>,
+    /// Decisions by statement shape, for the statements where that is sound.
+    shapes: DashMap<String, Verdict>,
 }
 
-/// Decisions kept per scope; the cache is emptied when full (statement texts repeat, so it
-/// refills with the hot ones at once).
+/// Decisions kept per scope and cache; a cache is emptied when full (statement texts repeat,
+/// so it refills with the hot ones at once).
 const CACHE_ENTRIES: usize = 10_000;
+
+/// Statement kinds whose checks read names, never literal values (see [`shape`]).
+const SHAPE_SAFE_STATEMENTS: &[&str] = &["SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"];
+
+/// Every string in a parse tree but the literal values themselves (the `Sval`, `Fval` and
+/// `Bsval` of an `A_Const`): names, aliases, and anything else the grammar made of a token.
+fn tree_strings<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
+    match v {
+        Value::String(x) => out.push(x),
+        Value::Object(m) => m.iter().filter(|(k, _)| !matches!(k.as_str(), "Sval" | "Fval" | "Bsval")).for_each(|(_, x)| tree_strings(x, out)),
+        Value::Array(a) => a.iter().for_each(|x| tree_strings(x, out)),
+        _ => {}
+    }
+}
 
 /// An identifier as Postgres would print it: bare when it needs no quotes.
 fn quote_ident(s: &str) -> String {
@@ -176,7 +197,8 @@ impl ScopePolicy {
             any_function: c.functions.allow.iter().any(|f| f == "*"),
             functions_deny: c.functions.deny.iter().cloned().collect(),
             read_only,
-            cache: Mutex::new(HashMap::new()),
+            exact: DashMap::new(),
+            shapes: DashMap::new(),
         }
     }
 
@@ -253,44 +275,78 @@ impl ScopePolicy {
         Decision::Deny { code: crate::error::sqlstate::INSUFFICIENT_PRIVILEGE.to_owned(), message: format!("pglease: scope \"{}\" {}", self.name, message.into()) }
     }
 
-    /// The decision for `sql`, from the cache when this text was seen before.
+    /// The decision for `sql`: from the cache when this text, or a statement of the same
+    /// shape where that is sound, was seen before.
     pub fn decide(&self, sql: &str) -> Verdict {
-        if let Some(v) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+        if let Some(v) = self.exact.get(sql) {
             metrics::counter!("pglease_policy_cache_total", "result" => "hit").increment(1);
             return v.clone();
         }
-        metrics::counter!("pglease_policy_cache_total", "result" => "miss").increment(1);
-        let verdict = self.decide_uncached(sql);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
+        // The row cap compares the statement's own LIMIT value: no shape sharing then.
+        let shape = if self.row_limit.is_none() { shape::of(sql) } else { None };
+        if let Some(v) = shape.as_ref().and_then(|s| self.shapes.get(&s.key)) {
+            metrics::counter!("pglease_policy_cache_total", "result" => "shape_hit").increment(1);
+            return v.clone();
         }
-        cache.insert(sql.to_owned(), verdict.clone());
+        metrics::counter!("pglease_policy_cache_total", "result" => "miss").increment(1);
+        let (verdict, tree) = self.decide_with_tree(sql);
+        if let Some(shape) = shape
+            && tree.as_ref().is_some_and(|t| Self::shape_safe(t, &verdict, &shape.literals))
+        {
+            if self.shapes.len() >= CACHE_ENTRIES {
+                self.shapes.clear();
+            }
+            self.shapes.insert(shape.key, verdict.clone());
+        }
+        if self.exact.len() >= CACHE_ENTRIES {
+            self.exact.clear();
+        }
+        self.exact.insert(sql.to_owned(), verdict.clone());
         verdict
+    }
+
+    /// Whether `verdict`, reached on `tree`, holds for every statement of the same shape.
+    fn shape_safe(tree: &Value, verdict: &Verdict, literals: &[String]) -> bool {
+        if !verdict.effects.is_empty() || matches!(verdict.decision, Decision::Rewrite { .. }) {
+            return false;
+        }
+        let statements = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let all_safe = !statements.is_empty()
+            && statements.iter().all(|s| {
+                s.get("stmt").and_then(|n| n.get("node")).and_then(Value::as_object).is_some_and(|n| n.keys().all(|k| SHAPE_SAFE_STATEMENTS.contains(&k.as_str())))
+            });
+        if !all_safe {
+            return false;
+        }
+        let mut strings = Vec::new();
+        tree_strings(tree, &mut strings);
+        !strings.iter().any(|n| literals.iter().any(|l| l == n))
     }
 
     /// The decision, computed from scratch.
     pub fn decide_uncached(&self, sql: &str) -> Verdict {
+        self.decide_with_tree(sql).0
+    }
+
+    /// The decision, and the parse tree it was reached on (None if the statement did not parse).
+    fn decide_with_tree(&self, sql: &str) -> (Verdict, Option<Value>) {
         let parsed = match pg_query::parse(sql, 0) {
             Ok(p) => p,
             Err(e) => {
                 let message = e.to_string();
-                return Verdict {
-                    decision: Decision::Deny { code: "42601".into(), message: format!("pglease: cannot parse the statement: {message}") },
-                    effects: vec![],
-                };
+                let decision = Decision::Deny { code: "42601".into(), message: format!("pglease: cannot parse the statement: {message}") };
+                return (Verdict { decision, effects: vec![] }, None);
             }
         };
         let tree = match serde_json::to_value(&parsed.protobuf) {
             Ok(t) => t,
-            Err(_) => return Verdict { decision: self.deny("could not inspect the statement"), effects: vec![] },
+            Err(_) => return (Verdict { decision: self.deny("could not inspect the statement"), effects: vec![] }, None),
         };
-        let statements = tree.get("stmts").and_then(|s| s.as_array()).cloned().unwrap_or_default();
         let mut effects = Vec::new();
-        for stmt in &statements {
+        for stmt in tree.get("stmts").and_then(Value::as_array).into_iter().flatten() {
             let Some(node) = stmt.get("stmt") else { continue };
             if let Err(message) = walk::check_statement(self, node, &mut effects) {
-                return Verdict { decision: self.deny(message), effects: vec![] };
+                return (Verdict { decision: self.deny(message), effects: vec![] }, Some(tree));
             }
         }
         let decision = match self.row_limit {
@@ -301,7 +357,7 @@ impl ScopePolicy {
             },
             None => Decision::Allow,
         };
-        Verdict { decision, effects }
+        (Verdict { decision, effects }, Some(tree))
     }
 
     /// Startup parameters that pin this scope's session state upstream.

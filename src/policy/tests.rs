@@ -264,3 +264,63 @@ fn scope_sql_grants_exactly_the_rules() {
     assert!(sql.contains("GRANT SELECT ON ALL TABLES IN SCHEMA \"orders\" TO \"pglease_orders_read\""), "{sql}");
     assert!(!sql.contains("INSERT"), "{sql}");
 }
+
+/// Every statement decided through the caches, after a statement of the same shape primed them,
+/// gets exactly the decision computed from scratch.
+#[test]
+fn shape_cache_never_changes_a_decision() {
+    let pairs: &[(&str, &str)] = &[
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", "SELECT abalance FROM pgbench_accounts WHERE aid = 2"),
+        ("SELECT * FROM orders.orders WHERE id = 1 LIMIT 5", "SELECT * FROM orders.orders WHERE id = 1 LIMIT 50000"),
+        ("SELECT id FROM orders.orders WHERE status = 'new'", "SELECT id FROM orders.orders WHERE status = 'ssn'"),
+        ("SELECT 'email'", "SELECT 'ssn'"),
+        ("SELECT email FROM public.customers WHERE id = 1", "SELECT email FROM public.customers WHERE id = 2"),
+        ("SELECT set_config('application_name', 'x', false)", "SELECT set_config('search_path', 'x', false)"),
+        ("SELECT current_setting('a')", "SELECT current_setting('role')"),
+        ("UPDATE orders.orders SET status = 'a' WHERE id = 1", "UPDATE orders.orders SET status = 'b' WHERE id = 2"),
+        ("DELETE FROM orders.items WHERE order_id = 1", "DELETE FROM orders.items WHERE order_id = 99"),
+        ("INSERT INTO orders.items VALUES (1, 'x', 1)", "INSERT INTO orders.items VALUES (2, 'ssn', 3)"),
+        ("SET statement_timeout = 1000", "SET statement_timeout = 0"),
+        ("SET search_path = 'orders'", "SET search_path = 'public'"),
+        ("BEGIN; SELECT 1; COMMIT", "BEGIN; SELECT 2; COMMIT"),
+        ("COPY orders.orders TO STDOUT WITH (FORMAT 'csv')", "COPY orders.orders FROM '/etc/passwd'"),
+        ("SELECT * FROM orders.orders ORDER BY 1", "SELECT * FROM orders.orders ORDER BY 2"),
+        ("SELECT pg_sleep(1)", "SELECT pg_sleep(2)"),
+    ];
+    for name in crate::demo::demo_scopes().keys() {
+        for (first, second) in pairs {
+            let s = scope(name);
+            let primed = s.decide(first);
+            assert_eq!(primed, s.decide_uncached(first), "{name}: {first}");
+            assert_eq!(s.decide(second), s.decide_uncached(second), "{name}: {second} after {first}");
+        }
+    }
+}
+
+#[test]
+fn statements_of_one_shape_share_a_decision_where_sound() {
+    let scopes: std::collections::BTreeMap<String, ScopeConfig> = toml::from_str(
+        r#"[bench]
+        database = "bench"
+        role = "bench_role"
+        password_env = "UNUSED"
+        tables = [{ name = "public.pgbench_*", allow = ["read", "update"] }]"#,
+    )
+    .unwrap();
+    let s = ScopePolicy::from_config("bench", &scopes["bench"]);
+    for aid in 1..100 {
+        assert_eq!(s.decide(&format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")).decision, Decision::Allow);
+    }
+    assert_eq!(s.shapes.len(), 1, "one shape");
+    // Not shape-cached: session effects, rewrites, statements that read literal values.
+    s.decide("PREPARE p AS SELECT 1");
+    s.decide("SET statement_timeout = 5");
+    assert_eq!(s.shapes.len(), 1);
+    // A literal spelled like a name in the tree is not masked.
+    s.decide("SELECT abalance AS \"7\" FROM pgbench_accounts WHERE aid = 7");
+    assert_eq!(s.shapes.len(), 1);
+    // The capped scope never shares by shape.
+    let capped = scope("orders-read");
+    capped.decide("SELECT * FROM orders.orders LIMIT 5");
+    assert_eq!(capped.shapes.len(), 0);
+}
