@@ -8,6 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes requested from the socket per read when nothing bigger is pending.
 const READ_CHUNK: usize = 16 << 10;
+/// First read after a message boundary.
+const IDLE_READ_CHUNK: usize = 2 << 10;
 /// Chunk size when a large message body is streamed through.
 const STREAM_CHUNK: usize = 64 << 10;
 
@@ -141,6 +143,10 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
 
     /// Bytes still missing before the frame at the head of the buffer is complete.
     fn wanted(&self) -> usize {
+        if self.buf.is_empty() {
+            // Between messages: most are small, and a large one grows the buffer as it comes.
+            return IDLE_READ_CHUNK;
+        }
         if self.buf.len() < 5 {
             return READ_CHUNK;
         }
@@ -159,6 +165,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
                     return Ok(Some(ReadEvent::Large { tag: header.tag, body_len: header.total - 5 }));
                 }
                 let raw = self.buf.split_to(header.total).freeze();
+                if self.buf.is_empty() {
+                    // Give the read buffer back with the frame: an idle session holds none,
+                    // and the next read starts small.
+                    self.buf = BytesMut::new();
+                }
                 return Ok(Some(ReadEvent::Frame(Frame { raw })));
             }
             self.buf.reserve(self.wanted());

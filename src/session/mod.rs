@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BufMut;
 use rand::RngCore;
-use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::messages::{self, Bind, BackendKeyData, ErrorFields, Execute, ParameterStatus, Parse, Query, Target, TxStatus};
@@ -102,37 +102,66 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, RelayState> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A writer that knows whether it stopped in the middle of a message: if a pump is dropped
-/// mid-write, nothing more may be written to that stream.
+/// A buffered writer that knows whether it stopped in the middle of a message: if a pump is
+/// dropped mid-write, nothing more may be written to that stream. Messages are gathered and
+/// sent with one write per flush; between flushes of an idle session the buffer is given back,
+/// so idle sessions hold no write buffers.
 struct Out {
-    w: BufWriter<WriteHalf<Stream>>,
+    w: WriteHalf<Stream>,
+    buf: Vec<u8>,
     mid_message: bool,
     bytes: u64,
 }
 
+/// Buffers up to this size are kept across flushes; larger ones are freed.
+const KEEP_WRITE_BUFFER: usize = 1024;
+
 impl Out {
     fn new(w: WriteHalf<Stream>) -> Self {
-        Self { w: BufWriter::with_capacity(WRITE_BUFFER, w), mid_message: false, bytes: 0 }
+        Self { w, buf: Vec::new(), mid_message: false, bytes: 0 }
     }
 
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.mid_message = true;
-        self.w.write_all(bytes).await?;
+        if self.buf.len() + bytes.len() > WRITE_BUFFER {
+            self.write_buffered().await?;
+        }
+        if bytes.len() >= WRITE_BUFFER {
+            self.w.write_all(bytes).await?;
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
         self.bytes += bytes.len() as u64;
         self.mid_message = false;
         Ok(())
     }
 
+    /// Writes out the buffer. Cancel-safe: what was written is gone from the buffer.
+    async fn write_buffered(&mut self) -> std::io::Result<()> {
+        while !self.buf.is_empty() {
+            let n = self.w.write(&self.buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.buf.drain(..n);
+        }
+        if self.buf.capacity() > KEEP_WRITE_BUFFER {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.write_buffered().await?;
         self.w.flush().await
     }
 
     /// Best-effort final message (a `FATAL`, a `Terminate`) before closing.
     async fn last_words(&mut self, bytes: &[u8]) {
         if !self.mid_message {
-            let _ = self.w.write_all(bytes).await;
+            self.buf.extend_from_slice(bytes);
         }
-        let _ = self.w.flush().await;
+        let _ = self.flush().await;
         let _ = self.w.shutdown().await;
     }
 }
@@ -556,6 +585,7 @@ async fn stream_large(from: &mut FramedReader<ReadHalf<Stream>>, to: &mut Out, t
     header.put_u8(tag);
     header.put_i32((body_len + 4) as i32);
     to.mid_message = true;
+    to.write_buffered().await?;
     to.w.write_all(&header).await?;
     from.stream_body(body_len, &mut to.w).await?;
     to.mid_message = false;
