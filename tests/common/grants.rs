@@ -86,6 +86,12 @@ impl GrantsEnv {
             password_env = "UNUSED"
             max_duration = "1h"
             tables = [{{ name = "public.people", allow = ["read"], deny_columns = ["ssn"] }}]
+            [app]
+            database = "{db}"
+            role = "{app}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete", "copy-in", "copy-out"] }}]
             [leaky]
             database = "{db}"
             role = "{leaky}"
@@ -98,6 +104,7 @@ impl GrantsEnv {
             dba = role("dba"),
             support = role("support"),
             leaky = role("leaky"),
+            app = role("app"),
         ))
         .unwrap();
         h.cluster

@@ -1,0 +1,66 @@
+//! Real drivers through the proxy: each runs a scripted workload (TLS, SCRAM, simple and
+//! extended queries, the driver's statement cache, binary values, transactions and savepoints,
+//! COPY where the driver has it, LISTEN/NOTIFY, cancel, and a statement the scope denies) with a
+//! grant's login. The scripts are in `tests/drivers/`; `scripts/dev.sh test` installs the drivers
+//! (psycopg 3 and asyncpg from PyPI, node-postgres from npm, the JDBC driver from Debian).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::grants::{EnvOptions, GrantsEnv};
+
+/// Runs a driver workload with the grant's login in the standard PG* variables; returns its
+/// output after checking it finished every step.
+async fn run_workload(env: &GrantsEnv, program: &str, args: &[&str], dir: &Path) -> String {
+    let h = common::harness().await;
+    let (_, login, password) = env.active_grant("app", "1h").await;
+    let marker = format!("driver_denied_{}", std::process::id());
+    let (program, args, dir) = (program.to_owned(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), dir.to_owned());
+    let port = env.proxy_addr.port().to_string();
+    let database = env.database.clone();
+    let ca = h.ca_file.clone();
+    let marker2 = marker.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .args(&args)
+            .current_dir(&dir)
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", port)
+            .env("PGUSER", &login)
+            .env("PGPASSWORD", &password)
+            .env("PGDATABASE", database)
+            .env("PGSSLROOTCERT", ca)
+            .env("DRIVER_MARKER", marker2)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} (scripts/dev.sh test installs the drivers): {e}"))
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.lines().last() == Some("done"), "workload failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!common::postgres_saw(&marker).await, "the denied statement reached Postgres");
+    let direct = env.direct().await;
+    let rows: i64 = direct.query_one("SELECT count(*) FROM t WHERE id = 100", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 1, "the workload's insert is in Postgres");
+    stdout
+}
+
+fn drivers_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_workload() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let out = run_workload(&env, "python3", &["psycopg_workload.py"], &drivers_dir()).await;
+    assert!(out.contains("ok binary") && out.contains("ok copy in and out") && out.contains("ok denied"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_workload() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let out = run_workload(&env, "python3", &["asyncpg_workload.py"], &drivers_dir()).await;
+    assert!(out.contains("ok binary") && out.contains("ok cancel") && out.contains("ok denied"), "{out}");
+}
