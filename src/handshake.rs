@@ -192,7 +192,9 @@ pub fn vet_params(message: &StartupMessage) -> Result<ClientParams, ClientError>
                 // pglease parses SQL as UTF-8 and talks UTF-8 upstream. SQL_ASCII is what libpq
                 // sends under the C locale ("no conversion"); against a UTF-8 database it means
                 // the same bytes, so it is served as UTF8.
-                let v = value.to_ascii_uppercase().replace(['-', '_'], "");
+                // Postgres compares encoding names without case and without anything but
+                // letters and digits (asyncpg sends `'utf-8'`, quotes included).
+                let v: String = value.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_uppercase()).collect();
                 if !matches!(v.as_str(), "UTF8" | "UNICODE" | "SQLASCII") {
                     return Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("client_encoding \"{value}\" is not supported: pglease speaks UTF8 only"))
                         .with_hint("Set PGCLIENTENCODING=UTF8 or client_encoding=UTF8 in the connection string."));
@@ -322,6 +324,7 @@ mod tests {
         }
         assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "LATIN1")])).is_err());
         assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "sql_ascii")])).is_ok());
+        assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "'utf-8'")])).is_ok());
         assert_eq!(vet_params(&msg(&[("database", "x")])).unwrap_err().code, "28000");
     }
 
