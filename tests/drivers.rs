@@ -64,3 +64,10 @@ async fn asyncpg_workload() {
     let out = run_workload(&env, "python3", &["asyncpg_workload.py"], &drivers_dir()).await;
     assert!(out.contains("ok binary") && out.contains("ok cancel") && out.contains("ok denied"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_workload() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let out = run_workload(&env, "node", &["workload.js"], &drivers_dir().join("node")).await;
+    assert!(out.contains("ok binary") && out.contains("ok cancel") && out.contains("ok denied"), "{out}");
+}
