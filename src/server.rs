@@ -403,7 +403,7 @@ impl Proxy {
 
 /// `application_name` of the upstream session: who, which grant, and the client's own name,
 /// cut to Postgres's 63-byte limit on a character boundary.
-fn stamp(identity: &Identity, client_app: &str) -> String {
+pub(crate) fn stamp(identity: &Identity, client_app: &str) -> String {
     let mut s = format!("pglease {}", identity.person);
     if let Some(g) = &identity.grant_id {
         s.push(' ');

@@ -71,3 +71,10 @@ async fn node_postgres_workload() {
     let out = run_workload(&env, "node", &["workload.js"], &drivers_dir().join("node")).await;
     assert!(out.contains("ok binary") && out.contains("ok cancel") && out.contains("ok denied"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_workload() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let out = run_workload(&env, "java", &["-cp", "/usr/share/java/postgresql.jar", "Workload.java"], &drivers_dir().join("jdbc")).await;
+    assert!(out.contains("ok binary #3") && out.contains("ok copy in and out") && out.contains("ok denied"), "{out}");
+}

@@ -147,6 +147,13 @@ async fn pinned_settings_stay_pinned() {
     }
     // Even a write the policy missed would hit a read-only transaction upstream.
     assert_eq!(show("transaction_read_only").await, "on");
+    // application_name keeps pglease's stamp; a client's SET (JDBC sends one) adds its name.
+    client.simple_query("SET application_name = 'it''s mine'").await.unwrap();
+    let stamped = show("application_name").await;
+    assert!(stamped.starts_with("pglease alice ") && stamped.ends_with(" / it's mine"), "{stamped}");
+    client.simple_query("RESET application_name").await.unwrap();
+    let reset = show("application_name").await;
+    assert!(reset.starts_with("pglease alice ") && !reset.contains(" / "), "{reset}");
 }
 
 #[tokio::test]

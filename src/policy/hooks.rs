@@ -43,11 +43,19 @@ impl PolicyHooks {
                     // DEALLOCATE ALL drops SQL-level and protocol-level named statements alike.
                     vetted.retain(|n| n.is_empty());
                 }
+                Effect::ApplicationName { .. } => {}
             }
         }
     }
 
-    fn verdict(decision: Decision) -> Verdict {
+    /// The decision as the session carries it out: a client's `SET application_name` runs with
+    /// pglease's stamp in front of the client's name.
+    fn verdict(ctx: &SessionContext, decision: Decision, effects: &[Effect]) -> Verdict {
+        if let (Decision::Allow, Some(Effect::ApplicationName { value, local })) = (&decision, effects.iter().find(|e| matches!(e, Effect::ApplicationName { .. }))) {
+            let stamped = crate::server::stamp(&ctx.identity, value);
+            let scope = if *local { "LOCAL " } else { "" };
+            return Verdict::Rewrite(format!("SET {scope}application_name = '{}'", stamped.replace('\'', "''")));
+        }
         match decision {
             Decision::Allow => Verdict::Forward,
             Decision::Rewrite { sql, .. } => Verdict::Rewrite(sql),
@@ -66,15 +74,15 @@ fn code_str(code: &str) -> &'static str {
 
 #[async_trait::async_trait]
 impl SessionHooks for PolicyHooks {
-    async fn on_query(&self, _ctx: &SessionContext, sql: &str) -> Verdict {
+    async fn on_query(&self, ctx: &SessionContext, sql: &str) -> Verdict {
         let v = self.policy.decide(sql);
         if !v.decision.is_deny() {
             self.apply(&v.effects);
         }
-        Self::verdict(v.decision)
+        Self::verdict(ctx, v.decision, &v.effects)
     }
 
-    async fn on_parse(&self, _ctx: &SessionContext, parse: &Parse) -> Verdict {
+    async fn on_parse(&self, ctx: &SessionContext, parse: &Parse) -> Verdict {
         let v = self.policy.decide(&parse.sql);
         if v.decision.is_deny() {
             // A refused unnamed statement replaces nothing the client may bind.
@@ -85,7 +93,7 @@ impl SessionHooks for PolicyHooks {
             self.apply(&v.effects);
             self.vetted().insert(parse.name.clone());
         }
-        Self::verdict(v.decision)
+        Self::verdict(ctx, v.decision, &v.effects)
     }
 
     async fn on_bind(&self, _ctx: &SessionContext, bind: &Bind) -> Verdict {

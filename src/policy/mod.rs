@@ -45,6 +45,9 @@ impl Decision {
 pub enum Effect {
     Prepared(String),
     Deallocated(Option<String>),
+    /// `SET [LOCAL] application_name` (or RESET: empty): the session runs it with pglease's
+    /// stamp in front of the client's name.
+    ApplicationName { value: String, local: bool },
 }
 
 /// A decision with the session effects of the statement.
@@ -343,11 +346,15 @@ impl ScopePolicy {
             Err(_) => return (Verdict { decision: self.deny("could not inspect the statement"), effects: vec![] }, None),
         };
         let mut effects = Vec::new();
-        for stmt in tree.get("stmts").and_then(Value::as_array).into_iter().flatten() {
+        let statements = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        for stmt in statements {
             let Some(node) = stmt.get("stmt") else { continue };
             if let Err(message) = walk::check_statement(self, node, &mut effects) {
                 return (Verdict { decision: self.deny(message), effects: vec![] }, Some(tree));
             }
+        }
+        if statements.len() > 1 && effects.iter().any(|e| matches!(e, Effect::ApplicationName { .. })) {
+            return (Verdict { decision: self.deny("allows SET application_name only as a statement of its own"), effects: vec![] }, Some(tree));
         }
         let decision = match self.row_limit {
             Some(limit) => match rewrite::apply_row_limit(parsed.protobuf, limit) {

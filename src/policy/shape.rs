@@ -29,6 +29,11 @@ pub struct Shape {
 /// The shape of `sql`, or None when it has none we can trust (scanner error, Unicode escapes,
 /// string literals other than plain `'…'`, or no literal at all — exact text then suffices).
 pub fn of(sql: &str) -> Option<Shape> {
+    // pg_query 18.1's scan_tokens builds a slice from a null pointer when there is no token at
+    // all (undefined behaviour; an abort in debug builds): never hand it a blank statement.
+    if sql.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c')) {
+        return None;
+    }
     let tokens = pg_query::scan_tokens(sql).ok()?;
     let mut key = String::with_capacity(sql.len() + tokens.len());
     let mut literals = Vec::new();
@@ -91,5 +96,9 @@ mod tests {
         assert_eq!(of("SELECT U&\"!0061\" UESCAPE '!' FROM t"), None);
         assert_eq!(of("SELECT a FROM t"), None, "nothing to mask");
         assert_eq!(of("SELECT 'unterminated"), None);
+        for blank in ["", " ", "\n\t\r\x0b\x0c"] {
+            assert_eq!(of(blank), None);
+        }
+        assert_eq!(of("-- only a comment"), None);
     }
 }

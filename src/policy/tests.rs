@@ -115,7 +115,6 @@ fn session_state_that_changes_meaning_is_pinned() {
         "SET client_encoding = 'LATIN1'",
         "SET default_transaction_read_only = off",
         "SET statement_timeout = 0",
-        "SET application_name = 'not me'",
         "SET LOCAL search_path = public",
         "RESET search_path",
         "SET work_mem = '1GB'",
@@ -123,6 +122,14 @@ fn session_state_that_changes_meaning_is_pinned() {
         denied(&s, sql, "does not allow changing setting");
     }
     denied(&s, "SELECT set_config('search_path', 'public', false)", "set_config");
+    // application_name carries pglease's stamp: a SET keeps it and adds the client's name.
+    let v = s.decide_uncached("SET application_name = 'PostgreSQL JDBC Driver'");
+    assert_eq!((v.decision, v.effects), (Decision::Allow, vec![Effect::ApplicationName { value: "PostgreSQL JDBC Driver".into(), local: false }]));
+    assert_eq!(s.decide_uncached("RESET application_name").effects, vec![Effect::ApplicationName { value: String::new(), local: false }]);
+    assert_eq!(s.decide_uncached("SET LOCAL application_name TO x").effects, vec![Effect::ApplicationName { value: "x".into(), local: true }]);
+    denied(&s, "SET application_name = 5", "only to a string");
+    denied(&s, "SET application_name = 'x'; SELECT 1", "only as a statement of its own");
+    denied(&s, "SELECT set_config('application_name', 'x', false)", "set_config");
     denied(&s, "BEGIN READ WRITE", "READ WRITE");
     denied(&s, "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", "READ WRITE");
     denied(&s, "SET TRANSACTION READ WRITE", "READ WRITE");

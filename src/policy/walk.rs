@@ -531,6 +531,22 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
                 if p.read_only && asks_read_write(body.get("args")) {
                     return Err("does not allow READ WRITE transactions: its sessions are read-only".into());
                 }
+            } else if name == "application_name" && [K::VarSetValue as i64, K::VarSetDefault as i64, K::VarReset as i64].contains(&kind) {
+                // The upstream application_name carries pglease's stamp (who, which grant);
+                // the client's own name is kept after it (the session hooks rewrite the SET).
+                let value = if kind == K::VarSetValue as i64 {
+                    let args = body.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+                    match args {
+                        [arg] => match tagged(arg).and_then(|(_, c)| c.pointer("/sval/sval").or_else(|| c.pointer("/val/Sval/sval"))).and_then(Value::as_str) {
+                            Some(v) => v.to_owned(),
+                            None => return Err("allows SET application_name only to a string".into()),
+                        },
+                        _ => return Err("allows SET application_name only to a string".into()),
+                    }
+                } else {
+                    String::new()
+                };
+                effects.push(Effect::ApplicationName { value, local: b(body, "is_local") });
             } else if kind != K::VarResetAll as i64 && !p.setting_allowed(name) {
                 // RESET ALL returns to the session's startup values, which are the pinned ones.
                 return Err(format!("does not allow changing setting {name}"));
