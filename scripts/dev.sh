@@ -37,6 +37,32 @@ install_missing() {
     id postgres >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || die "running as root but there is no 'postgres' OS user (apt-get install postgresql creates it)"
 }
 
+# The driver workloads of tests/drivers.rs: psycopg 3 and asyncpg (PyPI), node-postgres (npm,
+# pinned by tests/drivers/node/package-lock.json), the PostgreSQL JDBC driver (Debian).
+install_drivers() {
+    command -v python3 >/dev/null || die "missing: python3 (for the psycopg and asyncpg workloads)"
+    command -v node >/dev/null || die "missing: node (for the node-postgres workload)"
+    command -v java >/dev/null || die "missing: java 11+ (for the JDBC workload)"
+    if ! python3 -c 'import psycopg, asyncpg' 2>/dev/null; then
+        echo "installing: psycopg[binary] asyncpg (PyPI)" >&2
+        python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 'psycopg[binary]>=3.1,<4' 'asyncpg>=0.29,<1' >&2
+    fi
+    if [ ! -d tests/drivers/node/node_modules/pg ]; then
+        echo "installing: node-postgres (npm ci)" >&2
+        (cd tests/drivers/node && npm ci --no-audit --no-fund --silent) >&2
+    fi
+    if [ ! -f /usr/share/java/postgresql.jar ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing: libpostgresql-jdbc-java" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq >&2
+            apt-get install -y -qq --no-install-recommends libpostgresql-jdbc-java >&2
+        else
+            die "missing: /usr/share/java/postgresql.jar (apt-get install libpostgresql-jdbc-java)"
+        fi
+    fi
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
@@ -47,6 +73,7 @@ case "$command" in
         ;;
     test)
         install_missing
+        install_drivers
         cargo test --locked "$@"
         ;;
     bench)
