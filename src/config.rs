@@ -462,6 +462,10 @@ impl Config {
         {
             return Err(ConfigError::invalid("upstream.password_file", format!("file {} does not exist", path.display())));
         }
+        // The TLS private key is a secret like the password files: refuse one others can read.
+        if let Some(path) = &self.listen.tls_key {
+            check_secret_file_mode(path).map_err(|m| ConfigError::invalid("listen.tls_key", m))?;
+        }
         Ok(())
     }
 
@@ -696,6 +700,27 @@ mod tests {
         let c = Config::parse(include_str!("../config/pglease.toml")).unwrap();
         let e = c.check_files().unwrap_err().to_string();
         assert!(e.contains("listen.tls_cert"), "{e}");
+    }
+
+    #[test]
+    fn readable_key_and_secret_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, pw) = (dir.path().join("c.pem"), dir.path().join("k.pem"), dir.path().join("pw"));
+        for f in [&cert, &key, &pw] {
+            std::fs::write(f, "x\n").unwrap();
+        }
+        let mut c = Config::parse(include_str!("../config/pglease.toml")).unwrap();
+        (c.listen.tls_cert, c.listen.tls_key) = (Some(cert), Some(key.clone()));
+        (c.upstream.ca_file, c.upstream.password_env, c.upstream.password_file) = (None, None, Some(pw.clone()));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(e.contains("listen.tls_key") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        c.check_files().unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let e = c.upstream.password().unwrap_err().to_string();
+        assert!(e.contains("upstream.password_file") && e.contains("chmod 600"), "{e}");
     }
 
     #[test]
