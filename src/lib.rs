@@ -21,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod handshake;
+pub mod logging;
 pub mod server;
 pub mod session;
 pub mod signals;

@@ -258,6 +258,11 @@ impl GrantsEnv {
         Ok(client)
     }
 
+    /// The backing roles' passwords (for checks that they never leak).
+    pub fn backing_passwords(&self) -> Vec<String> {
+        self.secrets.values().cloned().collect()
+    }
+
     /// Direct superuser connection to the same database.
     pub async fn direct(&self) -> tokio_postgres::Client {
         let h = super::harness().await;
