@@ -210,17 +210,7 @@ impl Cluster {
         if let Some(o) = &owner {
             std::os::unix::fs::chown(dir.join("postgres.log"), Some(o.uid), Some(o.gid))?;
         }
-        let server = command(&bin, "postgres", &owner)
-            .arg("-D")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .context("start postgres")?;
-        let watchdog = spawn_watchdog(server.id(), &dir, options.keep_dir);
-
+        drop(log);
         let mut cluster = Cluster {
             dir,
             port,
@@ -229,12 +219,43 @@ impl Cluster {
             ca_pem: certs.ca_pem,
             ca_file,
             bin,
-            server: Some(server),
-            watchdog,
+            server: None,
+            watchdog: None,
             keep_dir: options.keep_dir,
         };
+        cluster.spawn_server()?;
         cluster.wait_ready()?;
         Ok(cluster)
+    }
+
+    /// Starts the server process (appending to its log) and the watchdog that outlives us.
+    fn spawn_server(&mut self) -> anyhow::Result<()> {
+        let owner = run_as()?;
+        let log = std::fs::OpenOptions::new().append(true).open(self.dir.join("postgres.log"))?;
+        let server = command(&self.bin, "postgres", &owner)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("start postgres")?;
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        self.watchdog = spawn_watchdog(server.id(), &self.dir, self.keep_dir);
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Fast shutdown (every session is terminated), then start again on the same port; returns
+    /// once the server accepts connections.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn_server()?;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

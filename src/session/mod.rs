@@ -310,8 +310,18 @@ impl Session {
         metrics::counter!("pglease_bytes_total", "direction" => "upstream_to_client").increment(client_w.bytes);
 
         let terminate = [b'X', 0, 0, 0, 4];
+        // A statement may be running: cancel it so that it does not run on for nobody, and the
+        // backend is free to see our Terminate (an open transaction rolls back as it exits).
+        let cancel_running = || async {
+            if !lock(&shared).idle()
+                && let Err(e) = tokio::time::timeout(Duration::from_secs(2), upstream.cancel(&upstream_key)).await.unwrap_or(Ok(()))
+            {
+                tracing::warn!(error = %e, "cancel of the running statement failed");
+            }
+        };
         match outcome {
             Outcome::ClientClosed => {
+                cancel_running().await;
                 up_w.last_words(&terminate).await;
                 SessionEnd::ClientClosed
             }
@@ -322,6 +332,7 @@ impl Session {
             }
             Outcome::ClientProtocol(err) => {
                 client_w.last_words(&encode_error(&err)).await;
+                cancel_running().await;
                 up_w.last_words(&terminate).await;
                 SessionEnd::ClientProtocol(err)
             }
@@ -332,18 +343,13 @@ impl Session {
                 SessionEnd::UpstreamProtocol(why)
             }
             Outcome::End(err) => {
-                // A statement may be running: cancel it so the backend is free to see our
-                // Terminate, and an open transaction rolls back when the backend exits.
-                if !lock(&shared).idle()
-                    && let Err(e) = tokio::time::timeout(Duration::from_secs(2), upstream.cancel(&upstream_key)).await.unwrap_or(Ok(()))
-                {
-                    tracing::warn!(error = %e, "cancel of the running statement failed");
-                }
+                cancel_running().await;
                 up_w.last_words(&terminate).await;
                 client_w.last_words(&encode_error(&err)).await;
                 SessionEnd::Ended(err)
             }
             Outcome::Io(e) => {
+                cancel_running().await;
                 up_w.last_words(&terminate).await;
                 client_w.last_words(&[]).await;
                 SessionEnd::Io(e)

@@ -77,6 +77,8 @@ pub struct ProxyOptions {
     pub upstream_unix: bool,
     /// Override the CA used for `verify-full`.
     pub upstream_ca: Option<PathBuf>,
+    /// Override the upstream port (another cluster, or nothing listening).
+    pub upstream_port: Option<u16>,
     pub handshake_timeout: Duration,
     /// Policy/audit hooks to install (pass-through when None).
     pub hooks: Option<Arc<dyn pglease::session::SessionHooks>>,
@@ -92,6 +94,7 @@ impl Default for ProxyOptions {
             upstream_tls: UpstreamTls::VerifyFull,
             upstream_unix: false,
             upstream_ca: None,
+            upstream_port: None,
             handshake_timeout: Duration::from_secs(10),
             hooks: None,
         }
@@ -140,7 +143,7 @@ impl TestProxy {
         };
         let upstream = UpstreamConfig {
             host: if options.upstream_unix { h.cluster.socket_dir().display().to_string() } else { "127.0.0.1".into() },
-            port: h.cluster.port,
+            port: options.upstream_port.unwrap_or(h.cluster.port),
             user: UPSTREAM_ROLE.into(),
             password_env: Some("UNUSED_IN_TESTS".into()),
             password_file: None,
