@@ -202,13 +202,15 @@ fn start_pgbouncer(dir: &Path, pg_port: u16) -> (Child, u16) {
         cmd.args(["-u", "postgres"]);
     }
     let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
-    let child = cmd.arg(dir.join("pgbouncer.ini")).stdout(Stdio::null()).stderr(stderr).spawn().expect("start pgbouncer (scripts/dev.sh bench installs it)");
+    let mut child = cmd.arg(dir.join("pgbouncer.ini")).stdout(Stdio::null()).stderr(stderr).spawn().expect("start pgbouncer (scripts/dev.sh bench installs it)");
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return (child, port);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     let log = std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default() + &std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
     panic!("pgbouncer did not start:\n{log}");
 }
@@ -411,7 +413,7 @@ fn main() {
     }
     let r = median(vec![tps(sp, "pglease fsync") / tps(sp, "pglease"), tps(tb, "pglease fsync") / tps(tb, "pglease")]);
     check("fsync / default audit tps, c8", r, ">= 0.90", r >= 0.9);
-    println!("\n{:<40} {:<28} {}", "target", "measured", "");
+    println!("\n{:<40} {:<28}", "target", "measured");
     for (what, got, ok) in &targets_table {
         println!("{what:<40} {got:<28} {}", if *ok { "met" } else { "MISSED" });
     }

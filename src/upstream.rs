@@ -76,6 +76,9 @@ pub fn upstream_limits(max_frame: usize) -> FrameLimits {
     FrameLimits { max_frame, streamable: b"dD", stream_threshold: 1 << 20 }
 }
 
+/// (hash of the password, salt, iterations): what a salted SCRAM password is derived from.
+type SaltedKey = ([u8; 32], Vec<u8>, u32);
+
 /// A Postgres role and its password, as the proxy logs in with it.
 #[derive(Clone)]
 pub struct UpstreamLogin {
@@ -99,7 +102,7 @@ pub struct Upstream {
     max_frame: usize,
     /// SCRAM salted passwords by (SHA-256 of password, salt, iterations): PBKDF2 runs once per
     /// role instead of once per upstream connection.
-    salted: std::sync::Mutex<std::collections::HashMap<([u8; 32], Vec<u8>, u32), [u8; 32]>>,
+    salted: std::sync::Mutex<std::collections::HashMap<SaltedKey, [u8; 32]>>,
 }
 
 /// A logged-in upstream session, ready for queries.
