@@ -5,6 +5,7 @@
 #   scripts/dev.sh demo [pglease demo options]
 #   scripts/dev.sh test [cargo test options]
 #   scripts/dev.sh bench           (end to end: direct vs pgbouncer vs pglease; see benches/e2e.rs)
+#   scripts/dev.sh fuzz [seconds]  (each cargo-fuzz target for that long; default 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,7 +82,26 @@ case "$command" in
         # A fresh pgbouncer package may start a service of its own; ours runs on a free port.
         exec cargo bench --locked --bench e2e "$@"
         ;;
+    fuzz)
+        # libFuzzer needs a nightly toolchain; new inputs go to fuzz/work, the seeds stay as committed.
+        seconds="${1:-30}"
+        if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+            echo "scripts/dev.sh: fuzz: skipped: no nightly Rust toolchain on this machine" >&2
+            exit 0
+        fi
+        install_missing
+        command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+        cd fuzz
+        for target in startup messages frames policy; do
+            mkdir -p "work/$target"
+            echo "fuzz: $target for ${seconds}s" >&2
+            if ! cargo +nightly fuzz run "$target" "work/$target" "corpus/$target" -- -max_total_time="$seconds" -print_final_stats=1 2>&1 \
+                | grep -E '^(Done|stat::number_of_executed_units)|ERROR|SUMMARY|panicked' >&2; then
+                die "fuzz: $target failed; the input is in fuzz/artifacts/$target"
+            fi
+        done
+        ;;
     *)
-        die "usage: scripts/dev.sh demo|test|bench [options]"
+        die "usage: scripts/dev.sh demo|test|bench|fuzz [options]"
         ;;
 esac

@@ -272,4 +272,57 @@ mod tests {
         let Some(ReadEvent::Frame(f)) = r.next().await.unwrap() else { panic!() };
         assert_eq!(f.tag(), b'C');
     }
+
+    /// Reads `data` in the pieces `cuts` makes of it (one `read` per piece).
+    struct Pieces {
+        data: Vec<u8>,
+        cuts: Vec<usize>,
+        at: usize,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+            let end = self.cuts.iter().copied().find(|&c| c > self.at).unwrap_or(self.data.len());
+            let n = (end - self.at).min(buf.remaining());
+            buf.put_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Everything the reader yields for a byte stream: frames (tag, body) and streamed bodies.
+    async fn decode_all(r: &mut FramedReader<Pieces>) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(event) = r.next().await.unwrap() {
+            match event {
+                ReadEvent::Frame(f) => out.push((f.tag(), f.body().to_vec())),
+                ReadEvent::Large { tag, body_len } => {
+                    let mut body = Vec::new();
+                    r.stream_body(body_len, &mut body).await.unwrap();
+                    out.push((tag, body));
+                }
+            }
+        }
+        out
+    }
+
+    /// Property: a stream split at any one byte boundary, or into single bytes, decodes to the
+    /// same messages as the whole stream.
+    #[tokio::test]
+    async fn messages_split_at_every_byte_boundary_decode_the_same() {
+        let mut data = msg(b'Q', b"select 1\0");
+        data.extend(msg(b'S', b""));
+        data.extend(msg(b'D', &[9u8; 1500])); // streamed (over the 1 KiB threshold of limits())
+        data.extend(msg(b'd', &[1, 2, 3]));
+        data.extend(msg(b'C', b"SELECT 1\0"));
+        let whole = decode_all(&mut FramedReader::new(Pieces { data: data.clone(), cuts: vec![], at: 0 }, limits())).await;
+        assert_eq!(whole.len(), 5);
+        assert_eq!(whole[2], (b'D', vec![9u8; 1500]));
+        for cut in 1..data.len() {
+            let got = decode_all(&mut FramedReader::new(Pieces { data: data.clone(), cuts: vec![cut], at: 0 }, limits())).await;
+            assert_eq!(got, whole, "split at {cut}");
+        }
+        let bytes = decode_all(&mut FramedReader::new(Pieces { data: data.clone(), cuts: (1..data.len()).collect(), at: 0 }, limits())).await;
+        assert_eq!(bytes, whole, "one byte per read");
+    }
 }

@@ -91,8 +91,10 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(
 
 /// Parses a packet body (everything after the length word).
 pub fn parse_body(body: &[u8]) -> Result<StartupPacket, StartupError> {
-    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-    let rest = &body[4..];
+    let Some((code, rest)) = body.split_first_chunk::<4>() else {
+        return Err(StartupError::Malformed("packet shorter than its protocol code"));
+    };
+    let code = u32::from_be_bytes(*code);
     match code {
         SSL_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::GssEncRequest),
