@@ -60,6 +60,8 @@ pub async fn harness() -> &'static Harness {
             std::fs::write(&ca_file, certs.ca_pem).unwrap();
             std::fs::write(&cert_file, certs.cert_pem).unwrap();
             std::fs::write(&key_file, certs.key_pem).unwrap();
+            // `pglease serve` refuses a key others can read.
+            std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
             Harness { cluster, certs_dir, ca_file, cert_file, key_file }
         })
         .await
