@@ -27,7 +27,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: ListenConfig,
@@ -49,7 +49,7 @@ pub struct Config {
 }
 
 /// Temporary grants.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantsConfig {
     /// The grant store: an append-only JSON Lines file, fsynced on every change.
@@ -72,7 +72,7 @@ impl Default for GrantsConfig {
 }
 
 /// The audit log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// JSON Lines file; rotated files are `PATH.000001`, `PATH.000002`, …
@@ -95,7 +95,7 @@ pub struct AuditConfig {
     pub postgres: Option<AuditPostgresConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditPostgresConfig {
     /// Environment variable holding the connection string (it carries a password).
@@ -123,7 +123,7 @@ fn default_rotate_bytes() -> u64 {
 }
 
 /// One scope. The policy rules join it in the policy work.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeConfig {
     #[serde(default)]
@@ -171,7 +171,7 @@ pub struct ScopeConfig {
 }
 
 /// One table rule of a scope.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableRuleConfig {
     /// `schema.table`, either part may use `*` (e.g. `orders.*`, `public.pgbench_*`).
@@ -201,7 +201,7 @@ pub enum Action {
 }
 
 /// Functions beyond (or removed from) the built-in read-only allowlist.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionsConfig {
     /// Extra functions, by name or `schema.name`; `"*"` allows any function not in pglease's
@@ -221,7 +221,7 @@ fn default_search_path() -> Vec<String> {
     vec!["public".to_owned()]
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassConfig {
     #[serde(with = "humantime_serde")]
@@ -242,7 +242,7 @@ pub enum Role {
     Admin,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PersonConfig {
     pub roles: Vec<Role>,
@@ -265,7 +265,7 @@ mod humantime_vec {
 }
 
 /// The client-facing side: where engineers' clients connect.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     /// Address of the Postgres-protocol listener.
@@ -307,7 +307,7 @@ pub enum UpstreamTls {
 }
 
 /// The Postgres server pglease fronts, and how it logs in there.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Host name or IP; a value starting with `/` is a unix socket directory.
@@ -336,7 +336,7 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin HTTP listener (`/metrics`, `/healthz`).
@@ -358,7 +358,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `pglease=debug`. `RUST_LOG` overrides it.

@@ -34,6 +34,8 @@ pub enum Event {
     LoginFailed { login: String, client: String },
     /// A cancel request; `forwarded` when it matched a live session.
     CancelRequest { pid: i32, client: String, forwarded: bool },
+    /// A configuration reload took effect (`pglease serve` on SIGHUP).
+    ConfigReloaded { scopes_changed: Vec<String>, sessions_ended: u64, restart_needed: Vec<String> },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -43,6 +43,7 @@ pub enum HandshakeError {
 }
 
 /// Client-facing TLS and plaintext policy.
+#[derive(Clone)]
 pub struct ClientTlsPolicy {
     pub tls: Option<Arc<ServerTls>>,
     pub allow_plaintext: bool,

@@ -266,7 +266,9 @@ enum Command {
 fn init_tracing(level: &str, format: LogFormat) {
     let filter = pglease::logging::filter(level);
     // Logs go to stderr: stdout is for command output (`demo --json`).
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -649,7 +651,24 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin.addr).await.with_context(|| format!("admin.addr: cannot listen on {}", config.admin.addr))?;
     let running = app.start(listener, admin_listener)?;
     tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "pglease serving");
-    pglease::signals::wait_for_shutdown().await;
+    let mut signals = pglease::signals::Signals::new().context("installing signal handlers")?;
+    while signals.next().await == pglease::signals::Signal::Reload {
+        tracing::info!(config = %path.display(), "SIGHUP received; reloading the configuration");
+        match running.reloader.reload_file(&path).await {
+            Ok(report) => {
+                tracing::info!(
+                    scopes_changed = ?report.scopes_changed,
+                    sessions_ended = report.sessions_ended,
+                    scopes_disabled = ?report.scopes_disabled,
+                    "configuration reloaded"
+                );
+                if !report.restart_needed.is_empty() {
+                    tracing::warn!(keys = ?report.restart_needed, "these settings changed but take effect only at restart; their old values stay in force");
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration reload failed; the previous configuration stays in force"),
+        }
+    }
     tracing::info!("signal received; shutting down");
     running.stop().await;
     Ok(())

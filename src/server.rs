@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
@@ -56,21 +57,31 @@ impl Default for GrantSettings {
     }
 }
 
+/// What a config reload may change. Each connection takes the state current when it arrives
+/// and keeps it; [`Proxy::reload`] swaps in a new one for the connections that follow.
+#[derive(Clone)]
+pub struct ProxyState {
+    /// Timeouts and limits; `addr` and `max_connections` are fixed at start.
+    pub listen: ListenConfig,
+    pub tls: ClientTlsPolicy,
+    /// The upstream role of each scope; sessions with a scope log in as it, never as the default.
+    pub scope_logins: HashMap<String, UpstreamLogin>,
+    /// The statement policy of each scope.
+    pub policies: HashMap<String, Arc<ScopePolicy>>,
+    /// Scopes not served (their backing role can do more than the scope allows), with why.
+    pub disabled_scopes: HashMap<String, String>,
+    pub grant_settings: GrantSettings,
+}
+
 /// Everything the proxy shares between connections.
 pub struct Proxy {
+    /// Fixed at start: the listener's address and connection limit.
     listen: ListenConfig,
-    /// The upstream role of each scope; sessions with a scope log in as it, never as the default.
-    scope_logins: HashMap<String, UpstreamLogin>,
-    /// The statement policy of each scope.
-    policies: HashMap<String, Arc<ScopePolicy>>,
-    /// Scopes refused at startup (their backing role can do more than the scope allows).
-    disabled_scopes: HashMap<String, String>,
+    state: ArcSwap<ProxyState>,
     /// Where every statement is recorded before it runs.
     audit: Option<AuditLog>,
-    grant_settings: GrantSettings,
     events: Events,
     throttle: LoginThrottle,
-    tls: ClientTlsPolicy,
     upstream: Arc<Upstream>,
     credentials: Arc<dyn CredentialSource>,
     hooks: Arc<dyn SessionHooks>,
@@ -84,14 +95,18 @@ impl Proxy {
     pub fn new(listen: ListenConfig, tls: Option<ServerTls>, upstream: Upstream, credentials: Arc<dyn CredentialSource>) -> Self {
         let mut mock_secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut mock_secret);
-        Self {
+        let state = ProxyState {
             tls: ClientTlsPolicy { tls: tls.map(Arc::new), allow_plaintext: listen.allow_plaintext },
-            listen,
+            listen: listen.clone(),
             scope_logins: HashMap::new(),
             policies: HashMap::new(),
             disabled_scopes: HashMap::new(),
-            audit: None,
             grant_settings: GrantSettings::default(),
+        };
+        Self {
+            listen,
+            state: ArcSwap::from_pointee(state),
+            audit: None,
             events: Events::new(),
             throttle: LoginThrottle::default(),
             upstream: Arc::new(upstream),
@@ -103,16 +118,36 @@ impl Proxy {
         }
     }
 
-    /// Sets the upstream role each scope's sessions log in as.
-    pub fn with_scope_logins(mut self, logins: HashMap<String, UpstreamLogin>) -> Self {
-        self.scope_logins = logins;
+    /// The reloadable state in force now.
+    pub fn state(&self) -> Arc<ProxyState> {
+        self.state.load_full()
+    }
+
+    fn edit_state(self, edit: impl FnOnce(&mut ProxyState)) -> Self {
+        let mut state = (*self.state.load_full()).clone();
+        edit(&mut state);
+        self.state.store(Arc::new(state));
         self
     }
 
+    /// Puts `next` in force for connections from now on. Sessions already running keep the
+    /// state they started with; the caller ends those that must not (see `app::reload`).
+    pub fn reload(&self, next: ProxyState) {
+        self.state.store(Arc::new(next));
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    /// Sets the upstream role each scope's sessions log in as.
+    pub fn with_scope_logins(self, logins: HashMap<String, UpstreamLogin>) -> Self {
+        self.edit_state(|s| s.scope_logins = logins)
+    }
+
     /// Sets the statement policy of each scope. Sessions with a scope run under its policy.
-    pub fn with_policies(mut self, policies: HashMap<String, Arc<ScopePolicy>>) -> Self {
-        self.policies = policies;
-        self
+    pub fn with_policies(self, policies: HashMap<String, Arc<ScopePolicy>>) -> Self {
+        self.edit_state(|s| s.policies = policies)
     }
 
     /// Records every statement of every session in `log` before it reaches Postgres.
@@ -122,14 +157,12 @@ impl Proxy {
     }
 
     /// Scopes that must not be served, with the reason shown to their users.
-    pub fn with_disabled_scopes(mut self, disabled: HashMap<String, String>) -> Self {
-        self.disabled_scopes = disabled;
-        self
+    pub fn with_disabled_scopes(self, disabled: HashMap<String, String>) -> Self {
+        self.edit_state(|s| s.disabled_scopes = disabled)
     }
 
-    pub fn with_grant_settings(mut self, settings: GrantSettings) -> Self {
-        self.grant_settings = settings;
-        self
+    pub fn with_grant_settings(self, settings: GrantSettings) -> Self {
+        self.edit_state(|s| s.grant_settings = settings)
     }
 
     /// Shares a session registry (the grant service ends sessions through it).
@@ -196,18 +229,20 @@ impl Proxy {
         drop(listener);
         tracker.close();
         tracing::info!(sessions = self.sessions.len(), "stopped accepting; draining sessions");
-        if tokio::time::timeout(self.listen.shutdown_grace, tracker.wait()).await.is_err() {
+        let state = self.state();
+        if tokio::time::timeout(state.listen.shutdown_grace, tracker.wait()).await.is_err() {
             let n = self.sessions.kill_where(|_| true, &crate::session::shutdown_error());
             tracing::info!(sessions = n, "grace period over; ending remaining sessions");
             // Handshakes are bounded by their own timeout, sessions end promptly once killed.
-            let _ = tokio::time::timeout(self.listen.handshake_timeout + Duration::from_secs(5), tracker.wait()).await;
+            let _ = tokio::time::timeout(state.listen.handshake_timeout + Duration::from_secs(5), tracker.wait()).await;
         }
     }
 
     async fn serve_connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, shutdown: CancellationToken) {
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
-        let setup = tokio::time::timeout(self.listen.handshake_timeout, self.setup(tcp, addr, &shutdown)).await;
+        let state = self.state();
+        let setup = tokio::time::timeout(state.listen.handshake_timeout, self.setup(&state, tcp, addr, &shutdown)).await;
         let session = match setup {
             Ok(Ok(Some(session))) => session,
             Ok(Ok(None)) => return, // a cancel request, handled
@@ -260,8 +295,9 @@ impl Proxy {
     /// Answers a connection over the limit the way Postgres does: after TLS negotiation and the
     /// startup packet, `FATAL 53300`. A cancel request is still honoured.
     async fn reject_over_limit(&self, tcp: TcpStream) {
+        let state = self.state();
         let answer = async {
-            match handshake::negotiate(tcp, &self.tls).await {
+            match handshake::negotiate(tcp, &state.tls).await {
                 Ok(Handshake::Cancel { pid, secret }) => {
                     self.cancels.cancel(pid, &secret).await;
                 }
@@ -271,12 +307,12 @@ impl Proxy {
                 Err(_) => {}
             }
         };
-        let _ = tokio::time::timeout(self.listen.handshake_timeout.min(Duration::from_secs(5)), answer).await;
+        let _ = tokio::time::timeout(state.listen.handshake_timeout.min(Duration::from_secs(5)), answer).await;
     }
 
     /// Handshake, login, upstream session. `Ok(None)` for a cancel request.
-    async fn setup(&self, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
-        let startup = match handshake::negotiate(tcp, &self.tls).await? {
+    async fn setup(&self, state: &ProxyState, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
+        let startup = match handshake::negotiate(tcp, &state.tls).await? {
             Handshake::Cancel { pid, secret } => {
                 let forwarded = self.cancels.cancel(pid, &secret).await;
                 self.events.emit(Event::CancelRequest { pid, client: addr.to_string(), forwarded });
@@ -295,13 +331,13 @@ impl Proxy {
         if let Some(negotiate) = handshake::negotiation_message(&startup.message, &params) {
             stream.write_all(negotiate.raw()).await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
         }
-        let channel = match (&stream, &self.tls.tls) {
+        let channel = match (&stream, &state.tls.tls) {
             (Stream::ServerTls(_), Some(tls)) => Channel::Tls { end_point_hash: tls.end_point_hash.clone() },
             _ => Channel::Plain,
         };
 
         // Repeated failures from this address slow every further attempt down.
-        let delay = self.throttle.delay(addr.ip(), self.grant_settings.failures_before_delay);
+        let delay = self.throttle.delay(addr.ip(), state.grant_settings.failures_before_delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -325,7 +361,7 @@ impl Proxy {
         let (login, hooks, pinned): (UpstreamLogin, Arc<dyn SessionHooks>, Vec<(String, String)>) = match &identity.scope {
             Some(scope) => {
                 let refuse = |why: String| ClientError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, why);
-                let found = match (self.scope_logins.get(scope), self.policies.get(scope), self.disabled_scopes.get(scope)) {
+                let found = match (state.scope_logins.get(scope), state.policies.get(scope), state.disabled_scopes.get(scope)) {
                     (_, _, Some(why)) => Err(refuse(format!("pglease: scope \"{scope}\" is disabled: {why}"))),
                     (Some(l), Some(p), None) => Ok((l.clone(), p.clone())),
                     _ => Err(refuse(format!("pglease: scope \"{scope}\" is not configured on this proxy"))),
@@ -383,17 +419,17 @@ impl Proxy {
         let session = Session::new(SessionParts {
             ctx,
             client: reader,
-            client_limits_max_frame: self.listen.max_message_bytes,
+            client_limits_max_frame: state.listen.max_message_bytes,
             upstream_stream: upstream.stream,
             upstream_leftover: upstream.leftover,
-            upstream_max_frame: self.listen.max_message_bytes,
+            upstream_max_frame: state.listen.max_message_bytes,
             upstream: self.upstream.clone(),
             upstream_key: upstream.key,
             tx: upstream.tx,
             hooks,
             handle: registered.handle.clone(),
             shutdown: shutdown.clone(),
-            options: SessionOptions { idle_timeout: self.listen.idle_timeout, warn_before: self.grant_settings.warn_before.clone() },
+            options: SessionOptions { idle_timeout: state.listen.idle_timeout, warn_before: state.grant_settings.warn_before.clone() },
         })
         .with_guards(Box::new((registered, cancel_key)));
         Ok(Some(session))

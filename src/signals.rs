@@ -1,15 +1,44 @@
-//! SIGINT/SIGTERM handling for the long-running commands.
+//! Signal handling for the long-running commands: SIGINT/SIGTERM stop, SIGHUP reloads.
+
+use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn wait_for_shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    match Signals::new() {
+        Ok(mut signals) => while signals.next().await != Signal::Shutdown {},
         // Without signal handlers there is nothing to wait for; fall back to Ctrl-C only.
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT or SIGTERM.
+    Shutdown,
+    /// SIGHUP.
+    Reload,
+}
+
+/// The signals `pglease serve` acts on.
+pub struct Signals {
+    term: UnixSignal,
+    int: UnixSignal,
+    hup: UnixSignal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())?, hup: signal(SignalKind::hangup())? })
+    }
+
+    /// The next signal received. Cancel-safe.
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Shutdown,
+            _ = self.int.recv() => Signal::Shutdown,
+            _ = self.hup.recv() => Signal::Reload,
+        }
     }
 }

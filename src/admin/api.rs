@@ -22,7 +22,8 @@ use crate::session::SessionRegistry;
 
 pub struct ApiState {
     pub grants: Arc<GrantService>,
-    pub people: Arc<People>,
+    /// Swapped whole by a config reload.
+    pub people: arc_swap::ArcSwap<People>,
     pub sessions: Arc<SessionRegistry>,
     pub events: Events,
     /// `host` and `port` clients use to reach the proxy, for the ready-made psql line.
@@ -85,6 +86,7 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "missing bearer token (set PGLEASE_ADMIN_TOKEN)".into()))?;
         state
             .people
+            .load()
             .authenticate(token.trim())
             .map(Caller)
             .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))

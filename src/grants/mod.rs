@@ -21,6 +21,7 @@ use crate::error::{ClientError, sqlstate};
 use crate::events::{Event, Events};
 use crate::people::Principal;
 use crate::scopes::Scopes;
+use arc_swap::ArcSwap;
 use crate::session::SessionRegistry;
 pub use store::{FileStore, GrantStore, MemoryStore, StoreError};
 
@@ -174,7 +175,8 @@ pub struct GrantService {
     grants: RwLock<HashMap<String, Grant>>,
     /// Serialises changes so that store order equals memory order.
     write: tokio::sync::Mutex<()>,
-    scopes: Arc<Scopes>,
+    /// Swapped whole by a config reload.
+    scopes: ArcSwap<Scopes>,
     events: Events,
     sessions: Arc<SessionRegistry>,
     changed: Notify,
@@ -191,11 +193,18 @@ impl GrantService {
     pub async fn open(store: Arc<dyn GrantStore>, scopes: Arc<Scopes>, events: Events, sessions: Arc<SessionRegistry>) -> Result<Arc<Self>, StoreError> {
         let loaded = store.load().await?;
         let grants = loaded.into_iter().map(|g| (g.id.clone(), g)).collect();
-        Ok(Arc::new(Self { store, grants: RwLock::new(grants), write: tokio::sync::Mutex::new(()), scopes, events, sessions, changed: Notify::new() }))
+        Ok(Arc::new(Self { store, grants: RwLock::new(grants), write: tokio::sync::Mutex::new(()), scopes: ArcSwap::new(scopes), events, sessions, changed: Notify::new() }))
     }
 
-    pub fn scopes(&self) -> &Arc<Scopes> {
-        &self.scopes
+    /// The scopes in force now.
+    pub fn scopes(&self) -> Arc<Scopes> {
+        self.scopes.load_full()
+    }
+
+    /// Puts new scope definitions in force (config reload). Grants already given keep their
+    /// scope name; a grant whose scope is gone cannot log in ("not configured on this proxy").
+    pub fn set_scopes(&self, scopes: Scopes) {
+        self.scopes.store(Arc::new(scopes));
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Grant>> {
@@ -226,7 +235,8 @@ impl GrantService {
         if !crate::config::valid_name(&user) {
             return Err(GrantError::Invalid(format!("invalid user name {user:?}")));
         }
-        let scope = self.scopes.get(&req.scope).ok_or_else(|| GrantError::Invalid(format!("no scope named {:?}", req.scope)))?;
+        let scopes = self.scopes();
+        let scope = scopes.get(&req.scope).ok_or_else(|| GrantError::Invalid(format!("no scope named {:?}", req.scope)))?;
         if req.reason.trim().is_empty() {
             return Err(GrantError::Invalid("a reason is required".into()));
         }
@@ -314,7 +324,7 @@ impl GrantService {
         if who.person == grant_user || Some(who.person.as_str()) == requested_by {
             return Err(GrantError::Forbidden("nobody approves their own request".into()));
         }
-        if let Some(scope) = self.scopes.get(scope_name)
+        if let Some(scope) = self.scopes().get(scope_name)
             && !scope.approvers.is_empty()
             && !scope.approvers.iter().any(|g| who.groups.contains(g))
         {

@@ -246,9 +246,13 @@ impl Drop for TestProxy {
 
 /// TLS for tokio-postgres clients, trusting the test CA (and binding the channel).
 pub fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
-    let h = HARNESS.get().expect("harness started");
+    tls_connector_trusting(&HARNESS.get().expect("harness started").ca_file)
+}
+
+/// TLS for tokio-postgres clients, trusting only the CA certificate(s) in `ca_file`.
+pub fn tls_connector_trusting(ca_file: &std::path::Path) -> tokio_postgres_rustls::MakeRustlsConnect {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in pglease::tls::load_certs(&h.ca_file).unwrap() {
+    for cert in pglease::tls::load_certs(ca_file).unwrap() {
         roots.add(cert).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(pglease::tls::provider())

@@ -1,0 +1,240 @@
+//! `pglease serve` reloads its config file on SIGHUP, as an operator does it: the real binary,
+//! a real file, `kill -HUP`. A broken file changes nothing and the log names the key at fault; a
+//! good one rotates the TLS certificate, changes a scope (ending that scope's live sessions, not
+//! the others') and the admin API's people, without dropping anyone else.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::grants::BOB;
+use pglease::config::Config;
+use sha2::Digest;
+
+const ERIN: &str = "tok-erin";
+
+struct Files {
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+/// The config file as a DBA would write it; `read_extra` goes into the `read` scope.
+fn config_text(h: &common::Harness, db: &str, proxy_port: u16, admin_port: u16, files: &Files, cert: &Path, key: &Path, read_extra: &str, with_erin: bool) -> String {
+    let hash = |t: &str| pglease::people::hex(&sha2::Sha256::digest(t.as_bytes()));
+    let erin = if with_erin { format!("[people.erin]\nroles = [\"approver\"]\ntoken_sha256 = \"{}\"\n", hash(ERIN)) } else { String::new() };
+    format!(
+        r#"
+[listen]
+addr = "127.0.0.1:{proxy_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+shutdown_grace = "1s"
+
+[upstream]
+host = "127.0.0.1"
+port = {pg_port}
+user = "{upstream_user}"
+password_env = "PGLEASE_TEST_UPSTREAM_PW"
+tls = "verify-full"
+ca_file = "{pg_ca}"
+server_name = "localhost"
+
+[admin]
+addr = "127.0.0.1:{admin_port}"
+
+[grants]
+store = "{dir}/grants.jsonl"
+
+[audit]
+path = "{dir}/audit.jsonl"
+
+[scopes.read]
+database = "{db}"
+role = "{db}_read"
+password_env = "PGLEASE_TEST_READ_PW"
+tables = [{{ name = "public.t", allow = ["read"] }}]
+{read_extra}
+
+[scopes.other]
+database = "{db}"
+role = "{db}_other"
+password_env = "PGLEASE_TEST_OTHER_PW"
+tables = [{{ name = "public.t", allow = ["read"] }}]
+
+[people.bob]
+roles = ["approver"]
+token_sha256 = "{bob}"
+{erin}
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        pg_port = h.cluster.port,
+        upstream_user = common::UPSTREAM_ROLE,
+        pg_ca = h.cluster.ca_file.display(),
+        dir = files.dir.display(),
+        bob = hash(BOB),
+    )
+}
+
+async fn api(admin_port: u16, token: &str, method: &'static str, path: &'static str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+    let client = pglease::cli::ApiClient::new(&format!("http://127.0.0.1:{admin_port}"), Some(token.to_owned()));
+    tokio::task::spawn_blocking(move || if method == "GET" { client.get(path) } else { client.post(path, body) }).await.unwrap().map_err(|e| e.to_string())
+}
+
+/// A session through the proxy, and how its connection ended (the FATAL the proxy sent).
+struct Session {
+    client: tokio_postgres::Client,
+    ended: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+async fn connect(port: u16, db: &str, login: &str, password: &str, ca: &Path) -> Result<Session, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port).user(login).password(password).dbname(db).ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = config.connect(common::tls_connector_trusting(ca)).await?;
+    Ok(Session { client, ended: tokio::spawn(connection) })
+}
+
+/// The error that ended a session, as "SQLSTATE message".
+async fn fatal_of(session: Session) -> String {
+    let ended = tokio::time::timeout(Duration::from_secs(10), session.ended).await.expect("the session ends").unwrap();
+    let e = ended.expect_err("ended by an error");
+    e.as_db_error().map(|d| format!("{} {}", d.code().code(), d.message())).unwrap_or_else(|| e.to_string())
+}
+
+/// Waits until the proxy's log has `count` lines containing `needle`; returns the last one.
+async fn log_line(files: &Files, needle: &str, count: usize) -> String {
+    common::eventually(Duration::from_secs(30), || async {
+        let log = std::fs::read_to_string(&files.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+        (lines.len() >= count).then(|| lines.last().unwrap().to_string())
+    })
+    .await
+    .unwrap_or_else(|| panic!("log line {needle:?} #{count} within 30 s; log:\n{}", std::fs::read_to_string(&files.log).unwrap_or_default()))
+}
+
+fn hup(child: &tokio::process::Child) {
+    let pid = child.id().expect("child running") as i32;
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+}
+
+async fn rows(session: &Session) -> Result<usize, tokio_postgres::Error> {
+    Ok(session.client.query("select id from t", &[]).await?.len())
+}
+
+#[tokio::test]
+async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes_nothing() {
+    let h = common::harness().await;
+    let db = common::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files { dir: dir.path().to_owned(), config: dir.path().join("pglease.toml"), log: dir.path().join("pglease.log") };
+
+    // A second certificate from another CA: a client trusting only it can tell which one the
+    // proxy shows.
+    let next = pglease::tls::generate_dev_certificates(&["localhost", "127.0.0.1"]).unwrap();
+    let (next_ca, next_cert, next_key) = (dir.path().join("next-ca.crt"), dir.path().join("next.crt"), dir.path().join("next.key"));
+    std::fs::write(&next_ca, &next.ca_pem).unwrap();
+    std::fs::write(&next_cert, &next.cert_pem).unwrap();
+    std::fs::write(&next_key, &next.key_pem).unwrap();
+    std::fs::set_permissions(&next_key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    let (proxy_port, admin_port) = (pglease::cluster::free_port().unwrap(), pglease::cluster::free_port().unwrap());
+    let first = config_text(h, &db, proxy_port, admin_port, &files, &h.cert_file, &h.key_file, "", false);
+    std::fs::write(&files.config, &first).unwrap();
+
+    // The scopes' roles, exactly as `pglease scope sql` prints them.
+    let config = Config::parse(&first).unwrap();
+    let mut sql = String::from("CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);\n");
+    for (name, scope) in &config.scopes {
+        sql.push_str(&pglease::policy::sql::scope_sql(name, scope));
+        sql.push_str(&format!("ALTER ROLE \"{}\" PASSWORD 'pw-{name}';\n", scope.role));
+    }
+    h.cluster.execute(&db, &sql).await.unwrap();
+
+    let log = std::fs::File::create(&files.log).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglease"))
+        .args(["serve", "--config"])
+        .arg(&files.config)
+        .env("PGLEASE_TEST_UPSTREAM_PW", common::UPSTREAM_PASSWORD)
+        .env("PGLEASE_TEST_READ_PW", "pw-read")
+        .env("PGLEASE_TEST_OTHER_PW", "pw-other")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    log_line(&files, "pglease serving", 1).await;
+
+    let issue = |scope: &'static str| async move {
+        let g = api(admin_port, BOB, "POST", "/grants/issue", serde_json::json!({"user": "alice", "scope": scope, "duration": "1h", "reason": "reload test"})).await.unwrap();
+        (g["login"].as_str().unwrap().to_owned(), g["password"].as_str().unwrap().to_owned())
+    };
+    let (read_login, read_pw) = issue("read").await;
+    let (other_login, other_pw) = issue("other").await;
+    let read_session = connect(proxy_port, &db, &read_login, &read_pw, &h.ca_file).await.unwrap();
+    let other_session = connect(proxy_port, &db, &other_login, &other_pw, &h.ca_file).await.unwrap();
+    assert_eq!(rows(&read_session).await.unwrap(), 2);
+    assert!(api(admin_port, ERIN, "GET", "/grants", serde_json::json!({})).await.unwrap_err().contains("401"));
+
+    // A broken file: the reload is refused naming the key, and nothing changes.
+    let broken = config_text(h, &db, proxy_port, admin_port, &files, &next_cert, &next_key, "row_limit = \"many\"", true);
+    std::fs::write(&files.config, broken).unwrap();
+    hup(&child);
+    let failed = log_line(&files, "configuration reload failed", 1).await;
+    assert!(failed.contains("scopes.read.row_limit"), "the error names the key: {failed}");
+    assert_eq!(rows(&read_session).await.unwrap(), 2, "the session goes on under the old rules");
+    let fresh = connect(proxy_port, &db, &read_login, &read_pw, &h.ca_file).await.expect("the old certificate is still shown");
+    assert_eq!(rows(&fresh).await.unwrap(), 2, "no row cap: the old scope is in force");
+    assert!(connect(proxy_port, &db, &read_login, &read_pw, &next_ca).await.is_err(), "the new certificate is not in use");
+    assert!(api(admin_port, ERIN, "GET", "/grants", serde_json::json!({})).await.unwrap_err().contains("401"));
+
+    // A missing file is refused the same way.
+    std::fs::write(&files.config, first.replace(&h.key_file.display().to_string(), "/nonexistent/key.pem")).unwrap();
+    hup(&child);
+    let failed = log_line(&files, "configuration reload failed", 2).await;
+    assert!(failed.contains("listen.tls_key"), "the error names the key: {failed}");
+
+    // A good file: new certificate, a row cap on `read`, erin can use the API.
+    let good = config_text(h, &db, proxy_port, admin_port, &files, &next_cert, &next_key, "row_limit = 1", true);
+    std::fs::write(&files.config, good).unwrap();
+    hup(&child);
+    let reloaded = log_line(&files, "configuration reloaded", 1).await;
+    assert!(reloaded.contains("read") && reloaded.contains("sessions_ended=2"), "{reloaded}");
+
+    // Sessions of the changed scope are ended, naming why; the other scope's session goes on.
+    for session in [read_session, fresh] {
+        assert!(rows(&session).await.is_err(), "the read scope changed");
+        let text = fatal_of(session).await;
+        assert!(text.starts_with("57P01") && text.contains("changed by a configuration reload"), "{text}");
+    }
+    assert_eq!(rows(&other_session).await.unwrap(), 2, "an unchanged scope's session is untouched");
+
+    // New handshakes show the new certificate; the new scope rules apply.
+    assert!(connect(proxy_port, &db, &read_login, &read_pw, &h.ca_file).await.is_err(), "the old certificate is gone");
+    let after = connect(proxy_port, &db, &read_login, &read_pw, &next_ca).await.expect("the new certificate is shown");
+    assert_eq!(rows(&after).await.unwrap(), 1, "row_limit = 1 now");
+    api(admin_port, ERIN, "GET", "/grants", serde_json::json!({})).await.expect("erin's token works after the reload");
+
+    // Reloads are counted for monitoring.
+    let metrics = ureq::get(&format!("http://127.0.0.1:{admin_port}/metrics")).call().unwrap().into_body().read_to_string().unwrap();
+    assert!(metrics.contains("pglease_config_reloads_total{result=\"error\"} 2"), "{metrics}");
+    assert!(metrics.contains("pglease_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
+
+    // A change that needs a restart is reported, and the old value stays in force.
+    let moved = config_text(h, &db, proxy_port, pglease::cluster::free_port().unwrap(), &files, &next_cert, &next_key, "row_limit = 1", true);
+    std::fs::write(&files.config, moved).unwrap();
+    hup(&child);
+    let warned = log_line(&files, "take effect only at restart", 1).await;
+    assert!(warned.contains("admin"), "{warned}");
+    api(admin_port, BOB, "GET", "/grants", serde_json::json!({})).await.expect("the admin API stays where it was");
+
+    // SIGTERM still stops it.
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("stops on SIGTERM").unwrap();
+    assert!(status.success(), "{status}");
+}
