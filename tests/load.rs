@@ -32,7 +32,7 @@ fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit on a valid struct.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max.max(16_384).min(1 << 20);
+        limit.rlim_cur = limit.rlim_max.clamp(16_384, 1 << 20);
         limit.rlim_max = limit.rlim_max.max(limit.rlim_cur);
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
     }

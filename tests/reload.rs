@@ -21,8 +21,18 @@ struct Files {
     log: PathBuf,
 }
 
+/// What the config file refers to.
+struct Setup<'a> {
+    h: &'a common::Harness,
+    db: &'a str,
+    proxy_port: u16,
+    admin_port: u16,
+    files: &'a Files,
+}
+
 /// The config file as a DBA would write it; `read_extra` goes into the `read` scope.
-fn config_text(h: &common::Harness, db: &str, proxy_port: u16, admin_port: u16, files: &Files, cert: &Path, key: &Path, read_extra: &str, with_erin: bool) -> String {
+fn config_text(setup: &Setup, cert: &Path, key: &Path, read_extra: &str, with_erin: bool) -> String {
+    let Setup { h, db, proxy_port, admin_port, files } = setup;
     let hash = |t: &str| pglease::people::hex(&sha2::Sha256::digest(t.as_bytes()));
     let erin = if with_erin { format!("[people.erin]\nroles = [\"approver\"]\ntoken_sha256 = \"{}\"\n", hash(ERIN)) } else { String::new() };
     format!(
@@ -142,7 +152,8 @@ async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes
     std::fs::set_permissions(&next_key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 
     let (proxy_port, admin_port) = (pglease::cluster::free_port().unwrap(), pglease::cluster::free_port().unwrap());
-    let first = config_text(h, &db, proxy_port, admin_port, &files, &h.cert_file, &h.key_file, "", false);
+    let setup = Setup { h, db: &db, proxy_port, admin_port, files: &files };
+    let first = config_text(&setup, &h.cert_file, &h.key_file, "", false);
     std::fs::write(&files.config, &first).unwrap();
 
     // The scopes' roles, exactly as `pglease scope sql` prints them.
@@ -181,7 +192,7 @@ async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes
     assert!(api(admin_port, ERIN, "GET", "/grants", serde_json::json!({})).await.unwrap_err().contains("401"));
 
     // A broken file: the reload is refused naming the key, and nothing changes.
-    let broken = config_text(h, &db, proxy_port, admin_port, &files, &next_cert, &next_key, "row_limit = \"many\"", true);
+    let broken = config_text(&setup, &next_cert, &next_key, "row_limit = \"many\"", true);
     std::fs::write(&files.config, broken).unwrap();
     hup(&child);
     let failed = log_line(&files, "configuration reload failed", 1).await;
@@ -199,7 +210,7 @@ async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes
     assert!(failed.contains("listen.tls_key"), "the error names the key: {failed}");
 
     // A good file: new certificate, a row cap on `read`, erin can use the API.
-    let good = config_text(h, &db, proxy_port, admin_port, &files, &next_cert, &next_key, "row_limit = 1", true);
+    let good = config_text(&setup, &next_cert, &next_key, "row_limit = 1", true);
     std::fs::write(&files.config, good).unwrap();
     hup(&child);
     let reloaded = log_line(&files, "configuration reloaded", 1).await;
@@ -225,7 +236,8 @@ async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes
     assert!(metrics.contains("pglease_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
 
     // A change that needs a restart is reported, and the old value stays in force.
-    let moved = config_text(h, &db, proxy_port, pglease::cluster::free_port().unwrap(), &files, &next_cert, &next_key, "row_limit = 1", true);
+    let elsewhere = Setup { admin_port: pglease::cluster::free_port().unwrap(), ..setup };
+    let moved = config_text(&elsewhere, &next_cert, &next_key, "row_limit = 1", true);
     std::fs::write(&files.config, moved).unwrap();
     hup(&child);
     let warned = log_line(&files, "take effect only at restart", 1).await;
