@@ -227,6 +227,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
             handshake_timeout: Duration::from_secs(60),
             idle_timeout: None,
             max_message_bytes: 64 << 20,
+            client_stall_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(1),
         },
         upstream: UpstreamConfig {

@@ -291,6 +291,10 @@ pub struct ListenConfig {
     /// Row data and COPY data pass through in chunks whatever their size.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// A client that accepts no bytes of what it is sent (a result it stopped reading) for this
+    /// long is disconnected and its statement cancelled.
+    #[serde(default = "default_client_stall_timeout", with = "humantime_serde")]
+    pub client_stall_timeout: Duration,
     /// On SIGTERM/SIGINT, how long idle-in-flight sessions may finish before they are ended.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -396,6 +400,10 @@ fn default_handshake_timeout() -> Duration {
 fn default_max_message_bytes() -> usize {
     64 << 20
 }
+fn default_client_stall_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }

@@ -193,6 +193,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: None,
             max_message_bytes: 64 << 20,
+            client_stall_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
         },
         upstream: UpstreamConfig {

@@ -281,6 +281,7 @@ impl Proxy {
             SessionEnd::ClientProtocol(_) => "client_protocol",
             SessionEnd::UpstreamProtocol(_) => "upstream_protocol",
             SessionEnd::Ended(_) => "ended",
+            SessionEnd::ClientStalled(_) => "client_stalled",
             SessionEnd::Io(_) => "io",
         };
         metrics::counter!("pglease_sessions_ended_total", "reason" => kind).increment(1);
@@ -429,7 +430,11 @@ impl Proxy {
             hooks,
             handle: registered.handle.clone(),
             shutdown: shutdown.clone(),
-            options: SessionOptions { idle_timeout: state.listen.idle_timeout, warn_before: state.grant_settings.warn_before.clone() },
+            options: SessionOptions {
+                idle_timeout: state.listen.idle_timeout,
+                client_stall_timeout: Some(state.listen.client_stall_timeout),
+                warn_before: state.grant_settings.warn_before.clone(),
+            },
         })
         .with_guards(Box::new((registered, cancel_key)));
         Ok(Some(session))

@@ -154,8 +154,9 @@ fn rss_kib() -> u64 {
 }
 
 #[tokio::test]
-async fn a_client_that_stops_reading_does_not_grow_proxy_memory() {
-    let proxy = TestProxy::start().await;
+async fn a_client_that_stops_reading_does_not_grow_proxy_memory_and_is_ended_after_the_stall_limit() {
+    let stall = Duration::from_secs(5);
+    let proxy = TestProxy::start_with(ProxyOptions { client_stall_timeout: stall, ..Default::default() }).await;
     let mut raw = Raw::login(proxy.addr, &proxy.database).await;
     let before = rss_kib();
     // About 2 GB of rows; the client never reads them.
@@ -174,6 +175,18 @@ async fn a_client_that_stops_reading_does_not_grow_proxy_memory() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let grown = rss_kib().saturating_sub(before);
     assert!(grown < 64 * 1024, "proxy memory grew by {grown} KiB");
+    assert_eq!(proxy.proxy.sessions.len(), 1, "held, not dropped, before the stall limit");
+
+    // After the stall limit the session is ended and its statement cancelled: the backend that
+    // was blocked writing is gone, not left holding its snapshot.
+    let stalled_at = std::time::Instant::now();
+    let ended = common::eventually(Duration::from_secs(60), || async {
+        let left: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT repeat%'", &[]).await.unwrap().get(0);
+        (left == 0 && proxy.proxy.sessions.is_empty()).then_some(())
+    })
+    .await;
+    assert!(ended.is_some(), "the stalled session and its backend end");
+    eprintln!("stalled session ended {:?} after it was seen blocked (limit {stall:?})", stalled_at.elapsed());
     drop(raw);
 }
 

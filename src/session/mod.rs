@@ -13,6 +13,7 @@
 
 pub mod hooks;
 pub mod registry;
+pub mod stall;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ pub enum SessionEnd {
     UpstreamProtocol(String),
     /// Ended by the proxy (shutdown, kill, idle timeout, grant end) with this `FATAL`.
     Ended(ClientError),
+    /// The client stopped reading what it was sent; its statement was cancelled.
+    ClientStalled(Duration),
     Io(String),
 }
 
@@ -55,6 +58,8 @@ pub enum SessionEnd {
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub idle_timeout: Option<Duration>,
+    /// End the session when the client accepts no bytes for this long.
+    pub client_stall_timeout: Option<Duration>,
     /// Warn the client this long before its grant ends.
     pub warn_before: Vec<Duration>,
 }
@@ -107,18 +112,22 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, RelayState> {
 /// sent with one write per flush; between flushes of an idle session the buffer is given back,
 /// so idle sessions hold no write buffers.
 struct Out {
-    w: WriteHalf<Stream>,
+    w: stall::StallLimit<WriteHalf<Stream>>,
     buf: Vec<u8>,
     mid_message: bool,
     bytes: u64,
 }
 
+/// How long a closing session waits for its last message to be taken.
+const LAST_WORDS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Buffers up to this size are kept across flushes; larger ones are freed.
 const KEEP_WRITE_BUFFER: usize = 1024;
 
 impl Out {
-    fn new(w: WriteHalf<Stream>) -> Self {
-        Self { w, buf: Vec::new(), mid_message: false, bytes: 0 }
+    /// `stall_limit`: give up when the peer accepts nothing for this long.
+    fn new(w: WriteHalf<Stream>, stall_limit: Option<Duration>) -> Self {
+        Self { w: stall::StallLimit::new(w, stall_limit), buf: Vec::new(), mid_message: false, bytes: 0 }
     }
 
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -156,13 +165,17 @@ impl Out {
         self.w.flush().await
     }
 
-    /// Best-effort final message (a `FATAL`, a `Terminate`) before closing.
+    /// Best-effort final message (a `FATAL`, a `Terminate`) before closing. Bounded in time: a
+    /// peer that does not read must not keep the session from ending.
     async fn last_words(&mut self, bytes: &[u8]) {
         if !self.mid_message {
             self.buf.extend_from_slice(bytes);
         }
-        let _ = self.flush().await;
-        let _ = self.w.shutdown().await;
+        let _ = tokio::time::timeout(LAST_WORDS_TIMEOUT, async {
+            let _ = self.flush().await;
+            let _ = self.w.shutdown().await;
+        })
+        .await;
     }
 }
 
@@ -214,9 +227,10 @@ impl Session {
         Self {
             ctx: p.ctx,
             client_r: FramedReader::with_buffer(cr, client_limits(p.client_limits_max_frame), client_buf),
-            client_w: Out::new(cw),
+            client_w: Out::new(cw, p.options.client_stall_timeout),
             up_r: FramedReader::with_buffer(ur, crate::upstream::upstream_limits(p.upstream_max_frame), p.upstream_leftover),
-            up_w: Out::new(uw),
+            // Postgres may take its time to read (a large COPY IN): no limit upstream.
+            up_w: Out::new(uw, None),
             upstream: p.upstream,
             upstream_key: p.upstream_key,
             hooks: p.hooks,
@@ -348,6 +362,13 @@ impl Session {
                 client_w.last_words(&encode_error(&err)).await;
                 SessionEnd::Ended(err)
             }
+            Outcome::ClientStalled(limit) => {
+                tracing::warn!(limit = ?limit, "the client stopped reading; session ended");
+                cancel_running().await;
+                up_w.last_words(&terminate).await;
+                client_w.last_words(&[]).await;
+                SessionEnd::ClientStalled(limit)
+            }
             Outcome::Io(e) => {
                 cancel_running().await;
                 up_w.last_words(&terminate).await;
@@ -395,7 +416,16 @@ enum Outcome {
     ClientProtocol(ClientError),
     UpstreamProtocol(String),
     End(ClientError),
+    ClientStalled(Duration),
     Io(String),
+}
+
+/// An error writing to the client: a stall, or the client is gone.
+fn client_write_error(e: std::io::Error) -> Outcome {
+    match stall::ClientStalled::of(&e) {
+        Some(stalled) => Outcome::ClientStalled(stalled.0),
+        None => Outcome::Io(e.to_string()),
+    }
 }
 
 fn violation(message: impl Into<String>) -> Outcome {
@@ -638,10 +668,10 @@ async fn upstream_to_client(
             // notices do.
             Some(notice) = notices.recv() => {
                 if let Err(e) = client.send(notice.raw()).await {
-                    return Outcome::Io(e.to_string());
+                    return client_write_error(e);
                 }
                 if let Err(e) = client.flush().await {
-                    return Outcome::Io(e.to_string());
+                    return client_write_error(e);
                 }
                 continue;
             }
@@ -656,8 +686,10 @@ async fn upstream_to_client(
         messages += 1;
         let frame = match event {
             ReadEvent::Large { tag, body_len } => {
-                if let Err(e) = stream_large(up, client, tag, body_len).await {
-                    return Outcome::Io(e.to_string());
+                match stream_large(up, client, tag, body_len).await {
+                    Ok(()) => {}
+                    Err(FrameError::Io(e)) => return client_write_error(e),
+                    Err(e) => return Outcome::Io(e.to_string()),
                 }
                 continue;
             }
@@ -751,11 +783,11 @@ async fn upstream_to_client(
             _ => frame,
         };
         if let Err(e) = client.send(out.raw()).await {
-            return Outcome::Io(e.to_string());
+            return client_write_error(e);
         }
         if !up.has_buffered_event() {
             if let Err(e) = client.flush().await {
-                return Outcome::Io(e.to_string());
+                return client_write_error(e);
             }
             metrics::counter!("pglease_messages_total", "direction" => "upstream_to_client").increment(messages);
             messages = 0;

@@ -138,6 +138,7 @@ impl GrantsEnv {
                 handshake_timeout: Duration::from_secs(10),
                 idle_timeout: None,
                 max_message_bytes: 64 << 20,
+                client_stall_timeout: Duration::from_secs(300),
                 shutdown_grace: Duration::from_secs(2),
             },
             upstream: UpstreamConfig {

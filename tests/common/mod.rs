@@ -73,6 +73,7 @@ pub struct ProxyOptions {
     pub allow_plaintext: bool,
     pub max_connections: usize,
     pub idle_timeout: Option<Duration>,
+    pub client_stall_timeout: Duration,
     pub shutdown_grace: Duration,
     pub upstream_tls: UpstreamTls,
     /// Connect upstream over the unix socket instead of TCP.
@@ -92,6 +93,7 @@ impl Default for ProxyOptions {
             allow_plaintext: false,
             max_connections: 100,
             idle_timeout: None,
+            client_stall_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
             upstream_tls: UpstreamTls::VerifyFull,
             upstream_unix: false,
@@ -141,6 +143,7 @@ impl TestProxy {
             handshake_timeout: options.handshake_timeout,
             idle_timeout: options.idle_timeout,
             max_message_bytes: 64 << 20,
+            client_stall_timeout: options.client_stall_timeout,
             shutdown_grace: options.shutdown_grace,
         };
         let upstream = UpstreamConfig {
