@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench audit` (needs pgbench; starts its own throwaway cluster).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -37,14 +39,7 @@ fn main() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let scopes: BTreeMap<String, ScopeConfig> = toml::from_str(
-        r#"[bench]
-        database = "bench"
-        role = "bench_role"
-        password_env = "UNUSED"
-        tables = [{ name = "public.pgbench_*", allow = ["read", "insert", "update", "delete"] }]"#,
-    )
-    .unwrap();
+    let scopes = common::bench_scopes("bench_role");
     let sql = pglease::policy::sql::scope_sql("bench", &scopes["bench"]) + "ALTER ROLE bench_role PASSWORD 'pw';";
     rt.block_on(cluster.execute("bench", &sql)).unwrap();
 

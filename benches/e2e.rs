@@ -13,6 +13,8 @@
 //! path. pglease runs in this process so its CPU is this process's rusage (pgbench is a child);
 //! the idle sessions are held by a child (this binary re-executed) so they do not count.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -316,14 +318,7 @@ fn main() {
         .status()
         .unwrap();
     assert!(status.success(), "pgbench -i failed");
-    let scopes: BTreeMap<String, ScopeConfig> = toml::from_str(&format!(
-        r#"[bench]
-        database = "bench"
-        role = "{ROLE}"
-        password_env = "UNUSED"
-        tables = [{{ name = "public.pgbench_*", allow = ["read", "insert", "update", "delete"] }}]"#
-    ))
-    .unwrap();
+    let scopes = common::bench_scopes(ROLE);
     let sql = pglease::policy::sql::scope_sql("bench", &scopes["bench"]) + &format!("ALTER ROLE {ROLE} PASSWORD '{ROLE_PASSWORD}';");
     rt.block_on(cluster.execute("bench", &sql)).unwrap();
 

@@ -4,14 +4,14 @@
 //!
 //! `cargo bench --bench hotpath`
 
-use std::collections::BTreeMap;
+mod common;
+
 
 use bytes::{BufMut, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use pglease::audit::record::{Body, GENESIS, ResultRecord, SessionInfo, StatementRecord, seal};
 use pglease::codec::{FramedReader, ReadEvent};
 use pglease::codec::frame::FrameLimits;
-use pglease::config::ScopeConfig;
 use pglease::policy::ScopePolicy;
 
 /// What clients really send: pgbench, psql's `\d` machinery, ORM-style statements.
@@ -30,14 +30,7 @@ const CORPUS: &[(&str, &str)] = &[
 ];
 
 fn bench_scope() -> ScopePolicy {
-    let scopes: BTreeMap<String, ScopeConfig> = toml::from_str(
-        r#"[bench]
-        database = "bench"
-        role = "bench_role"
-        password_env = "UNUSED"
-        tables = [{ name = "public.pgbench_*", allow = ["read", "insert", "update", "delete"] }]"#,
-    )
-    .unwrap();
+    let scopes = common::bench_scopes("bench_role");
     ScopePolicy::from_config("bench", &scopes["bench"])
 }
 

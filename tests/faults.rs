@@ -82,14 +82,7 @@ async fn upstream_without_tls_is_refused_when_tls_is_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_vanishes_mid_query_leaves_nothing_running_upstream() {
     let proxy = TestProxy::start().await;
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(proxy.addr.port())
-        .user(common::LOGIN)
-        .password(common::LOGIN_PASSWORD)
-        .dbname(&proxy.database)
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let config = proxy.client_config();
     let (client, connection) = config.connect(common::tls_connector()).await.unwrap();
     let connection = tokio::spawn(connection);
     let marker = format!("vanishing_{}", std::process::id());

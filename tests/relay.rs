@@ -165,14 +165,7 @@ async fn copy_in_and_out_round_trip_including_rows_over_a_megabyte() {
 #[tokio::test]
 async fn listen_notify_is_relayed() {
     let proxy = TestProxy::start().await;
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(proxy.addr.port())
-        .user(common::LOGIN)
-        .password(common::LOGIN_PASSWORD)
-        .dbname(&proxy.database)
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let config = proxy.client_config();
     let (listener, mut connection) = config.connect(common::tls_connector()).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -190,20 +190,27 @@ impl TestProxy {
         self.try_connect(LOGIN, LOGIN_PASSWORD, |_| {}).await.expect("connect through the proxy")
     }
 
+    /// The tokio-postgres config of a TLS connection through the proxy as the test login.
+    pub fn client_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .user(LOGIN)
+            .password(LOGIN_PASSWORD)
+            .dbname(&self.database)
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        config
+    }
+
     pub async fn try_connect(
         &self,
         user: &str,
         password: &str,
         tweak: impl FnOnce(&mut tokio_postgres::Config),
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.addr.port())
-            .user(user)
-            .password(password)
-            .dbname(&self.database)
-            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let mut config = self.client_config();
+        config.user(user).password(password);
         tweak(&mut config);
         let (client, connection) = config.connect(tls_connector()).await?;
         tokio::spawn(async move {
