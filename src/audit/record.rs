@@ -117,15 +117,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Builds the line for a record: fills in `seq`, `prev`, `at`, `hash`. Returns (line, hash).
 pub fn seal(body: &Body, seq: u64, prev: &str, at: &str) -> (Vec<u8>, String) {
-    let mut v = serde_json::to_value(body).expect("records serialise");
-    let m = v.as_object_mut().expect("records are objects");
-    m.insert("seq".into(), Value::from(seq));
-    m.insert("prev".into(), Value::from(prev));
-    m.insert("at".into(), Value::from(at));
     // The canonical encoding (sorted keys, no hash) is serialised once; the stored line is that
     // encoding with the hash added at the end: readers parse the line and drop `hash` again,
     // so where it stands in the line does not matter.
-    let mut line = serde_json::to_vec(&v).expect("records serialise");
+    let mut line = match body {
+        Body::Statement { .. } | Body::Result { .. } => canonical_direct(body, seq, prev, at),
+        Body::Event { .. } => canonical_via_value(body, seq, prev, at),
+    };
     let hash = sha256_hex(&line);
     debug_assert_eq!(line.last(), Some(&b'}'));
     line.pop();
@@ -133,6 +131,139 @@ pub fn seal(body: &Body, seq: u64, prev: &str, at: &str) -> (Vec<u8>, String) {
     line.extend_from_slice(hash.as_bytes());
     line.extend_from_slice(b"\"}\n");
     (line, hash)
+}
+
+/// The canonical encoding through a `serde_json::Value` tree (whose maps sort their keys).
+fn canonical_via_value(body: &Body, seq: u64, prev: &str, at: &str) -> Vec<u8> {
+    let mut v = serde_json::to_value(body).expect("records serialise");
+    let m = v.as_object_mut().expect("records are objects");
+    m.insert("seq".into(), Value::from(seq));
+    m.insert("prev".into(), Value::from(prev));
+    m.insert("at".into(), Value::from(at));
+    serde_json::to_vec(&v).expect("records serialise")
+}
+
+/// The canonical encoding of the per-statement records, written straight from the structs with
+/// the keys in sorted order: the same bytes as [`canonical_via_value`] (a test holds them equal)
+/// at a third of the cost, on the path every statement takes.
+fn canonical_direct(body: &Body, seq: u64, prev: &str, at: &str) -> Vec<u8> {
+    let mut o = Obj::open(Vec::with_capacity(512));
+    match body {
+        Body::Statement { session: si, statement: st } => {
+            o.str("at", at);
+            o.str("client", &si.client);
+            o.str("database", &si.database);
+            o.str("decision", &st.decision);
+            o.opt_str("grant", si.grant.as_deref());
+            o.str("kind", "statement");
+            o.str("login", &si.login);
+            if !st.params.is_empty() {
+                o.key("params");
+                o.buf.push(b'[');
+                for (i, p) in st.params.iter().enumerate() {
+                    if i > 0 {
+                        o.buf.push(b',');
+                    }
+                    let mut po = Obj::open(std::mem::take(&mut o.buf));
+                    po.str("format", &p.format);
+                    po.num("oid", p.oid.into());
+                    po.key("value");
+                    match &p.value {
+                        Some(v) => po.string(v),
+                        None => po.buf.extend_from_slice(b"null"),
+                    }
+                    o.buf = po.finish();
+                }
+                o.buf.push(b']');
+            }
+            o.str("prev", prev);
+            o.str("protocol", &st.protocol);
+            o.opt_str("reason", st.reason.as_deref());
+            o.opt_str("scope", si.scope.as_deref());
+            o.num("seq", seq);
+            o.num("session", si.session);
+            o.str("sql", &st.sql);
+            o.opt_str("sql_ran", st.sql_ran.as_deref());
+            o.num("stmt", st.stmt);
+            o.str("user", &si.user);
+        }
+        Body::Result { session, result: r } => {
+            o.str("at", at);
+            o.num("duration_us", r.duration_us);
+            o.opt_str("error", r.error.as_deref());
+            o.opt_str("error_code", r.error_code.as_deref());
+            o.str("kind", "result");
+            o.str("prev", prev);
+            o.num("rows", r.rows);
+            o.num("seq", seq);
+            o.num("session", *session);
+            if r.skipped {
+                o.key("skipped");
+                o.buf.extend_from_slice(b"true");
+            }
+            o.num("stmt", r.stmt);
+            o.key("tags");
+            o.buf.push(b'[');
+            for (i, t) in r.tags.iter().enumerate() {
+                if i > 0 {
+                    o.buf.push(b',');
+                }
+                o.string(t);
+            }
+            o.buf.push(b']');
+        }
+        Body::Event { .. } => unreachable!("events go through canonical_via_value"),
+    }
+    o.finish()
+}
+
+/// A JSON object being written; the caller adds keys in sorted order.
+struct Obj {
+    buf: Vec<u8>,
+    first: bool,
+}
+
+impl Obj {
+    /// Starts an object at the end of `buf`.
+    fn open(mut buf: Vec<u8>) -> Self {
+        buf.push(b'{');
+        Self { buf, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !std::mem::take(&mut self.first) {
+            self.buf.push(b',');
+        }
+        self.string(key);
+        self.buf.push(b':');
+    }
+
+    /// A string with serde_json's escaping (the canonical form depends on it).
+    fn string(&mut self, s: &str) {
+        serde_json::to_writer(&mut self.buf, s).expect("writing to a Vec cannot fail");
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.string(value);
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.str(key, v);
+        }
+    }
+
+    fn num(&mut self, key: &str, n: u64) {
+        self.key(key);
+        use std::io::Write;
+        let _ = write!(self.buf, "{n}");
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.buf.push(b'}');
+        self.buf
+    }
 }
 
 #[cfg(test)]
@@ -148,5 +279,51 @@ mod tests {
         let tampered = String::from_utf8(line).unwrap().replace("bob", "eve");
         let v: Value = serde_json::from_str(&tampered).unwrap();
         assert_ne!(sha256_hex(&canonical(&v)), hash);
+    }
+
+    /// Strings that exercise JSON escaping: quotes, backslashes, control characters, non-ASCII.
+    const NASTY: [&str; 6] = ["", "plain", "quote \" and \\ backslash", "tab\tnewline\n\u{1}\u{1f}\u{7f}", "ünïcödé ✓ 😀", "</script>\u{2028}"];
+
+    #[test]
+    fn direct_encoding_equals_the_value_tree_encoding() {
+        let mut bodies = Vec::new();
+        for (i, s) in NASTY.iter().enumerate() {
+            let some = |x: &str| if i % 2 == 0 { Some(format!("{x}{s}")) } else { None };
+            bodies.push(Body::Statement {
+                session: SessionInfo { session: i as u64, grant: some("g"), user: s.to_string(), scope: some("sc"), login: format!("l{s}"), client: "127.0.0.1:5".into(), database: s.to_string() },
+                statement: StatementRecord {
+                    stmt: u64::MAX - i as u64,
+                    protocol: "extended".into(),
+                    sql: format!("select '{s}'"),
+                    sql_ran: some("ran"),
+                    params: (0..i).map(|k| Param { oid: k as u32 * 1000, format: "text".into(), value: if k % 2 == 0 { Some(s.to_string()) } else { None } }).collect(),
+                    decision: "allow".into(),
+                    reason: some("because"),
+                },
+            });
+            bodies.push(Body::Result {
+                session: i as u64,
+                result: ResultRecord {
+                    stmt: i as u64,
+                    tags: (0..i).map(|k| format!("SELECT {k}{s}")).collect(),
+                    rows: 42,
+                    error_code: some("42501"),
+                    error: some("denied"),
+                    duration_us: 7,
+                    skipped: i % 3 == 0,
+                },
+            });
+        }
+        for body in &bodies {
+            for (seq, prev, at) in [(1, GENESIS, "2026-01-01T00:00:00.000Z"), (u64::MAX, "ab\"c", "")] {
+                let direct = canonical_direct(body, seq, prev, at);
+                let via_value = canonical_via_value(body, seq, prev, at);
+                assert_eq!(String::from_utf8_lossy(&direct), String::from_utf8_lossy(&via_value));
+            }
+            // And the sealed line verifies the way `audit verify` checks it.
+            let (line, hash) = seal(body, 3, GENESIS, "t");
+            let v: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(sha256_hex(&canonical(&v)), hash);
+        }
     }
 }
