@@ -271,28 +271,28 @@ impl Reloader {
     pub async fn reload_file(&self, path: &std::path::Path) -> anyhow::Result<ReloadReport> {
         counted(async {
             let config = Config::load(path)?;
+            let mut passwords = HashMap::new();
+            for (name, scope) in &config.scopes {
+                passwords.insert(name.clone(), scope.password(name)?);
+            }
             let people = People::from_config(&config.people);
-            self.try_reload(config, people).await
+            self.try_reload(config, passwords, people).await
         })
         .await
     }
 
-    /// Applies `next`, with `people` as the admin API's callers.
-    pub async fn reload(&self, next: Config, people: People) -> anyhow::Result<ReloadReport> {
-        counted(self.try_reload(next, people)).await
+    /// Applies `next` (already validated, as [`Config::load`] does), with the scopes' role
+    /// passwords and the admin API's people.
+    pub async fn reload(&self, next: Config, scope_passwords: HashMap<String, String>, people: People) -> anyhow::Result<ReloadReport> {
+        counted(self.try_reload(next, scope_passwords, people)).await
     }
 
-    async fn try_reload(&self, next: Config, people: People) -> anyhow::Result<ReloadReport> {
+    async fn try_reload(&self, next: Config, passwords: HashMap<String, String>, people: People) -> anyhow::Result<ReloadReport> {
         let mut current = self.current.lock().await;
-        next.validate()?;
         let tls = match (&next.listen.tls_cert, &next.listen.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?)),
             _ => None,
         };
-        let mut passwords = HashMap::new();
-        for (name, scope) in &next.scopes {
-            passwords.insert(name.clone(), scope.password(name)?);
-        }
         let served = serve_scopes(&next, &passwords, self.proxy.upstream(), self.skip_role_check).await?;
 
         let mut report = ReloadReport { restart_needed: restart_only_changes(&current, &next), ..Default::default() };

@@ -250,3 +250,38 @@ async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("stops on SIGTERM").unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// A reload checks every scope's backing role again: a role that was granted more than its
+/// scope allows since the start takes its scope out of service, live sessions included.
+#[tokio::test]
+async fn a_reload_rechecks_backing_roles_and_ends_sessions_of_a_scope_it_disables() {
+    use common::grants::{EnvOptions, GrantsEnv};
+    let mut env = GrantsEnv::start(EnvOptions::default()).await;
+    let (_, login, password) = env.active_grant("read", "1h").await;
+    let (_, other_login, other_password) = env.active_grant("write", "1h").await;
+    let session = env.connect(&login, &password).await.unwrap();
+    let other = env.connect(&other_login, &other_password).await.unwrap();
+    session.simple_query("select 1").await.unwrap();
+
+    // Someone grants the read scope's role more than the scope says.
+    let direct = env.direct().await;
+    direct.batch_execute(&format!("GRANT SELECT ON public.people TO \"{}_read\"", env.database)).await.unwrap();
+
+    let report = env.reload(|_| {}).await.expect("the reload itself succeeds");
+    assert!(report.scopes_changed.is_empty(), "{report:?}");
+    assert_eq!(report.sessions_ended, 1, "{report:?}");
+    assert!(report.scopes_disabled.iter().any(|d| d.starts_with("read: ") && d.contains("public.people")), "{report:?}");
+    assert!(session.simple_query("select 1").await.is_err(), "the read session is ended");
+    other.simple_query("select 1").await.expect("the write scope's session goes on");
+
+    let refused = env.connect(&login, &password).await.err().expect("the scope is not served");
+    let db = refused.as_db_error().expect("a FATAL from the proxy");
+    assert_eq!(db.code().code(), "42501");
+    assert!(db.message().contains("scope \"read\" is disabled") && db.message().contains("public.people"), "{}", db.message());
+
+    // Put right, and reloaded: served again.
+    direct.batch_execute(&format!("REVOKE SELECT ON public.people FROM \"{}_read\"", env.database)).await.unwrap();
+    let report = env.reload(|_| {}).await.unwrap();
+    assert!(!report.scopes_disabled.iter().any(|d| d.starts_with("read: ")), "{report:?}");
+    env.connect(&login, &password).await.expect("served again").simple_query("select 1").await.unwrap();
+}

@@ -209,17 +209,32 @@ impl GrantsEnv {
 
     pub async fn build(&self) -> anyhow::Result<App> {
         let secrets = Secrets { upstream: super::UPSTREAM_PASSWORD.into(), scopes: self.secrets.clone().into_iter().collect() };
-        let mut people = People::default();
-        people.add("alice", &[Role::Engineer], &[], ALICE);
-        people.add("bob", &[Role::Approver], &["dba"], BOB);
-        people.add("carol", &[Role::Auditor], &[], CAROL);
-        people.add("dave", &[Role::Approver], &[], DAVE);
+        let people = Self::people();
         let h = super::harness().await;
         let audit_pg_dsn = self.config.audit.postgres.as_ref().map(|_| {
             format!("host={} port={} user={} password={} dbname={}_audit sslmode=disable", h.cluster.socket_dir().display(), h.cluster.port, h.cluster.superuser, h.cluster.password, self.database)
         });
         let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()], skip_role_check: false, audit_pg_dsn };
         App::build(&self.config, secrets, people, options).await
+    }
+
+    /// Applies an edited copy of the config to the running proxy, as SIGHUP does.
+    pub async fn reload(&mut self, edit: impl FnOnce(&mut Config)) -> anyhow::Result<pglease::app::ReloadReport> {
+        let mut next = self.config.clone();
+        edit(&mut next);
+        let running = self.running.as_ref().expect("running");
+        let report = running.reloader.reload(next.clone(), self.secrets.clone().into_iter().collect(), Self::people()).await?;
+        self.config = next;
+        Ok(report)
+    }
+
+    fn people() -> People {
+        let mut people = People::default();
+        people.add("alice", &[Role::Engineer], &[], ALICE);
+        people.add("bob", &[Role::Approver], &["dba"], BOB);
+        people.add("carol", &[Role::Auditor], &[], CAROL);
+        people.add("dave", &[Role::Approver], &[], DAVE);
+        people
     }
 
     pub async fn stop(&mut self) {
