@@ -274,7 +274,7 @@ async fn a_reload_rechecks_backing_roles_and_ends_sessions_of_a_scope_it_disable
     assert!(session.simple_query("select 1").await.is_err(), "the read session is ended");
     other.simple_query("select 1").await.expect("the write scope's session goes on");
 
-    let refused = env.connect(&login, &password).await.err().expect("the scope is not served");
+    let refused = env.connect(&login, &password).await.expect_err("the scope is not served");
     let db = refused.as_db_error().expect("a FATAL from the proxy");
     assert_eq!(db.code().code(), "42501");
     assert!(db.message().contains("scope \"read\" is disabled") && db.message().contains("public.people"), "{}", db.message());
