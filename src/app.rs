@@ -293,10 +293,19 @@ impl Reloader {
             (Some(cert), Some(key)) => Some(Arc::new(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?)),
             _ => None,
         };
-        let served = serve_scopes(&next, &passwords, self.proxy.upstream(), self.skip_role_check).await?;
+        let mut served = serve_scopes(&next, &passwords, self.proxy.upstream(), self.skip_role_check).await?;
+        let old_state = self.proxy.state();
+        // A scope whose session rules did not change keeps its policy object: its decision
+        // caches stay warm, and sessions that started under it are still under the rules in force.
+        for (name, policy) in served.policies.iter_mut() {
+            if let (Some(old), Some(new), Some(kept)) = (current.scopes.get(name), next.scopes.get(name), old_state.policies.get(name))
+                && !governs_differently(old, new)
+            {
+                *policy = kept.clone();
+            }
+        }
 
         let mut report = ReloadReport { restart_needed: restart_only_changes(&current, &next), ..Default::default() };
-        let old_state = self.proxy.state();
         // What stays fixed until restart keeps its old value, also in the new state.
         let mut listen = next.listen.clone();
         listen.addr = current.listen.addr;

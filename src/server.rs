@@ -73,6 +73,16 @@ pub struct ProxyState {
     pub grant_settings: GrantSettings,
 }
 
+impl ProxyState {
+    /// Whether `now` still serves `scope` with the very policy this state does.
+    fn serves_as_now(&self, scope: &str, now: &ProxyState) -> bool {
+        match (self.policies.get(scope), now.policies.get(scope)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) && !now.disabled_scopes.contains_key(scope),
+            _ => false,
+        }
+    }
+}
+
 /// Everything the proxy shares between connections.
 pub struct Proxy {
     /// Fixed at start: the listener's address and connection limit.
@@ -399,6 +409,15 @@ impl Proxy {
         };
 
         let registered = self.sessions.register(identity.clone(), addr, params.database.clone());
+        // A reload that changed this scope while the session was starting ends the sessions it
+        // finds registered; this one may have registered just after, under the old rules.
+        if let Some(scope) = &identity.scope
+            && !state.serves_as_now(scope, &self.state())
+        {
+            let e = ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: scope \"{scope}\" was changed by a configuration reload while this session started; reconnect"));
+            handshake::send_error(reader.get_mut(), &e).await;
+            return Err(HandshakeError::Refused(e));
+        }
         let cancel_key = self.cancels.register(self.upstream.clone(), upstream.key.clone());
 
         // The upstream's ParameterStatus set, our BackendKeyData, then ReadyForQuery.
