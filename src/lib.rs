@@ -34,6 +34,7 @@ pub mod people;
 pub mod scopes;
 pub mod time;
 pub mod app;
+pub mod reload;
 pub mod cli;
 pub mod policy;
 pub mod audit;

@@ -141,7 +141,7 @@ impl Proxy {
     }
 
     /// Puts `next` in force for connections from now on. Sessions already running keep the
-    /// state they started with; the caller ends those that must not (see `app::reload`).
+    /// state they started with; the caller ends those that must not (see `reload::Reloader`).
     pub fn reload(&self, next: ProxyState) {
         self.state.store(Arc::new(next));
     }

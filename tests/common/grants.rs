@@ -219,7 +219,7 @@ impl GrantsEnv {
     }
 
     /// Applies an edited copy of the config to the running proxy, as SIGHUP does.
-    pub async fn reload(&mut self, edit: impl FnOnce(&mut Config)) -> anyhow::Result<pglease::app::ReloadReport> {
+    pub async fn reload(&mut self, edit: impl FnOnce(&mut Config)) -> anyhow::Result<pglease::reload::ReloadReport> {
         let mut next = self.config.clone();
         edit(&mut next);
         let running = self.running.as_ref().expect("running");
