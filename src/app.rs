@@ -30,12 +30,16 @@ pub struct Secrets {
 impl Secrets {
     /// Reads every password from where the config says (environment or files).
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let upstream = config.upstream.password()?;
+        Ok(Self { upstream: config.upstream.password()?, scopes: Self::scope_passwords(config)? })
+    }
+
+    /// The password of each scope's backing role.
+    pub fn scope_passwords(config: &Config) -> anyhow::Result<HashMap<String, String>> {
         let mut scopes = HashMap::new();
         for (name, scope) in &config.scopes {
             scopes.insert(name.clone(), scope.password(name)?);
         }
-        Ok(Self { upstream, scopes })
+        Ok(scopes)
     }
 }
 
@@ -88,10 +92,7 @@ impl App {
     /// Builds everything from the config.
     pub async fn build(config: &Config, secrets: Secrets, people: People, options: BuildOptions) -> anyhow::Result<Self> {
         let store = options.store;
-        let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
-            (Some(cert), Some(key)) => Some(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?),
-            _ => None,
-        };
+        let tls = client_tls(config)?;
         let upstream = Upstream::new(config.upstream.clone(), secrets.upstream, config.listen.max_message_bytes).context("upstream TLS")?;
         let (audit, audit_thread) = crate::audit::AuditLog::open(crate::audit::AuditOptions {
             path: config.audit.path.clone(),
@@ -183,6 +184,14 @@ pub(crate) struct ServedScopes {
     pub policies: HashMap<String, Arc<ScopePolicy>>,
     /// Scopes not served, with why.
     pub disabled: HashMap<String, String>,
+}
+
+/// The certificate and key shown to clients, when the config names them.
+pub(crate) fn client_tls(config: &Config) -> anyhow::Result<Option<ServerTls>> {
+    match (&config.listen.tls_cert, &config.listen.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?)),
+        _ => Ok(None),
+    }
 }
 
 pub(crate) fn grant_settings(config: &Config) -> GrantSettings {

@@ -3,10 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::Context;
-
 use crate::admin::api::ApiState;
-use crate::app::{grant_settings, serve_scopes};
+use crate::app::{Secrets, client_tls, grant_settings, serve_scopes};
 use crate::config::{Config, ScopeConfig};
 use crate::error::{ClientError, sqlstate};
 use crate::events::{Event, Events};
@@ -15,7 +13,6 @@ use crate::handshake::ClientTlsPolicy;
 use crate::people::People;
 use crate::scopes::Scopes;
 use crate::server::{Proxy, ProxyState};
-use crate::tls::ServerTls;
 
 /// What a reload did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -61,10 +58,7 @@ impl Reloader {
     pub async fn reload_file(&self, path: &std::path::Path) -> anyhow::Result<ReloadReport> {
         counted(async {
             let config = Config::load(path)?;
-            let mut passwords = HashMap::new();
-            for (name, scope) in &config.scopes {
-                passwords.insert(name.clone(), scope.password(name)?);
-            }
+            let passwords = Secrets::scope_passwords(&config)?;
             let people = People::from_config(&config.people);
             self.try_reload(config, passwords, people).await
         })
@@ -79,10 +73,7 @@ impl Reloader {
 
     async fn try_reload(&self, next: Config, passwords: HashMap<String, String>, people: People) -> anyhow::Result<ReloadReport> {
         let mut current = self.current.lock().await;
-        let tls = match (&next.listen.tls_cert, &next.listen.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(ServerTls::from_files(cert, key).context("listen.tls_cert / listen.tls_key")?)),
-            _ => None,
-        };
+        let tls = client_tls(&next)?.map(Arc::new);
         let mut served = serve_scopes(&next, &passwords, self.proxy.upstream(), self.skip_role_check).await?;
         let old_state = self.proxy.state();
         // A scope whose session rules did not change keeps its policy object: its decision

@@ -2,14 +2,17 @@
 
 use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Resolves on the first SIGINT or SIGTERM. SIGHUP keeps its default action (the demo ends
+/// with its terminal); only `serve`, through [`Signals`], takes it as "reload".
 pub async fn wait_for_shutdown() {
-    match Signals::new() {
-        Ok(mut signals) => while signals.next().await != Signal::Shutdown {},
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers there is nothing to wait for; fall back to Ctrl-C only.
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }
 
