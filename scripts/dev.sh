@@ -95,10 +95,13 @@ case "$command" in
         for target in startup messages frames policy; do
             mkdir -p "work/$target"
             echo "fuzz: $target for ${seconds}s" >&2
-            if ! cargo +nightly fuzz run "$target" "work/$target" "corpus/$target" -- -max_total_time="$seconds" -print_final_stats=1 2>&1 \
-                | grep -E '^(Done|stat::number_of_executed_units)|ERROR|SUMMARY|panicked' >&2; then
-                die "fuzz: $target failed; the input is in fuzz/artifacts/$target"
+            log="work/$target.log"
+            if ! cargo +nightly fuzz run "$target" "work/$target" "corpus/$target" -- -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
+                # The whole report: the panic message, the input, and libFuzzer's summary.
+                grep -v -E '^#[0-9]+\s+(NEW|REDUCE|pulse)' "$log" | tail -n 60 >&2
+                die "fuzz: $target failed; the input is in fuzz/artifacts/$target, the log in fuzz/$log"
             fi
+            grep -E '^(Done|stat::number_of_executed_units)' "$log" >&2 || true
         done
         ;;
     *)

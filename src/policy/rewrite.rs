@@ -1,6 +1,7 @@
 //! Rewrites applied on the parse tree, then deparsed: the row cap.
 
 use pg_query::NodeEnum;
+use serde_json::Value;
 use pg_query::protobuf::{self, AConst, Integer, LimitOption, MinMaxExpr, MinMaxOp, Node, SelectStmt, a_const};
 
 fn int_const(n: i64) -> Node {
@@ -88,6 +89,23 @@ fn copy_as_query(copy: &mut protobuf::CopyStmt, limit: u64) -> Result<bool, Stri
     Ok(true)
 }
 
+/// Refuses a COPY format Postgres does not know, as Postgres would, before the deparser sees it:
+/// it cannot print one (a build with assertions aborts on it).
+fn copy_format_known(copy: &protobuf::CopyStmt) -> Result<(), String> {
+    for option in &copy.options {
+        let Some(NodeEnum::DefElem(d)) = &option.node else { continue };
+        if d.defname != "format" {
+            continue;
+        }
+        match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+            Some(NodeEnum::String(f)) if matches!(f.sval.as_str(), "text" | "csv" | "binary") => {}
+            Some(NodeEnum::String(f)) => return Err(format!("COPY format \"{}\" not recognized", f.sval)),
+            _ => return Err("COPY format must be text, csv or binary".into()),
+        }
+    }
+    Ok(())
+}
+
 /// Applies the row cap to every statement that returns rows; `Some(sql)` if anything changed.
 pub(super) fn apply_row_limit(mut tree: protobuf::ParseResult, limit: u64) -> Result<Option<String>, String> {
     let mut changed = false;
@@ -98,6 +116,7 @@ pub(super) fn apply_row_limit(mut tree: protobuf::ParseResult, limit: u64) -> Re
             NodeEnum::DeclareCursorStmt(d) => cap_node(&mut d.query, limit),
             NodeEnum::PrepareStmt(p) => cap_node(&mut p.query, limit),
             NodeEnum::CopyStmt(c) if !c.is_from => {
+                copy_format_known(c)?;
                 if c.query.is_some() {
                     cap_node(&mut c.query, limit)
                 } else {
@@ -110,5 +129,40 @@ pub(super) fn apply_row_limit(mut tree: protobuf::ParseResult, limit: u64) -> Re
     if !changed {
         return Ok(None);
     }
-    pg_query::deparse(&tree, Default::default()).map(Some).map_err(|e| e.to_string())
+    let sql = pg_query::deparse(&tree, Default::default()).map_err(|e| e.to_string())?;
+    round_trips(&tree, &sql)?;
+    Ok(Some(sql))
+}
+
+/// Fields that say where in the text a node was, not what it is (the `ParseLoc` fields of the
+/// Postgres node types).
+const POSITION_FIELDS: &[&str] =
+    &["location", "arg_location", "conninfo_location", "name_location", "payload_location", "list_start", "list_end", "rexpr_list_start", "rexpr_list_end", "stmt_location", "stmt_len"];
+
+fn without_positions(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.retain(|k, _| !POSITION_FIELDS.contains(&k.as_str()));
+            map.values_mut().for_each(without_positions);
+        }
+        Value::Array(items) => items.iter_mut().for_each(without_positions),
+        _ => {}
+    }
+}
+
+/// The rewritten text must parse back to the very tree it was printed from, positions aside:
+/// what runs is then exactly what was checked and capped. The deparser does not always print a
+/// tree the grammar reads back the same (it prints the parameter `$0` as `?`, for one); such a
+/// statement is refused rather than sent in a form nobody checked.
+fn round_trips(tree: &protobuf::ParseResult, sql: &str) -> Result<(), String> {
+    let reparsed = pg_query::parse(sql, 0).map_err(|e| format!("the rewritten statement does not parse ({e})"))?;
+    let as_value = |t: &protobuf::ParseResult| {
+        let mut v = serde_json::to_value(t).map_err(|e| e.to_string())?;
+        without_positions(&mut v);
+        Ok::<_, String>(v)
+    };
+    if as_value(tree)? != as_value(&reparsed.protobuf)? {
+        return Err("the rewritten statement does not read back as the statement that was checked".into());
+    }
+    Ok(())
 }

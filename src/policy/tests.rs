@@ -50,6 +50,28 @@ fn reads_in_scope_are_allowed_and_capped() {
 }
 
 #[test]
+fn a_capped_statement_runs_only_as_the_tree_that_was_checked() {
+    let s = scope("orders-read");
+    // The deparser prints the parameter `$0` as `?`: the rewritten text would not be the statement
+    // that was checked, so it is refused (Postgres itself has no parameter $0).
+    denied(&s, "SELECT * FROM orders.orders WHERE id = $0", "rewritten statement does not parse");
+    denied(&s, "PREPARE p(int) AS SELECT * FROM orders.orders WHERE id = $0", "rewritten statement does not parse");
+    // It cannot print a COPY format Postgres does not know: refused before it tries.
+    denied(&s, "COPY orders.orders TO STDOUT WITH (FORMAT c)", "COPY format \"c\" not recognized");
+    denied(&s, "COPY orders.orders TO STDOUT WITH (FORMAT 1)", "COPY format must be");
+    allowed(&s, "COPY orders.orders TO STDOUT WITH (FORMAT csv, HEADER)");
+    // Names that need quoting, operators, casts, IN lists and parameters read back the same.
+    match s.decide_uncached("SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relkind IN ('r','p','') AND c.relname !~ '^pg_toast' ORDER BY 1").decision {
+        Decision::Rewrite { sql, .. } => assert!(sql.ends_with("LIMIT 1000"), "{sql}"),
+        other => panic!("{other:?}"),
+    }
+    match s.decide_uncached("PREPARE p(int) AS SELECT \"ºx\".id FROM orders.orders \"ºx\" WHERE id >>= $1::int AND note ~~ 'a''b' LIMIT $1").decision {
+        Decision::Rewrite { sql, .. } => assert!(sql.contains("LEAST($1, 1000::bigint)") && sql.contains("\"ºx\""), "{sql}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn writes_outside_the_scope_are_refused_with_the_rule() {
     let s = scope("orders-read");
     denied(&s, "DELETE FROM orders.orders WHERE id = 1", "does not allow DELETE on orders.orders");
