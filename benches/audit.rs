@@ -107,4 +107,28 @@ fn main() {
         let base = results.iter().find(|(w2, p, _)| w2 == w && p.starts_with("direct (TCP")).map(|r| r.2).unwrap();
         println!("{w:<24} {path:<34} {tps:>10.0} {:>12.2}", tps / base);
     }
+    rt.block_on(rotation_stall(dir.path()));
+}
+
+/// The slowest append across a rotation of the log (`write` mode, 64 MiB files), against the
+/// median append: a rotation must not stall the sessions appending meanwhile.
+async fn rotation_stall(dir: &std::path::Path) {
+    use pglease::audit::record::Body;
+    use pglease::audit::{AuditLog, AuditOptions, ParamLogging};
+    let path = dir.join("rotation").join("audit.jsonl");
+    let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 64 << 20, anchor: None, params: ParamLogging::Log };
+    let (log, writer) = AuditLog::open(options).unwrap();
+    let event = serde_json::json!({"event": "bench", "pad": "x".repeat(300)});
+    let mut took = Vec::new();
+    while pglease::audit::log::log_files(&path).len() < 2 {
+        let started = std::time::Instant::now();
+        log.append(Body::Event { event: event.clone() }).await.unwrap();
+        took.push(started.elapsed());
+    }
+    drop(log);
+    writer.join().unwrap();
+    let worst = took.iter().max().copied().unwrap_or_default();
+    took.sort();
+    let median = took[took.len() / 2];
+    println!("\naudit append across a 64 MiB rotation: {} appends, median {median:?}, worst {worst:?}", took.len());
 }

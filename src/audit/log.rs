@@ -244,7 +244,18 @@ impl Writer {
             + 1;
         let rotated = PathBuf::from(format!("{}.{next:06}", self.options.path.display()));
         if let Some(f) = self.file.take() {
-            let _ = f.sync_all();
+            // The finished file is flushed to disk off the hot path: a session appending its
+            // record (under the writer's lock in `write` mode) must not wait while hundreds of MiB
+            // of page cache are written back.
+            let sync = move || {
+                if let Err(e) = f.sync_all() {
+                    tracing::error!(error = %e, "cannot flush the rotated audit log to disk");
+                }
+            };
+            let spawned = std::thread::Builder::new().name("pglease-audit-sync".into()).spawn(sync);
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a thread to flush the rotated audit log; it is flushed by the OS in time");
+            }
         }
         if let Err(e) = std::fs::rename(&self.options.path, &rotated) {
             tracing::error!(error = %e, "cannot rotate the audit log; continuing in the same file");
