@@ -21,6 +21,15 @@ fn denied(s: &ScopePolicy, sql: &str, why: &str) {
     }
 }
 
+/// The statement `s` runs instead of `sql` (its row cap applied); panics unless it rewrites.
+#[track_caller]
+fn rewritten(s: &ScopePolicy, sql: &str) -> String {
+    match s.decide_uncached(sql).decision {
+        Decision::Rewrite { sql, .. } => sql,
+        other => panic!("{} should rewrite {sql:?}, got {other:?}", s.name),
+    }
+}
+
 #[test]
 fn reads_in_scope_are_allowed_and_capped() {
     let s = scope("orders-read");
@@ -30,23 +39,15 @@ fn reads_in_scope_are_allowed_and_capped() {
     allowed(&s, "EXPLAIN SELECT * FROM orders.orders");
     allowed(&s, "SELECT c.relname FROM pg_catalog.pg_class c WHERE pg_catalog.pg_table_is_visible(c.oid)");
     allowed(&s, "SELECT table_name FROM information_schema.tables");
-    match s.decide_uncached("SELECT * FROM orders.orders").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.ends_with("LIMIT 1000"), "{sql}"),
-        other => panic!("{other:?}"),
-    }
-    match s.decide_uncached("SELECT * FROM orders.orders LIMIT 5000").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.contains("LIMIT 1000") && !sql.contains("5000"), "{sql}"),
-        other => panic!("{other:?}"),
-    }
+    let sql = rewritten(&s, "SELECT * FROM orders.orders");
+    assert!(sql.ends_with("LIMIT 1000"), "{sql}");
+    let sql = rewritten(&s, "SELECT * FROM orders.orders LIMIT 5000");
+    assert!(sql.contains("LIMIT 1000") && !sql.contains("5000"), "{sql}");
     assert_eq!(s.decide_uncached("SELECT * FROM orders.orders LIMIT 10").decision, Decision::Allow);
-    match s.decide_uncached("SELECT * FROM orders.orders LIMIT $1").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.contains("LEAST($1, 1000::bigint)"), "{sql}"),
-        other => panic!("{other:?}"),
-    }
-    match s.decide_uncached("COPY orders.orders TO STDOUT").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.contains("LIMIT 1000") && sql.starts_with("COPY (SELECT"), "{sql}"),
-        other => panic!("{other:?}"),
-    }
+    let sql = rewritten(&s, "SELECT * FROM orders.orders LIMIT $1");
+    assert!(sql.contains("LEAST($1, 1000::bigint)"), "{sql}");
+    let sql = rewritten(&s, "COPY orders.orders TO STDOUT");
+    assert!(sql.contains("LIMIT 1000") && sql.starts_with("COPY (SELECT"), "{sql}");
 }
 
 #[test]
@@ -61,14 +62,10 @@ fn a_capped_statement_runs_only_as_the_tree_that_was_checked() {
     denied(&s, "COPY orders.orders TO STDOUT WITH (FORMAT 1)", "COPY format must be");
     allowed(&s, "COPY orders.orders TO STDOUT WITH (FORMAT csv, HEADER)");
     // Names that need quoting, operators, casts, IN lists and parameters read back the same.
-    match s.decide_uncached("SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relkind IN ('r','p','') AND c.relname !~ '^pg_toast' ORDER BY 1").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.ends_with("LIMIT 1000"), "{sql}"),
-        other => panic!("{other:?}"),
-    }
-    match s.decide_uncached("PREPARE p(int) AS SELECT \"ºx\".id FROM orders.orders \"ºx\" WHERE id >>= $1::int AND note ~~ 'a''b' LIMIT $1").decision {
-        Decision::Rewrite { sql, .. } => assert!(sql.contains("LEAST($1, 1000::bigint)") && sql.contains("\"ºx\""), "{sql}"),
-        other => panic!("{other:?}"),
-    }
+    let sql = rewritten(&s, "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relkind IN ('r','p','') AND c.relname !~ '^pg_toast' ORDER BY 1");
+    assert!(sql.ends_with("LIMIT 1000"), "{sql}");
+    let sql = rewritten(&s, "PREPARE p(int) AS SELECT \"ºx\".id FROM orders.orders \"ºx\" WHERE id >>= $1::int AND note ~~ 'a''b' LIMIT $1");
+    assert!(sql.contains("LEAST($1, 1000::bigint)") && sql.contains("\"ºx\""), "{sql}");
 }
 
 #[test]
