@@ -1,8 +1,8 @@
 //! Rewrites applied on the parse tree, then deparsed: the row cap.
 
 use pg_query::NodeEnum;
-use serde_json::Value;
 use pg_query::protobuf::{self, AConst, Integer, LimitOption, MinMaxExpr, MinMaxOp, Node, SelectStmt, a_const};
+use serde_json::Value;
 
 fn int_const(n: i64) -> Node {
     Node {
