@@ -64,6 +64,7 @@ fn main() {
                 max_message_bytes: 64 << 20,
                 client_stall_timeout: Duration::from_secs(300),
                 shutdown_grace: Duration::from_secs(1),
+                workers: None,
             },
             upstream: UpstreamConfig {
                 host: "127.0.0.1".into(),

@@ -6,7 +6,10 @@
 //! Knobs (environment): `PGLEASE_BENCH_SECONDS` per pgbench run (default 8),
 //! `PGLEASE_BENCH_ROUNDS` (default 2), `PGLEASE_BENCH_IDLE` idle-session counts for the memory
 //! slope (default `1000,5000`; empty skips it), `PGLEASE_BENCH_JSON` a file for the raw results,
-//! `PGLEASE_BENCH_ONLY_WORKLOAD` / `PGLEASE_BENCH_ONLY_PATH` (exact path name) to run a subset, for profiling.
+//! `PGLEASE_BENCH_ONLY_WORKLOAD` / `PGLEASE_BENCH_ONLY_PATH` (exact path names, comma-separated) to run a subset, for profiling,
+//! `PGLEASE_BENCH_WORKERS` pglease's session threads (`listen.workers`; default 1, pgbouncer's
+//! one event loop: on this 2-core machine shared with Postgres and pgbench it is the cheaper
+//! setting), `PGLEASE_BENCH_RUNTIME` (`current` or a thread count) the runtime that accepts.
 //!
 //! Every path runs without TLS on loopback TCP (as the reference figures were taken): the cost
 //! measured is the proxy's, not the cipher's. Postgres sees the same non-superuser role on every
@@ -231,6 +234,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
             max_message_bytes: 64 << 20,
             client_stall_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(1),
+            workers: Some(env_or("PGLEASE_BENCH_WORKERS", 1)),
         },
         upstream: UpstreamConfig {
             host: "127.0.0.1".into(),
@@ -290,10 +294,10 @@ fn main() {
         std::env::var("PGLEASE_BENCH_IDLE").unwrap_or_else(|_| "1000,5000".into()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let max_idle = idle_counts.iter().copied().max().unwrap_or(0);
 
-    let rt = std::sync::Arc::new(if std::env::var("PGLEASE_BENCH_RUNTIME").as_deref() == Ok("current") {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    let rt = std::sync::Arc::new(match std::env::var("PGLEASE_BENCH_RUNTIME").as_deref() {
+        Ok("current") => tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+        Ok(n) if n.parse::<usize>().is_ok() => tokio::runtime::Builder::new_multi_thread().worker_threads(n.parse().unwrap()).enable_all().build().unwrap(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap(),
     });
     {
         let rt = rt.clone();
@@ -345,7 +349,7 @@ fn main() {
     let mut runs: BTreeMap<(&str, &str), Vec<Run>> = BTreeMap::new();
     for round in 1..=rounds {
         for (name, args, paths) in workloads.iter().filter(|w| w.0.contains(&only_workload)) {
-            for target in targets.iter().filter(|t| paths.contains(&t.name) && (only_path.is_empty() || t.name == only_path)) {
+            for target in targets.iter().filter(|t| paths.contains(&t.name) && (only_path.is_empty() || only_path.split(',').any(|p| t.name == p))) {
                 let pid = target.pid;
                 let run = pgbench(&cluster, args, target, || pid.map(cpu_seconds));
                 eprintln!("round {round}/{rounds} {name:<22} {:<14} {:>9.0} tps {:>8.3} ms", target.name, run.tps, run.latency_ms);
@@ -365,7 +369,10 @@ fn main() {
     let lat = |w: &str, p: &str| stat(w, p, |r| r.latency_ms);
     let cpu = |w: &str, p: &str| stat(w, p, |r| r.cpu_s.map_or(f64::NAN, |c| c / r.transactions * 1e6));
 
-    println!("\npglease end-to-end benchmark: {rounds} round(s) x {seconds} s per run, interleaved; medians; pgbench scale 10, loopback TCP, no TLS");
+    println!(
+        "\npglease end-to-end benchmark: {rounds} round(s) x {seconds} s per run, interleaved; medians; pgbench scale 10, loopback TCP, no TLS; pglease with {} session thread(s)",
+        env_or("PGLEASE_BENCH_WORKERS", 1)
+    );
     println!("{:<22} {:<14} {:>9} {:>10} {:>10} {:>13} {:>11}", "workload", "path", "tps", "latency ms", "vs direct", "vs pgbouncer", "cpu µs/tx");
     for (name, _, paths) in &workloads {
         for p in paths.iter() {

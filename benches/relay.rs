@@ -50,6 +50,7 @@ fn relay(c: &mut Criterion) {
         max_message_bytes: 64 << 20,
         client_stall_timeout: Duration::from_secs(300),
         shutdown_grace: Duration::from_secs(1),
+        workers: None,
     };
     let upstream = UpstreamConfig {
         host: "127.0.0.1".into(),

@@ -298,6 +298,10 @@ pub struct ListenConfig {
     /// On SIGTERM/SIGINT, how long idle-in-flight sessions may finish before they are ended.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Threads that run sessions, each with its own event loop; a connection stays on one for
+    /// its whole life. Absent: one per core.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// Upstream TLS modes, named as libpq's `sslmode`.
@@ -390,6 +394,9 @@ fn default_failures_before_delay() -> u32 {
 fn default_max_duration() -> Duration {
     Duration::from_secs(8 * 3600)
 }
+
+/// More session threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 fn default_max_connections() -> usize {
     1000
@@ -493,6 +500,9 @@ impl Config {
         }
         if l.max_connections == 0 {
             return Err(ConfigError::invalid("listen.max_connections", "must be at least 1"));
+        }
+        if l.workers.is_some_and(|n| !(1..=MAX_WORKERS).contains(&n)) {
+            return Err(ConfigError::invalid("listen.workers", format!("must be between 1 and {MAX_WORKERS}")));
         }
         if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&l.max_message_bytes) {
             return Err(ConfigError::invalid(
@@ -651,6 +661,7 @@ mod tests {
     fn minimal_config_parses_with_defaults() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.listen.max_connections, 1000);
+        assert_eq!(c.listen.workers, None);
         assert_eq!(c.upstream.port, 5432);
         assert_eq!(c.listen.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.admin.addr.port(), 9187);
@@ -688,6 +699,10 @@ mod tests {
         assert!(e.contains("upstream.tls"), "{e}");
         let e = err(&MINIMAL.replace("allow_plaintext = true", "allow_plaintext = true\nmax_message_bytes = 10"));
         assert!(e.contains("listen.max_message_bytes"), "{e}");
+        for workers in ["0", "5000"] {
+            let e = err(&MINIMAL.replace("allow_plaintext = true", &format!("allow_plaintext = true\nworkers = {workers}")));
+            assert!(e.contains("listen.workers") && e.contains("between 1 and"), "{e}");
+        }
     }
 
     #[test]

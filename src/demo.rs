@@ -195,6 +195,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
             max_message_bytes: 64 << 20,
             client_stall_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
+            workers: None,
         },
         upstream: UpstreamConfig {
             host: "127.0.0.1".into(),

@@ -28,6 +28,7 @@ pub mod signals;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 pub mod events;
 pub mod grants;
 pub mod people;

@@ -35,7 +35,7 @@ pub struct ReloadReport {
 /// handshakes use them; sessions keep theirs), `allow_plaintext` and the listener's timeouts,
 /// scopes, people (admin tokens), grant settings. Sessions of a scope whose rules changed, or
 /// that was removed, are ended with `FATAL 57P01`: nobody keeps working under rules the DBA
-/// has just withdrawn. The rest (`listen.addr`, `listen.max_connections`, `admin`, `upstream`,
+/// has just withdrawn. The rest (`listen.addr`, `listen.max_connections`, `listen.workers`, `admin`, `upstream`,
 /// `audit`, `grants.store`, `grants.events_log`, `log`) takes effect at restart; a change to
 /// those is reported and otherwise ignored.
 pub struct Reloader {
@@ -91,6 +91,7 @@ impl Reloader {
         let mut listen = next.listen.clone();
         listen.addr = current.listen.addr;
         listen.max_connections = current.listen.max_connections;
+        listen.workers = current.listen.workers;
 
         // Sessions that must end: their scope was removed, its rules changed, or it is no longer served.
         let mut ending: HashMap<String, String> = HashMap::new();
@@ -176,9 +177,10 @@ fn governs_differently(old: &ScopeConfig, new: &ScopeConfig) -> bool {
 
 /// Keys changed in `next` that only take effect at restart.
 fn restart_only_changes(old: &Config, next: &Config) -> Vec<&'static str> {
-    let checks: [(&'static str, bool); 8] = [
+    let checks: [(&'static str, bool); 9] = [
         ("listen.addr", old.listen.addr != next.listen.addr),
         ("listen.max_connections", old.listen.max_connections != next.listen.max_connections),
+        ("listen.workers", old.listen.workers != next.listen.workers),
         ("admin", old.admin != next.admin),
         ("upstream", old.upstream != next.upstream),
         ("audit", old.audit != next.audit),

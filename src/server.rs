@@ -33,6 +33,7 @@ use crate::session::{PassThrough, Session, SessionContext, SessionEnd, SessionHo
 use crate::stream::Stream;
 use crate::tls::ServerTls;
 use crate::upstream::{Upstream, UpstreamLogin};
+use crate::workers::Workers;
 use crate::audit::AuditLog;
 use crate::auth::Identity;
 use crate::policy::ScopePolicy;
@@ -196,6 +197,13 @@ impl Proxy {
     /// in flight, and those still busy after `shutdown_grace` are ended with `FATAL 57P01`.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        let workers = match Workers::start(self.listen.workers.unwrap_or_else(Workers::default_count)) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the session threads; not accepting clients");
+                return;
+            }
+        };
         let limit = Arc::new(Semaphore::new(self.listen.max_connections));
         // Connections over the limit still get a readable answer (and may carry a cancel
         // request), but only this many are answered at once; beyond that they are closed.
@@ -225,16 +233,27 @@ impl Proxy {
                 }
                 continue;
             };
+            // The socket moves to a session thread's runtime: it is registered there afresh.
+            let tcp = match tcp.into_std() {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand the connection to a session thread");
+                    continue;
+                }
+            };
             let proxy = self.clone();
             let shutdown = shutdown.clone();
             let span = tracing::info_span!("conn", client = %addr, session = tracing::field::Empty);
-            tracker.spawn(
+            workers.spawn(tracker.track_future(
                 async move {
                     let _permit = permit;
-                    proxy.serve_connection(tcp, addr, shutdown).await;
+                    match TcpStream::from_std(tcp) {
+                        Ok(tcp) => proxy.serve_connection(tcp, addr, shutdown).await,
+                        Err(e) => tracing::warn!(error = %e, "cannot register the connection on its session thread"),
+                    }
                 }
                 .instrument(span),
-            );
+            ));
         }
         drop(listener);
         tracker.close();

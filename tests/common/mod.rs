@@ -145,6 +145,7 @@ impl TestProxy {
             max_message_bytes: 64 << 20,
             client_stall_timeout: options.client_stall_timeout,
             shutdown_grace: options.shutdown_grace,
+            workers: None,
         };
         let upstream = UpstreamConfig {
             host: if options.upstream_unix { h.cluster.socket_dir().display().to_string() } else { "127.0.0.1".into() },
