@@ -252,7 +252,14 @@ struct Writer {
     head: String,
     last_anchor: Instant,
     anchored_seq: u64,
+    /// `fsync` mode: since when records have been written but not flushed to disk (only records
+    /// nobody waits for are left so, for about [`UNSYNCED_FOR`]).
+    unsynced: Option<Instant>,
 }
+
+/// In `fsync` mode, how long records nobody waits for (results, events) may stay in the page
+/// cache before they are flushed; a statement record arriving meanwhile takes them along.
+const UNSYNCED_FOR: Duration = Duration::from_millis(5);
 
 impl Writer {
     fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
@@ -264,7 +271,10 @@ impl Writer {
         Ok(self.file.as_mut().expect("opened"))
     }
 
-    /// Writes a batch; on failure, nothing of it stays in the file.
+    /// Writes a batch; on failure, nothing of it stays in the file. In `fsync` mode the file is
+    /// flushed to disk before this returns if anyone waits for a record of the batch; a batch
+    /// of results and events only is flushed later ([`Self::sync`]), so that the statement
+    /// records after it do not queue behind a flush nobody needed yet.
     fn write_batch(&mut self, batch: &[Pending]) -> Result<Vec<u64>, AuditError> {
         let at = crate::time::rfc3339(SystemTime::now());
         let mut buf = Vec::new();
@@ -278,11 +288,11 @@ impl Writer {
             head = hash;
             seqs.push(seq);
         }
-        let durability = self.options.durability;
+        let sync_now = self.options.durability == Durability::Fsync && batch.iter().any(|p| p.ack.is_some());
         let result = (|| -> std::io::Result<()> {
             let f = self.open()?;
             f.write_all(&buf)?;
-            if durability == Durability::Fsync {
+            if sync_now {
                 f.sync_data()?;
             }
             Ok(())
@@ -297,9 +307,33 @@ impl Writer {
         self.good_len += buf.len() as u64;
         self.seq = seq;
         self.head = head;
+        if sync_now {
+            self.unsynced = None;
+        } else if self.options.durability == Durability::Fsync {
+            let since = *self.unsynced.get_or_insert_with(Instant::now);
+            // A steady trickle of records nobody waits for must not postpone the flush forever.
+            if since.elapsed() >= UNSYNCED_FOR {
+                self.sync();
+            }
+        }
         metrics::counter!("pglease_audit_records_total").increment(batch.len() as u64);
         metrics::counter!("pglease_audit_bytes_total").increment(buf.len() as u64);
         Ok(seqs)
+    }
+
+    /// Flushes records left in the page cache by [`Self::write_batch`]. A failure is logged;
+    /// the next write reports it again if the disk is really gone.
+    fn sync(&mut self) {
+        if self.unsynced.is_none() {
+            return;
+        }
+        if let Some(f) = &self.file
+            && let Err(e) = f.sync_data()
+        {
+            metrics::counter!("pglease_audit_failures_total").increment(1);
+            tracing::error!(error = %e, path = %self.options.path.display(), "cannot flush the audit log to disk");
+        }
+        self.unsynced = None;
     }
 
     fn rotate_if_needed(&mut self) {
@@ -338,6 +372,8 @@ impl Writer {
         if self.seq == self.anchored_seq || (!force && self.last_anchor.elapsed() < Duration::from_secs(1)) {
             return;
         }
+        // The anchor never names a record that is not on disk yet.
+        self.sync();
         let line = format!("{{\"seq\":{},\"hash\":\"{}\",\"at\":\"{}\"}}\n", self.seq, self.head, crate::time::rfc3339(SystemTime::now()));
         let written = std::fs::OpenOptions::new().create(true).append(true).open(&anchor).and_then(|mut f| {
             f.write_all(line.as_bytes())?;
@@ -358,7 +394,13 @@ impl Writer {
         // first into the next attempt, so nothing is dropped and order is kept.
         let mut carry: Vec<Pending> = Vec::new();
         loop {
-            let wait = if carry.is_empty() { Duration::from_secs(1) } else { Duration::from_millis(200) };
+            let wait = if !carry.is_empty() {
+                Duration::from_millis(200)
+            } else if let Some(since) = self.unsynced {
+                UNSYNCED_FOR.saturating_sub(since.elapsed())
+            } else {
+                Duration::from_secs(1)
+            };
             let mut batch = std::mem::take(&mut carry);
             match rx.recv_timeout(wait) {
                 Ok(p) => batch.push(p),
@@ -376,6 +418,7 @@ impl Writer {
                 }
             }
             if batch.is_empty() {
+                self.sync();
                 self.anchor(false);
                 continue;
             }
@@ -424,7 +467,7 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let (seq, head) = chain_head(&options.path)?;
-        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, options: options.clone() };
+        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, unsynced: None, options: options.clone() };
         let (sink, thread) = match options.durability {
             Durability::Fsync => {
                 let (tx, rx) = std_mpsc::channel();
@@ -519,6 +562,33 @@ mod tests {
         drop(log);
         thread.join().unwrap();
         assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 101);
+    }
+
+    /// In `fsync` mode records nobody waits for are written at once and flushed shortly after;
+    /// a statement's record then goes out after them in chain order, and the anchor names the head.
+    #[tokio::test]
+    async fn fsync_mode_writes_unwaited_records_at_once_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let anchor = dir.path().join("a.anchor");
+        let options = AuditOptions { path: path.clone(), durability: Durability::Fsync, rotate_bytes: 1 << 30, anchor: Some(anchor.clone()), params: ParamLogging::Log };
+        let (log, thread) = AuditLog::open(options).unwrap();
+        for n in 0..10 {
+            log.append_nowait(event(n));
+        }
+        let lines = || std::fs::read_to_string(&path).unwrap_or_default().lines().count();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while lines() < 10 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("records nobody waits for are written without waiting for a statement");
+        assert_eq!(log.append(event(10)).await.unwrap(), 11);
+        drop(log);
+        thread.join().unwrap();
+        let report = crate::audit::reader::verify(&path, Some(&anchor)).unwrap();
+        assert_eq!(report.records, 11);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
