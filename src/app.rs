@@ -92,6 +92,9 @@ impl App {
     /// Builds everything from the config.
     pub async fn build(config: &Config, secrets: Secrets, people: People, options: BuildOptions) -> anyhow::Result<Self> {
         let store = options.store;
+        // The recorder goes in first: the audit writer and sessions look their metrics up once
+        // and keep them, and a handle taken before the recorder exists would count nothing.
+        let metrics = crate::admin::metrics_handle();
         let tls = client_tls(config)?;
         let upstream = Upstream::new(config.upstream.clone(), secrets.upstream, config.listen.max_message_bytes).context("upstream TLS")?;
         let (audit, audit_thread) = crate::audit::AuditLog::open(crate::audit::AuditOptions {
@@ -133,7 +136,7 @@ impl App {
             proxy_host: config.listen.addr.ip().to_string(),
             proxy_port: config.listen.addr.port(),
         });
-        let admin = AdminState { metrics: crate::admin::metrics_handle(), sessions, api: Some(api) };
+        let admin = AdminState { metrics, sessions, api: Some(api) };
         let audit_pg = match &config.audit.postgres {
             Some(pg) => {
                 let dsn = match options.audit_pg_dsn.clone() {

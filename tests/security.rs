@@ -58,6 +58,10 @@ async fn secrets_never_reach_logs_or_metrics() {
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains(&login), "the capture works: the login is logged");
     assert!(metrics.contains("pglease_"), "the metrics endpoint answered");
+    // Handles the audit writer and sessions look up once and keep are live ones.
+    for name in ["pglease_audit_records_total", "pglease_audit_write_seconds", "pglease_messages_total", "pglease_query_duration_seconds"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
     let mut secrets = vec![password.as_str(), wrong, bad_token, BOB];
     let backing: Vec<String> = env.backing_passwords();
     secrets.extend(backing.iter().map(String::as_str));

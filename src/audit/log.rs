@@ -168,7 +168,7 @@ impl Inline {
         }
         let started = Instant::now();
         let result = self.writer.write_batch(&batch);
-        metrics::histogram!("pglease_audit_write_seconds").record(started.elapsed().as_secs_f64());
+        self.writer.meters().write_seconds.record(started.elapsed().as_secs_f64());
         match result {
             Ok(seqs) => {
                 for (p, seq) in batch.drain(..).zip(seqs) {
@@ -252,9 +252,27 @@ struct Writer {
     head: String,
     last_anchor: Instant,
     anchored_seq: u64,
+    /// Looked up on the first write, when the process's recorder is in place.
+    meters: std::sync::OnceLock<WriterMeters>,
     /// `fsync` mode: since when records have been written but not flushed to disk (only records
     /// nobody waits for are left so, for about [`UNSYNCED_FOR`]).
     unsynced: Option<Instant>,
+}
+
+struct WriterMeters {
+    write_seconds: metrics::Histogram,
+    records: metrics::Counter,
+    bytes: metrics::Counter,
+}
+
+impl WriterMeters {
+    fn new() -> Self {
+        Self {
+            write_seconds: metrics::histogram!("pglease_audit_write_seconds"),
+            records: metrics::counter!("pglease_audit_records_total"),
+            bytes: metrics::counter!("pglease_audit_bytes_total"),
+        }
+    }
 }
 
 /// In `fsync` mode, how long records nobody waits for (results, events) may stay in the page
@@ -316,9 +334,14 @@ impl Writer {
                 self.sync();
             }
         }
-        metrics::counter!("pglease_audit_records_total").increment(batch.len() as u64);
-        metrics::counter!("pglease_audit_bytes_total").increment(buf.len() as u64);
+        let meters = self.meters();
+        meters.records.increment(batch.len() as u64);
+        meters.bytes.increment(buf.len() as u64);
         Ok(seqs)
+    }
+
+    fn meters(&self) -> &WriterMeters {
+        self.meters.get_or_init(WriterMeters::new)
     }
 
     /// Flushes records left in the page cache by [`Self::write_batch`]. A failure is logged;
@@ -425,7 +448,7 @@ impl Writer {
             metrics::gauge!("pglease_audit_queue_depth").set(batch.len() as f64);
             let started = Instant::now();
             let result = self.write_batch(&batch);
-            metrics::histogram!("pglease_audit_write_seconds").record(started.elapsed().as_secs_f64());
+            self.meters().write_seconds.record(started.elapsed().as_secs_f64());
             match result {
                 Ok(seqs) => {
                     for (p, seq) in batch.into_iter().zip(seqs) {
@@ -467,7 +490,7 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let (seq, head) = chain_head(&options.path)?;
-        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, unsynced: None, options: options.clone() };
+        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, meters: Default::default(), unsynced: None, options: options.clone() };
         let (sink, thread) = match options.durability {
             Durability::Fsync => {
                 let (tx, rx) = std_mpsc::channel();

@@ -102,6 +102,24 @@ impl RelayState {
 
 type Shared = Arc<Mutex<RelayState>>;
 
+/// The metrics a session updates on every statement, looked up in the registry once per session
+/// rather than on each use.
+struct Meters {
+    messages_to_upstream: metrics::Counter,
+    messages_to_client: metrics::Counter,
+    query_duration: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        Self {
+            messages_to_upstream: metrics::counter!("pglease_messages_total", "direction" => "client_to_upstream"),
+            messages_to_client: metrics::counter!("pglease_messages_total", "direction" => "upstream_to_client"),
+            query_duration: metrics::histogram!("pglease_query_duration_seconds"),
+        }
+    }
+}
+
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, RelayState> {
     // A poisoned lock means a pump panicked; the state is still consistent enough to end on.
     shared.lock().unwrap_or_else(|p| p.into_inner())
@@ -279,10 +297,11 @@ impl Session {
             _ => Vec::new(),
         };
         let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel::<Frame>(4);
+        let meters = Meters::new();
 
         let outcome = {
-            let up = client_to_upstream(&mut client_r, &mut up_w, &shared, hooks.as_ref(), &ctx, &handle);
-            let down = upstream_to_client(&mut up_r, &mut client_w, &shared, hooks.as_ref(), &ctx, &mut notice_rx);
+            let up = client_to_upstream(&mut client_r, &mut up_w, &shared, hooks.as_ref(), &ctx, &handle, &meters);
+            let down = upstream_to_client(&mut up_r, &mut client_w, &shared, hooks.as_ref(), &ctx, &mut notice_rx, &meters);
             tokio::pin!(up);
             tokio::pin!(down);
             let mut idle_check = tokio::time::interval(Duration::from_millis(500));
@@ -461,6 +480,7 @@ async fn client_to_upstream(
     hooks: &dyn SessionHooks,
     ctx: &SessionContext,
     handle: &SessionHandle,
+    meters: &Meters,
 ) -> Outcome {
     // After a refused extended-protocol message, Postgres semantics: skip until Sync.
     let mut discarding = false;
@@ -607,7 +627,7 @@ async fn client_to_upstream(
             if let Err(e) = up.flush().await {
                 return Outcome::Io(e.to_string());
             }
-            metrics::counter!("pglease_messages_total", "direction" => "client_to_upstream").increment(messages);
+            meters.messages_to_upstream.increment(messages);
             messages = 0;
         }
     }
@@ -659,6 +679,7 @@ async fn upstream_to_client(
     hooks: &dyn SessionHooks,
     ctx: &SessionContext,
     notices: &mut tokio::sync::mpsc::Receiver<Frame>,
+    meters: &Meters,
 ) -> Outcome {
     let mut messages: u64 = 0;
     loop {
@@ -706,7 +727,7 @@ async fn upstream_to_client(
                 let mut st = lock(shared);
                 st.tx = tx;
                 if let Some(group) = st.pending.pop_front() {
-                    metrics::histogram!("pglease_query_duration_seconds").record(group.started.elapsed().as_secs_f64());
+                    meters.query_duration.record(group.started.elapsed().as_secs_f64());
                 }
                 drained = st.draining && st.idle();
                 drop(st);
@@ -789,7 +810,7 @@ async fn upstream_to_client(
             if let Err(e) = client.flush().await {
                 return client_write_error(e);
             }
-            metrics::counter!("pglease_messages_total", "direction" => "upstream_to_client").increment(messages);
+            meters.messages_to_client.increment(messages);
             messages = 0;
         }
         if drained {
