@@ -86,14 +86,33 @@ enum Sink {
     Combined(Arc<Combined>),
 }
 
-/// `write` mode's writer. A record is queued, then whoever finds the file free writes everything
-/// queued in one write(2). A caller that finds it busy does not wait for it: the holder looks at
-/// the queue again after letting go, so the record is written by the holder or by whoever takes
-/// the file next, and the caller's task waits for its acknowledgement without blocking its
-/// thread.
+/// `write` mode's writer. Records are queued and written many to one write(2):
+/// - The statement record that finds the queue without a flusher becomes it: its task yields
+///   once, so that the other sessions ready on its thread queue their records too, then writes
+///   everything queued. The others just wait for their acknowledgement.
+/// - A record nobody waits for (a result, an event) rides with a flusher when there is one, and
+///   is written at once when there is not.
+/// - Whoever finds the file busy (a writer on another thread) leaves the queue to its holder,
+///   who looks at it again after letting go; no thread blocks on another's write(2).
 struct Combined {
-    queue: Mutex<Vec<Pending>>,
+    queue: Mutex<Queue>,
     file: Mutex<Inline>,
+}
+
+#[derive(Default)]
+struct Queue {
+    records: Vec<Pending>,
+    /// A task has taken on writing what is queued.
+    flusher: bool,
+}
+
+/// The flusher's duty, done even if its task is dropped while it yields.
+struct Flush<'a>(&'a Combined);
+
+impl Drop for Flush<'_> {
+    fn drop(&mut self) {
+        self.0.drain();
+    }
 }
 
 /// The writer, and records nobody waits for that could not be written yet.
@@ -107,9 +126,28 @@ fn unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Combined {
-    fn submit(&self, record: Pending) {
-        unpoisoned(&self.queue).push(record);
-        self.drain();
+    /// Queues a record someone waits for; true when the caller is now the flusher.
+    fn enqueue(&self, record: Pending) -> bool {
+        let mut queue = unpoisoned(&self.queue);
+        queue.records.push(record);
+        !std::mem::replace(&mut queue.flusher, true)
+    }
+
+    /// Queues a record nobody waits for: it rides with the flusher, if any; else written now.
+    fn submit_unwaited(&self, record: Pending) {
+        let mut queue = unpoisoned(&self.queue);
+        queue.records.push(record);
+        let riding = queue.flusher;
+        drop(queue);
+        if !riding {
+            self.drain();
+        }
+    }
+
+    fn take_queued(&self) -> Vec<Pending> {
+        let mut queue = unpoisoned(&self.queue);
+        queue.flusher = false;
+        std::mem::take(&mut queue.records)
     }
 
     /// Writes what is queued, unless someone else holds the file (they write it after).
@@ -120,11 +158,11 @@ impl Combined {
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock) => return,
             };
-            let batch = std::mem::take(&mut *unpoisoned(&self.queue));
+            let batch = self.take_queued();
             file.write(batch);
             drop(file);
             // Records queued while we held the file, by callers that found it busy.
-            if unpoisoned(&self.queue).is_empty() {
+            if unpoisoned(&self.queue).records.is_empty() {
                 return;
             }
         }
@@ -136,7 +174,7 @@ impl Combined {
         {
             let mut file = unpoisoned(&self.file);
             if !file.carry.is_empty() {
-                let queued = std::mem::take(&mut *unpoisoned(&self.queue));
+                let queued = self.take_queued();
                 file.write(queued);
             }
             file.writer.anchor(false);
@@ -147,7 +185,7 @@ impl Combined {
 
 impl Drop for Combined {
     fn drop(&mut self) {
-        let queued = std::mem::take(&mut *unpoisoned(&self.queue));
+        let queued = self.take_queued();
         let mut file = unpoisoned(&self.file);
         file.write(queued);
         // The last head is anchored when the log closes.
@@ -498,7 +536,7 @@ impl AuditLog {
                 (Sink::Thread(tx), thread)
             }
             Durability::Write => {
-                let combined = Arc::new(Combined { queue: Mutex::new(Vec::new()), file: Mutex::new(Inline { writer, carry: Vec::new() }) });
+                let combined = Arc::new(Combined { queue: Mutex::new(Queue::default()), file: Mutex::new(Inline { writer, carry: Vec::new() }) });
                 let weak = Arc::downgrade(&combined);
                 let thread = std::thread::Builder::new()
                     .name("pglease-audit".into())
@@ -528,8 +566,12 @@ impl AuditLog {
             }
             Sink::Combined(combined) => {
                 let (ack, done) = oneshot::channel();
-                // Written here unless the file is busy; then by its holder, and this task waits.
-                combined.submit(Pending { body, ack: Some(ack) });
+                if combined.enqueue(Pending { body, ack: Some(ack) }) {
+                    let flush = Flush(combined);
+                    // The sessions ready on this thread now queue their records meanwhile.
+                    tokio::task::yield_now().await;
+                    drop(flush);
+                }
                 done.await.map_err(|_| AuditError("the audit writer has stopped".into()))?
             }
         }
@@ -543,7 +585,7 @@ impl AuditLog {
                     tracing::error!("audit writer stopped; a record could not be queued");
                 }
             }
-            Sink::Combined(combined) => combined.submit(Pending { body, ack: None }),
+            Sink::Combined(combined) => combined.submit_unwaited(Pending { body, ack: None }),
         }
     }
 }
@@ -612,6 +654,32 @@ mod tests {
         thread.join().unwrap();
         let report = crate::audit::reader::verify(&path, Some(&anchor)).unwrap();
         assert_eq!(report.records, 11);
+    }
+
+    async fn pending_after_one_poll<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx).is_pending())).await
+    }
+
+    /// In `write` mode the first waiting append becomes the flusher and yields; if its task is
+    /// dropped meanwhile, what was queued (its record and the others') is still written.
+    #[tokio::test]
+    async fn a_flusher_dropped_while_it_yields_still_writes_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log };
+        let (log, thread) = AuditLog::open(options).unwrap();
+        let mut flusher = Box::pin(log.append(event(1)));
+        let mut rider = Box::pin(log.append(event(2)));
+        assert!(pending_after_one_poll(&mut flusher).await, "the flusher yields before writing");
+        assert!(pending_after_one_poll(&mut rider).await, "the second waits for the flusher");
+        // Dropping the flusher writes the queue there and then.
+        drop(flusher);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        assert_eq!(rider.await.unwrap(), 2);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        drop(log);
+        thread.join().unwrap();
+        assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
