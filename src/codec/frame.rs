@@ -8,8 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes requested from the socket per read when nothing bigger is pending.
 const READ_CHUNK: usize = 16 << 10;
-/// First read after a message boundary.
-const IDLE_READ_CHUNK: usize = 2 << 10;
+/// Room for the first read after a message boundary (see [`read_idle`]).
+const IDLE_READ_CHUNK: usize = 16 << 10;
 /// Chunk size when a large message body is streamed through.
 const STREAM_CHUNK: usize = 64 << 10;
 
@@ -63,6 +63,29 @@ impl Frame {
     }
 }
 
+thread_local! {
+    /// Where an idle reader's next read lands: one per thread, borrowed only within a poll.
+    static IDLE_READ: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; IDLE_READ_CHUNK].into_boxed_slice());
+}
+
+/// Reads into an empty `buf` without holding a buffer while nothing comes: the bytes land in the
+/// thread's scratch space and only what arrived is copied into `buf`. An idle session (most of
+/// them, most of the time) then holds no read buffer at all, at the price of copying its first
+/// read (about 0.1 µs for a typical message; measured idle memory: see the benchmark).
+///
+/// Cancel-safe: a read that returns `Pending` has taken nothing off the stream.
+async fn read_idle<R: AsyncRead + Unpin>(inner: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        IDLE_READ.with_borrow_mut(|scratch| {
+            let mut read = tokio::io::ReadBuf::new(scratch);
+            std::task::ready!(std::pin::Pin::new(&mut *inner).poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            std::task::Poll::Ready(Ok(read.filled().len()))
+        })
+    })
+    .await
+}
+
 /// What [`FramedReader::next`] found.
 #[derive(Debug)]
 pub enum ReadEvent {
@@ -93,7 +116,7 @@ pub struct FramedReader<R> {
 
 impl<R: AsyncRead + Unpin> FramedReader<R> {
     pub fn new(inner: R, limits: FrameLimits) -> Self {
-        Self { inner, buf: BytesMut::with_capacity(READ_CHUNK), limits }
+        Self { inner, buf: BytesMut::new(), limits }
     }
 
     /// Starts from bytes already read off the socket (e.g. during the handshake).
@@ -143,10 +166,6 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
 
     /// Bytes still missing before the frame at the head of the buffer is complete.
     fn wanted(&self) -> usize {
-        if self.buf.is_empty() {
-            // Between messages: most are small, and a large one grows the buffer as it comes.
-            return IDLE_READ_CHUNK;
-        }
         if self.buf.len() < 5 {
             return READ_CHUNK;
         }
@@ -172,8 +191,13 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
                 }
                 return Ok(Some(ReadEvent::Frame(Frame { raw })));
             }
-            self.buf.reserve(self.wanted());
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            let n = if self.buf.is_empty() {
+                read_idle(&mut self.inner, &mut self.buf).await?
+            } else {
+                self.buf.reserve(self.wanted());
+                self.inner.read_buf(&mut self.buf).await?
+            };
+            if n == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) };
             }
         }
@@ -233,6 +257,34 @@ mod tests {
         assert_eq!(f.body(), b"select 1\0");
         let Some(ReadEvent::Frame(f)) = r.next().await.unwrap() else { panic!() };
         assert_eq!(f.tag(), b'S');
+        writer.await.unwrap();
+        assert!(r.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer_and_loses_nothing_when_its_read_is_dropped() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut r = FramedReader::new(client, limits());
+        // Nothing to read: the pending read is given up (a `select!` that took another branch).
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(20), r.next()).await.is_err());
+        assert_eq!(r.buf.capacity(), 0, "an idle reader holds a read buffer");
+        // Two messages in one read, then one split across reads, none lost.
+        let mut bytes = msg(b'Q', b"select 1\0");
+        bytes.extend(msg(b'S', b""));
+        server.write_all(&bytes).await.unwrap();
+        let Some(ReadEvent::Frame(f)) = r.next().await.unwrap() else { panic!() };
+        assert_eq!((f.tag(), f.body()), (b'Q', &b"select 1\0"[..]));
+        let Some(ReadEvent::Frame(f)) = r.next().await.unwrap() else { panic!() };
+        assert_eq!(f.tag(), b'S');
+        assert_eq!(r.buf.capacity(), 0, "the buffer is given back once it is drained");
+        let long = msg(b'Q', &[b'x'; 300]);
+        server.write_all(&long[..40]).await.unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            server.write_all(&long[40..]).await.unwrap();
+        });
+        let Some(ReadEvent::Frame(f)) = r.next().await.unwrap() else { panic!() };
+        assert_eq!(f.body(), &[b'x'; 300][..]);
         writer.await.unwrap();
         assert!(r.next().await.unwrap().is_none());
     }
