@@ -90,8 +90,9 @@ enum Sink {
 /// - The statement record that finds the queue without a flusher becomes it: its task yields
 ///   once, so that the other sessions ready on its thread queue their records too, then writes
 ///   everything queued. The others just wait for their acknowledgement.
-/// - A record nobody waits for (a result, an event) rides with a flusher when there is one, and
-///   is written at once when there is not.
+/// - A record nobody waits for (a result, an event) rides with a flusher when there is one. When
+///   there is not, a task of its own becomes the flusher, so the record is written once the
+///   caller's task yields: a result record goes out after the reply it records, not in its way.
 /// - Whoever finds the file busy (a writer on another thread) leaves the queue to its holder,
 ///   who looks at it again after letting go; no thread blocks on another's write(2).
 struct Combined {
@@ -106,10 +107,10 @@ struct Queue {
     flusher: bool,
 }
 
-/// The flusher's duty, done even if its task is dropped while it yields.
-struct Flush<'a>(&'a Combined);
+/// The flusher's duty, done even if its task is dropped while it yields (or never runs).
+struct Flush<C: std::ops::Deref<Target = Combined>>(C);
 
-impl Drop for Flush<'_> {
+impl<C: std::ops::Deref<Target = Combined>> Drop for Flush<C> {
     fn drop(&mut self) {
         self.0.drain();
     }
@@ -133,14 +134,26 @@ impl Combined {
         !std::mem::replace(&mut queue.flusher, true)
     }
 
-    /// Queues a record nobody waits for: it rides with the flusher, if any; else written now.
-    fn submit_unwaited(&self, record: Pending) {
+    /// Queues a record nobody waits for: it rides with the flusher, if any; else a task spawned
+    /// on the caller's runtime writes it when the caller yields (off a runtime: written now).
+    fn submit_unwaited(self: &Arc<Self>, record: Pending) {
         let mut queue = unpoisoned(&self.queue);
         queue.records.push(record);
-        let riding = queue.flusher;
-        drop(queue);
-        if !riding {
-            self.drain();
+        if queue.flusher {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                queue.flusher = true;
+                drop(queue);
+                // Dropped unpolled (the runtime shutting down), it still writes the queue.
+                let flush = Flush(self.clone());
+                runtime.spawn(async move { drop(flush) });
+            }
+            Err(_) => {
+                drop(queue);
+                self.drain();
+            }
         }
     }
 
@@ -567,7 +580,7 @@ impl AuditLog {
             Sink::Combined(combined) => {
                 let (ack, done) = oneshot::channel();
                 if combined.enqueue(Pending { body, ack: Some(ack) }) {
-                    let flush = Flush(combined);
+                    let flush = Flush(&**combined);
                     // The sessions ready on this thread now queue their records meanwhile.
                     tokio::task::yield_now().await;
                     drop(flush);
@@ -680,6 +693,31 @@ mod tests {
         drop(log);
         thread.join().unwrap();
         assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 2);
+    }
+
+    /// In `write` mode a record nobody waits for, with no flusher about, is written once its
+    /// caller's task yields (not in the caller's way), and still written if the runtime ends first.
+    #[test]
+    fn an_unwaited_record_is_written_when_its_caller_yields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log };
+        let (log, thread) = AuditLog::open(options).unwrap();
+        let lines = || std::fs::read_to_string(&path).unwrap_or_default().lines().count();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            log.append_nowait(event(1));
+            log.append_nowait(event(2));
+            assert_eq!(lines(), 0, "written before the caller yielded");
+            tokio::task::yield_now().await;
+            assert_eq!(lines(), 2, "not written when the caller yielded");
+            log.append_nowait(event(3));
+        });
+        drop(runtime);
+        assert_eq!(lines(), 3, "lost with the runtime");
+        drop(log);
+        thread.join().unwrap();
+        assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
