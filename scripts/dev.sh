@@ -12,7 +12,12 @@ cd "$(dirname "$0")/.."
 die() { echo "scripts/dev.sh: $*" >&2; exit 1; }
 
 have_pg_server() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || [ -n "${PGLEASE_PG_BIN:-}" ]; }
-have_libclang() { compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || compgen -G '/usr/lib/llvm-*/lib/libclang-*.so*' >/dev/null; }
+# What bindgen loads: libclang.so or libclang-<version>.so (libclang-cpp.so is another library).
+have_libclang() {
+    [ -n "${LIBCLANG_PATH:-}" ] && return 0
+    compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so' >/dev/null \
+        || compgen -G '/usr/lib/*-linux-gnu/libclang-[0-9]*.so' >/dev/null
+}
 
 install_missing() {
     local packages=()

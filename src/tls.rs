@@ -51,6 +51,20 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or_else(|| TlsError::Empty { path: path.display().to_string(), what: "PEM private key" })
 }
 
+/// The most plaintext pglease puts in one TLS record to a client: what Postgres sends at most
+/// (its 8 KiB send buffer goes out in one `SSL_write`).
+///
+/// NOTE: not a tuning knob. libpq's async API (psycopg 3, ruby-pg; libpq up to at least 18.0)
+/// reads once per socket wake-up into the free space of its input buffer, which it keeps at
+/// 8 KiB or more; a 16 KiB record leaves the rest decrypted inside OpenSSL while the socket
+/// reads as empty, and the client waits forever for bytes it already has. Records no larger
+/// than 8 KiB always fit, as they do with Postgres itself. CockroachDB and Supavisor cap their
+/// records alike for the same libpq behaviour.
+pub const MAX_RECORD_PLAINTEXT: usize = 8192;
+
+/// rustls counts the record header (type, version, length) in `max_fragment_size`.
+const TLS_RECORD_HEADER: usize = 5;
+
 /// The client-facing TLS setup, with the channel-binding data of its certificate.
 pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
@@ -70,6 +84,7 @@ impl ServerTls {
         // PG 17 clients using `sslnegotiation=direct` require the "postgresql" ALPN protocol;
         // others send it too, or send nothing, and are served alike.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
+        config.max_fragment_size = Some(MAX_RECORD_PLAINTEXT + TLS_RECORD_HEADER);
         Ok(Self { config: Arc::new(config), end_point_hash })
     }
 }
