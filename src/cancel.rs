@@ -1,5 +1,6 @@
-//! Cancel keys. Each client gets a `BackendKeyData` made by pglease from the OS's CSPRNG; the
-//! registry maps it to the upstream backend's real key, which never leaves the proxy. A
+//! Cancel keys. Each client gets a `BackendKeyData` whose pid is the upstream backend's own
+//! (the pid `NOTIFY` messages, `pg_backend_pid()` and `pg_stat_activity` show) and whose secret
+//! pglease draws from the OS's CSPRNG; the backend's real secret never leaves the proxy. A
 //! `CancelRequest` is forwarded only when both the pid and the secret match a live session;
 //! anything else is dropped without an answer, as Postgres does.
 
@@ -21,7 +22,9 @@ struct Entry {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    entries: DashMap<i32, Entry>,
+    /// Live sessions by backend pid. A pid normally names one session; more than one only
+    /// while a session of a restarted upstream has not noticed yet that its backend is gone.
+    entries: DashMap<i32, Vec<Entry>>,
 }
 
 /// Removes the session's key from the registry when the session ends.
@@ -32,7 +35,12 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.entries.remove(&self.key.pid);
+        if let dashmap::Entry::Occupied(mut o) = self.registry.entries.entry(self.key.pid) {
+            o.get_mut().retain(|e| e.secret != self.key.secret);
+            if o.get().is_empty() {
+                o.remove();
+            }
+        }
     }
 }
 
@@ -41,35 +49,35 @@ impl CancelRegistry {
         Arc::new(Self::default())
     }
 
-    /// Issues a fresh client-facing key for an upstream session.
+    /// Issues the client-facing key for an upstream session: the backend's pid, a fresh secret.
     pub fn register(self: &Arc<Self>, upstream: Arc<Upstream>, upstream_key: BackendKeyData) -> Registration {
         let mut rng = rand::rngs::OsRng;
-        loop {
-            // A positive pid, as clients may treat it as a process id; 4-byte secret (protocol 3.0).
-            let pid = (rng.next_u32() >> 1) as i32;
-            if pid == 0 {
-                continue;
-            }
+        let pid = upstream_key.pid;
+        let mut entries = self.entries.entry(pid).or_default();
+        let secret = loop {
+            // 4 bytes: the secret length of protocol 3.0.
             let mut secret = [0u8; 4];
             rng.fill_bytes(&mut secret);
-            let secret = Bytes::copy_from_slice(&secret);
-            match self.entries.entry(pid) {
-                dashmap::Entry::Occupied(_) => continue,
-                dashmap::Entry::Vacant(v) => {
-                    v.insert(Entry { secret: secret.clone(), upstream_key, upstream });
-                }
+            if !entries.iter().any(|e| e.secret.as_ref() == secret) {
+                break Bytes::copy_from_slice(&secret);
             }
-            return Registration { registry: self.clone(), key: BackendKeyData { pid, secret } };
-        }
+        };
+        entries.push(Entry { secret: secret.clone(), upstream_key, upstream });
+        drop(entries);
+        Registration { registry: self.clone(), key: BackendKeyData { pid, secret } }
     }
 
     /// The upstream to cancel on, if `pid`/`secret` name a live session.
     pub fn resolve(&self, pid: i32, secret: &[u8]) -> Option<(Arc<Upstream>, BackendKeyData)> {
-        let entry = self.entries.get(&pid)?;
-        if entry.secret.len() != secret.len() || !bool::from(entry.secret.as_ref().ct_eq(secret)) {
-            return None;
+        let entries = self.entries.get(&pid)?;
+        // Every entry is compared, so the time taken does not tell which one matched.
+        let mut found = None;
+        for e in entries.iter() {
+            if e.secret.len() == secret.len() && bool::from(e.secret.as_ref().ct_eq(secret)) {
+                found = Some((e.upstream.clone(), e.upstream_key.clone()));
+            }
         }
-        Some((entry.upstream.clone(), entry.upstream_key.clone()))
+        found
     }
 
     /// Forwards a client's cancel request if it matches a live session; reports whether it did.
@@ -92,7 +100,7 @@ impl CancelRegistry {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.iter().map(|e| e.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {

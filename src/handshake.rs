@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use pgwire::messages::startup::{Authentication, NegotiateProtocolVersion};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram::{self, Channel, ServerExchange};
@@ -24,7 +24,25 @@ use crate::tls::ServerTls;
 /// What a new connection turned out to be.
 pub enum Handshake {
     Startup(ClientStartup),
-    Cancel { pid: i32, secret: Bytes },
+    Cancel(CancelRequest),
+}
+
+/// A `CancelRequest`, with the connection it came on: the caller acts on it, then ends the
+/// connection with [`CancelRequest::close`].
+pub struct CancelRequest {
+    pub pid: i32,
+    pub secret: Bytes,
+    stream: Stream,
+}
+
+impl CancelRequest {
+    /// Ends the cancel connection as Postgres does once it has passed the request on: over TLS
+    /// a `close_notify` first, then the socket is closed. libpq 17+ (`PQcancelBlocking`,
+    /// psycopg's `cancel_safe`) reads to the end of the connection and reports a TLS EOF
+    /// without `close_notify` as a failed cancel. The request gets no answer either way.
+    pub async fn close(mut self) {
+        let _ = self.stream.shutdown().await;
+    }
 }
 
 pub struct ClientStartup {
@@ -88,10 +106,25 @@ pub async fn negotiate(tcp: TcpStream, policy: &ClientTlsPolicy) -> Result<Hands
                     stream = Stream::Tcp(tcp);
                     continue;
                 };
+                // Bytes that came with the SSLRequest were sent before the client could know
+                // TLS would follow: never protocol (CVE-2021-23214). As Postgres does, they are
+                // set aside, the handshake goes on, and the client is told over TLS.
+                let injected = discard_pending(&mut tcp).await?;
                 tcp.write_all(b"S").await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
-                // Bytes the client sent after SSLRequest are read by the TLS handshake, which
-                // fails on them: nothing unencrypted is taken as protocol (CVE-2021-23214).
+                // Plaintext where the ClientHello belongs: Postgres (OpenSSL) closes without a
+                // TLS alert, and so does pglease; a bad record that looks like TLS gets rustls's
+                // alert or close, as OpenSSL does.
+                let mut first = [0u8; 1];
+                match tcp.peek(&mut first).await {
+                    Ok(1) if first[0] == TLS_HANDSHAKE_BYTE => {}
+                    _ => return Err(HandshakeError::Closed("plaintext after the SSLRequest was answered".into())),
+                }
                 stream = Stream::ServerTls(Box::new(accept_tls(tcp, tls).await?));
+                if injected {
+                    let err = ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "received unencrypted data after SSL request")
+                        .with_detail("This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.");
+                    return refuse(&mut stream, err).await;
+                }
             }
             StartupPacket::GssEncRequest => {
                 if stream.is_tls() {
@@ -99,7 +132,7 @@ pub async fn negotiate(tcp: TcpStream, policy: &ClientTlsPolicy) -> Result<Hands
                 }
                 stream.write_all(b"N").await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
             }
-            StartupPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
+            StartupPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel(CancelRequest { pid, secret, stream })),
             StartupPacket::Startup(message) => {
                 if !stream.is_tls() && !policy.allow_plaintext {
                     let err = ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "pglease requires an encrypted connection")
@@ -110,6 +143,30 @@ pub async fn negotiate(tcp: TcpStream, policy: &ClientTlsPolicy) -> Result<Hands
             }
         }
     }
+}
+
+/// Reads and drops whatever the client has already sent, without waiting for more; reports
+/// whether there was anything. More than a startup packet's worth is not a client bug: close.
+async fn discard_pending(tcp: &mut TcpStream) -> Result<bool, HandshakeError> {
+    use std::os::fd::AsRawFd;
+    // The kernel's queue is asked directly, not tokio's readiness cache, which may not have
+    // seen the bytes yet. MSG_PEEK leaves them queued; MSG_DONTWAIT returns at once.
+    let peek = |buf: &mut [u8]| {
+        // SAFETY: recv(2) into a buffer we own, of the length we pass.
+        let n = unsafe { libc::recv(tcp.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        usize::try_from(n).unwrap_or(0)
+    };
+    if peek(&mut [0u8; 1]) == 0 {
+        return Ok(false);
+    }
+    // On the heap: this future lives inside every connection's task.
+    let mut scratch = vec![0u8; startup::MAX_STARTUP_PACKET];
+    let n = peek(&mut scratch);
+    if n == scratch.len() {
+        return Err(HandshakeError::Closed("a flood of plaintext after SSLRequest".into()));
+    }
+    tcp.read_exact(&mut scratch[..n]).await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
+    Ok(true)
 }
 
 async fn accept_tls(tcp: TcpStream, tls: &ServerTls) -> Result<tokio_rustls::server::TlsStream<TcpStream>, HandshakeError> {

@@ -328,8 +328,9 @@ impl Proxy {
         let state = self.state();
         let answer = async {
             match handshake::negotiate(tcp, &state.tls).await {
-                Ok(Handshake::Cancel { pid, secret }) => {
-                    self.cancels.cancel(pid, &secret).await;
+                Ok(Handshake::Cancel(request)) => {
+                    self.cancels.cancel(request.pid, &request.secret).await;
+                    request.close().await;
                 }
                 Ok(Handshake::Startup(mut s)) => {
                     let _ = handshake::refuse::<()>(&mut s.stream, ClientError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already")).await;
@@ -343,9 +344,10 @@ impl Proxy {
     /// Handshake, login, upstream session. `Ok(None)` for a cancel request.
     async fn setup(&self, state: &ProxyState, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
         let startup = match handshake::negotiate(tcp, &state.tls).await? {
-            Handshake::Cancel { pid, secret } => {
-                let forwarded = self.cancels.cancel(pid, &secret).await;
-                self.events.emit(Event::CancelRequest { pid, client: addr.to_string(), forwarded });
+            Handshake::Cancel(request) => {
+                let forwarded = self.cancels.cancel(request.pid, &request.secret).await;
+                self.events.emit(Event::CancelRequest { pid: request.pid, client: addr.to_string(), forwarded });
+                request.close().await;
                 return Ok(None);
             }
             Handshake::Startup(s) => s,

@@ -134,19 +134,38 @@ async fn protocol_2_and_garbage_startup_are_refused() {
 }
 
 #[tokio::test]
-async fn bytes_after_ssl_request_are_not_taken_as_plaintext() {
+async fn bytes_sent_with_ssl_request_are_refused_as_postgres_does() {
     let proxy = TestProxy::start().await;
     let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     // SSLRequest immediately followed by a plaintext startup packet (CVE-2021-23214 shape).
     let mut bytes = SSL_REQUEST.to_vec();
     bytes.extend(startup_packet(3 << 16, &[("user", LOGIN), ("database", &proxy.database)]));
     tcp.write_all(&bytes).await.unwrap();
-    let mut raw = Raw::from_io(Box::new(tcp));
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut answer).await.unwrap();
+    assert_eq!(answer[0], b'S');
+    // The injected bytes are never protocol: after the handshake, the same FATAL as Postgres's.
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(common::raw::tls_config()).connect(name, tcp).await.expect("TLS handshake");
+    let mut raw = Raw::from_io(Box::new(tls));
+    let msgs = raw.until_closed().await;
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert_eq!(msgs[0].code(), "08P01");
+    assert_eq!(msgs[0].field(b'M').as_deref(), Some("received unencrypted data after SSL request"));
+    assert_still_serving(&proxy).await;
+}
+
+#[tokio::test]
+async fn plaintext_after_the_ssl_answer_closes_without_a_tls_alert() {
+    let proxy = TestProxy::start().await;
+    let mut raw = Raw::plain(proxy.addr).await;
+    raw.send(&SSL_REQUEST).await;
     assert_eq!(raw.recv_byte().await, Some(b'S'));
-    // The injected bytes went to the TLS handshake, which failed: no session, no plaintext answer.
+    raw.send(&startup_packet(3 << 16, &[("user", LOGIN), ("database", &proxy.database)])).await;
+    // Postgres (OpenSSL) closes on plaintext where a ClientHello belongs, sending nothing.
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut raw.io, &mut rest)).await.expect("closed");
-    assert!(!rest.contains(&b'R'), "no authentication request was sent in plaintext: {rest:?}");
+    assert!(rest.is_empty(), "nothing after 'S': {rest:?}");
     assert_still_serving(&proxy).await;
 }
 

@@ -76,7 +76,7 @@ pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
 pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
 pub const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 48];
 
-fn tls_config() -> std::sync::Arc<rustls::ClientConfig> {
+pub fn tls_config() -> std::sync::Arc<rustls::ClientConfig> {
     let h = super::HARNESS.get().expect("harness started");
     let mut roots = rustls::RootCertStore::empty();
     for cert in pglease::tls::load_certs(&h.ca_file).unwrap() {
