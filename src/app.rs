@@ -210,13 +210,27 @@ pub(crate) async fn serve_scopes(config: &Config, passwords: &HashMap<String, St
     }
     let policies: HashMap<String, Arc<ScopePolicy>> =
         config.scopes.iter().map(|(name, c)| (name.clone(), Arc::new(ScopePolicy::from_config(name, c)))).collect();
+    for (name, policy) in &policies {
+        for class in policy.dangerous_allowances() {
+            tracing::warn!(scope = %name, "scope allows {class}: its sessions can change more than their own results");
+        }
+    }
     // Defense in depth: a scope whose backing role can do more than the scope allows is not
     // served (its users get a FATAL naming the excess), and neither is one that cannot be checked.
     let mut disabled = HashMap::new();
     if !skip_role_check {
         for (name, policy) in &policies {
             let (Some(login), Some(scope)) = (logins.get(name), config.scopes.get(name)) else { continue };
-            match crate::policy::rolecheck::excess_privileges(upstream, login, &scope.database, policy).await {
+            let mut checked = Ok(Vec::new());
+            for database in scope.databases() {
+                checked = crate::policy::rolecheck::excess_privileges(upstream, login, &database, policy).await.map(|excess| {
+                    excess.into_iter().map(|e| if scope.databases.is_empty() { e } else { format!("{e} (in {database})") }).collect::<Vec<_>>()
+                });
+                if !matches!(&checked, Ok(e) if e.is_empty()) {
+                    break;
+                }
+            }
+            match checked {
                 Ok(excess) if excess.is_empty() => tracing::info!(scope = %name, role = %login.user, "backing role matches its scope"),
                 Ok(excess) => {
                     let why = format!("its role {} can do more than the scope allows: {}", login.user, excess.join(", "));

@@ -128,8 +128,12 @@ fn default_rotate_bytes() -> u64 {
 pub struct ScopeConfig {
     #[serde(default)]
     pub description: String,
-    /// The one database a grant of this scope may connect to.
+    /// The database a grant of this scope connects to (`database`), or several (`databases`,
+    /// the first one the default): set exactly one of the two.
+    #[serde(default)]
     pub database: String,
+    #[serde(default)]
+    pub databases: Vec<String>,
     /// The Postgres login role that backs the scope; the proxy logs in upstream as it.
     pub role: String,
     /// Where that role's password comes from (exactly one of the two).
@@ -165,6 +169,11 @@ pub struct ScopeConfig {
     pub settings: Vec<String>,
     #[serde(default)]
     pub functions: FunctionsConfig,
+    /// Statement classes pglease refuses unless a scope names them: `"do"` (DO blocks) and
+    /// `"two-phase-commit"` (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED). pglease cannot see
+    /// inside a DO block; the backing role's privileges still bound it.
+    #[serde(default)]
+    pub statements: Vec<StatementClass>,
     /// Allow reading `pg_catalog` and `information_schema`.
     #[serde(default = "yes")]
     pub catalog: bool,
@@ -198,6 +207,14 @@ pub enum Action {
     Ddl,
     Maintenance,
     All,
+}
+
+/// A statement class a scope may opt into (see `ScopeConfig::statements`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StatementClass {
+    Do,
+    TwoPhaseCommit,
 }
 
 /// Functions beyond (or removed from) the built-in read-only allowlist.
@@ -544,8 +561,13 @@ impl Config {
             if !valid_name(name) {
                 return Err(ConfigError::invalid(&format!("scopes.{name}"), "scope names are letters, digits, '-' and '_'"));
             }
-            if scope.database.is_empty() {
-                return Err(ConfigError::invalid(&key("database"), "must not be empty"));
+            match (scope.database.is_empty(), scope.databases.is_empty()) {
+                (true, true) => return Err(ConfigError::invalid(&key("database"), "set database (or databases = [...])")),
+                (false, false) => return Err(ConfigError::invalid(&key("databases"), "set database or databases, not both")),
+                _ => {}
+            }
+            if scope.databases.iter().any(String::is_empty) {
+                return Err(ConfigError::invalid(&key("databases"), "database names must not be empty"));
             }
             if scope.role.is_empty() {
                 return Err(ConfigError::invalid(&key("role"), "must not be empty"));
@@ -611,6 +633,16 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl ScopeConfig {
+    /// The databases a grant of the scope may connect to; the first is the default.
+    pub fn databases(&self) -> Vec<String> {
+        if self.databases.is_empty() { vec![self.database.clone()] } else { self.databases.clone() }
+    }
+
+    /// The database a grant of the scope connects to unless the client names another.
+    pub fn default_database(&self) -> String {
+        self.databases.first().cloned().unwrap_or_else(|| self.database.clone())
+    }
+
     /// Reads the backing role's password. Never logged.
     pub fn password(&self, scope: &str) -> Result<String, ConfigError> {
         read_secret(&format!("scopes.{scope}"), self.password_env.as_deref(), self.password_file.as_deref())

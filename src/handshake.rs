@@ -200,6 +200,9 @@ pub struct ClientParams {
     pub database: String,
     /// Parameters passed on to the upstream as they were sent (allowlisted, harmless).
     pub forwarded: Vec<(String, String)>,
+    /// Settings (GUCs) the client asked for at startup, directly or in `options`: once the
+    /// login's scope is known, each is decided like a `SET` of it, then forwarded.
+    pub settings: Vec<(String, String)>,
     /// `_pq_.*` protocol options, which pglease does not support and names in
     /// `NegotiateProtocolVersion`.
     pub unsupported_options: Vec<String>,
@@ -209,36 +212,24 @@ pub struct ClientParams {
 /// validates their values.
 const FORWARDED: &[&str] = &["application_name", "datestyle", "timezone", "intervalstyle", "extra_float_digits"];
 
-/// Settings the proxy relies on, or that change what a statement means or may do. Refused by
-/// name so the error says why; everything else not allowlisted is refused as unsupported.
-const PINNED: &[&str] = &[
-    "options",
-    "replication",
-    "role",
-    "session_authorization",
-    "search_path",
-    "default_transaction_read_only",
-    "transaction_read_only",
-    "default_transaction_isolation",
-    "statement_timeout",
-    "lock_timeout",
-    "idle_in_transaction_session_timeout",
-    "standard_conforming_strings",
-    "backslash_quote",
-    "escape_string_warning",
-    "session_replication_role",
-    "row_security",
-    "default_tablespace",
-    "temp_tablespaces",
-    "log_statement",
-    "log_min_duration_statement",
-];
+/// Settings no session may choose at startup: what every scope pins (see
+/// [`crate::policy::PINNED_SETTINGS`]), replication, and `search_path`, which pglease sets at
+/// startup and tracks from `SET search_path` afterwards.
+fn pinned_for_every_session(name: &str) -> bool {
+    matches!(name, "replication" | "search_path") || crate::policy::PINNED_SETTINGS.contains(&name)
+}
 
-/// Applies the startup-parameter allowlist.
+/// A GUC name as Postgres accepts it (custom ones have a dot: `myapp.tenant`).
+fn valid_setting_name(name: &str) -> bool {
+    !name.is_empty() && name.len() < 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// Applies the startup-parameter rules that do not depend on the login's scope.
 pub fn vet_params(message: &StartupMessage) -> Result<ClientParams, ClientError> {
     let mut user = None;
     let mut database = None;
     let mut forwarded = Vec::new();
+    let mut settings = Vec::new();
     let mut unsupported_options = Vec::new();
     for (key, value) in &message.params {
         // GUC names are case-insensitive; `user` and `database` are not GUCs but match alike.
@@ -254,27 +245,85 @@ pub fn vet_params(message: &StartupMessage) -> Result<ClientParams, ClientError>
                 // letters and digits (asyncpg sends `'utf-8'`, quotes included).
                 let v: String = value.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_uppercase()).collect();
                 if !matches!(v.as_str(), "UTF8" | "UNICODE" | "SQLASCII") {
-                    return Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("client_encoding \"{value}\" is not supported: pglease speaks UTF8 only"))
-                        .with_hint("Set PGCLIENTENCODING=UTF8 or client_encoding=UTF8 in the connection string."));
+                    return Err(ClientError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!("client_encoding \"{value}\" is not supported: pglease speaks UTF8 only, so that it parses exactly the SQL Postgres will run"),
+                    )
+                    .with_hint("Set PGCLIENTENCODING=UTF8 or client_encoding=UTF8 in the connection string."));
                 }
             }
             k if k.starts_with("_pq_.") => unsupported_options.push(key.clone()),
             k if FORWARDED.contains(&k) => forwarded.push((key.clone(), value.clone())),
-            k if PINNED.contains(&k) => {
-                return Err(ClientError::fatal(
-                    sqlstate::INSUFFICIENT_PRIVILEGE,
-                    format!("startup parameter \"{key}\" is not allowed: pglease fixes this setting for the session"),
-                ));
+            "options" => {
+                for (name, value) in parse_options(value)? {
+                    settings.push(vet_setting(&name, value)?);
+                }
             }
+            k if valid_setting_name(k) || pinned_for_every_session(k) => settings.push(vet_setting(k, value.clone())?),
             _ => {
                 return Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("unsupported startup parameter \"{key}\""))
-                    .with_hint(format!("pglease accepts: user, database, client_encoding, {}", FORWARDED.join(", "))));
+                    .with_hint(format!("pglease accepts: user, database, client_encoding, options, {} and settings", FORWARDED.join(", "))));
             }
         }
     }
     let user = user.filter(|u| !u.is_empty()).ok_or_else(|| ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet"))?;
     let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    Ok(ClientParams { user, database, forwarded, unsupported_options })
+    Ok(ClientParams { user, database, forwarded, settings, unsupported_options })
+}
+
+fn vet_setting(name: &str, value: String) -> Result<(String, String), ClientError> {
+    let name = name.to_ascii_lowercase();
+    if !valid_setting_name(&name) {
+        return Err(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid setting name \"{name}\" in the startup packet")));
+    }
+    if pinned_for_every_session(&name) {
+        let hint = if name == "search_path" { " (a scope that allows it may SET search_path after connecting)" } else { "" };
+        return Err(ClientError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("startup parameter \"{name}\" is not allowed: pglease fixes this setting for the session{hint}")));
+    }
+    Ok((name, value))
+}
+
+/// The settings in a startup `options` value, as Postgres reads it (`pg_split_opts`): words
+/// split on spaces, `\` escaping the next character; `-c name=value`, `-cname=value` and
+/// `--name=value` (dashes in the name read as underscores).
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let unsupported = |w: &str| {
+        ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("unsupported switch \"{w}\" in startup parameter \"options\""))
+            .with_hint("pglease accepts settings there: -c name=value or --name=value")
+    };
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let assignment = if w == "-c" {
+            words.next().ok_or_else(|| unsupported(&w))?
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_owned()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_owned()
+        } else {
+            return Err(unsupported(&w));
+        };
+        let (name, value) = assignment.split_once('=').ok_or_else(|| unsupported(&w))?;
+        out.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(out)
 }
 
 /// `NegotiateProtocolVersion`, needed when the client asked for a minor version above 3.0 or
@@ -375,10 +424,22 @@ mod tests {
         let p = vet_params(&msg(&[("user", "bob"), ("client_encoding", "UTF8"), ("application_name", "psql"), ("DateStyle", "ISO")])).unwrap();
         assert_eq!(p.database, "bob");
         assert_eq!(p.forwarded.len(), 2);
-        for (k, code) in [("options", "42501"), ("replication", "42501"), ("search_path", "42501"), ("Role", "42501"), ("work_mem", "08P01")] {
+        for (k, code) in [("replication", "42501"), ("search_path", "42501"), ("Role", "42501"), ("standard_conforming_strings", "42501"), ("bad name", "08P01")] {
             let e = vet_params(&msg(&[("user", "bob"), (k, "x")])).unwrap_err();
             assert_eq!(e.code, code, "{k}");
-            assert!(e.message.contains(k), "{}", e.message);
+            assert!(e.message.contains(&k.to_ascii_lowercase()) || e.message.contains(k), "{}", e.message);
+        }
+        // Settings wait for the scope's decision, wherever they were sent.
+        let p = vet_params(&msg(&[("user", "bob"), ("statement_timeout", "5s"), ("options", r"-c jit=off --lock-timeout=1s -capp.x=a\ b")])).unwrap();
+        assert_eq!(
+            p.settings,
+            [("statement_timeout", "5s"), ("jit", "off"), ("lock_timeout", "1s"), ("app.x", "a b")].map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        for options in ["-c search_path=evil", "--role=postgres", "-c default_transaction_read_only=off"] {
+            assert_eq!(vet_params(&msg(&[("user", "bob"), ("options", options)])).unwrap_err().code, "42501", "{options}");
+        }
+        for options in ["-B 100", "-c", "-c jit", "-d 5"] {
+            assert_eq!(vet_params(&msg(&[("user", "bob"), ("options", options)])).unwrap_err().code, "08P01", "{options}");
         }
         assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "LATIN1")])).is_err());
         assert!(vet_params(&msg(&[("user", "bob"), ("client_encoding", "sql_ascii")])).is_ok());

@@ -11,7 +11,10 @@ use crate::config::ScopeConfig;
 pub struct Scope {
     pub name: String,
     pub description: String,
+    /// The database grants connect to by default.
     pub database: String,
+    /// Every database a grant of the scope may connect to (the default first).
+    pub databases: Vec<String>,
     /// The Postgres login role that backs the scope.
     pub role: String,
     #[serde(serialize_with = "secs")]
@@ -39,7 +42,8 @@ impl Scope {
         Self {
             name: name.to_owned(),
             description: c.description.clone(),
-            database: c.database.clone(),
+            database: c.default_database(),
+            databases: c.databases(),
             role: c.role.clone(),
             max_duration: c.max_duration,
             approvers: c.approvers.clone(),

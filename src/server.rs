@@ -398,6 +398,11 @@ impl Proxy {
                     (Some(l), Some(p), None) => Ok((l.clone(), p.clone())),
                     _ => Err(refuse(format!("pglease: scope \"{scope}\" is not configured on this proxy"))),
                 };
+                // Startup settings are decided like a SET of them, with the same message.
+                let found = found.and_then(|(l, policy)| match params.settings.iter().find(|(name, _)| !policy.setting_allowed(name)) {
+                    Some((name, _)) => Err(refuse(format!("pglease: scope \"{scope}\" does not allow changing setting {name}"))),
+                    None => Ok((l, policy)),
+                });
                 match found {
                     Ok((l, policy)) => {
                         let hooks: Arc<dyn SessionHooks> = Arc::new(PolicyHooks::new(policy.clone(), &l.user));
@@ -415,6 +420,7 @@ impl Proxy {
 
         let mut forwarded: Vec<(String, String)> = params.forwarded.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("application_name")).cloned().collect();
         forwarded.push(("client_encoding".into(), "UTF8".into()));
+        forwarded.extend(params.settings.iter().cloned());
         forwarded.extend(pinned.iter().cloned());
         // Stamp the upstream session so pg_stat_activity shows who is behind it.
         let client_app = params.forwarded.iter().find(|(k, _)| k.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.as_str()).unwrap_or("");
@@ -444,7 +450,9 @@ impl Proxy {
         // The upstream's ParameterStatus set, our BackendKeyData, then ReadyForQuery.
         let mut hello = BytesMut::with_capacity(512);
         for p in &upstream.parameters {
-            hello.extend_from_slice(ParameterStatus { name: p.name.clone(), value: p.value.clone() }.encode().raw());
+            // The client sees the application_name it asked for; pg_stat_activity shows the stamp.
+            let value = if p.name == "application_name" { client_app.to_owned() } else { p.value.clone() };
+            hello.extend_from_slice(ParameterStatus { name: p.name.clone(), value }.encode().raw());
         }
         hello.extend_from_slice(cancel_key.key.encode().raw());
         hello.extend_from_slice(upstream.tx.encode_ready().raw());
@@ -452,7 +460,9 @@ impl Proxy {
         s.write_all(&hello).await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
         s.flush().await.map_err(|e| HandshakeError::Closed(e.to_string()))?;
 
-        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database, settings: pinned };
+        // The settings a replay must run under: the client's accepted ones, then the pinned.
+        let settings = params.settings.iter().cloned().chain(pinned).collect();
+        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database, settings };
         let hooks = match &self.audit {
             Some(log) => crate::audit::audited(hooks, log, &ctx),
             None => hooks,

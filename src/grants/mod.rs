@@ -483,7 +483,9 @@ impl GrantService {
         let now = SystemTime::now();
         let grants = self.read();
         let g = grants.values().find(|g| g.login == login)?;
-        if !g.is_usable(now) || g.database != database {
+        // The scope as in force now decides which databases its grants reach.
+        let reaches = self.scopes().get(&g.scope).is_some_and(|s| s.databases.iter().any(|d| d == database));
+        if !g.is_usable(now) || !reaches {
             return None;
         }
         let verifier = ScramVerifier::parse(&g.verifier)?;

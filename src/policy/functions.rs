@@ -11,19 +11,45 @@ pub const NEVER: &[&str] = &[
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir",
     "pg_ls_logicalsnapdir", "pg_ls_logicalmapdir", "pg_ls_replslotdir", "pg_stat_file", "pg_file_write", "pg_file_rename", "pg_file_unlink",
     "pg_file_sync", "pg_logdir_ls", "lo_import", "lo_export", "lo_unlink", "lo_create", "lo_creat", "lo_from_bytea", "lo_put", "lo_get",
-    "lo_open", "lo_write", "lowrite", "loread", "lo_truncate", "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf",
+    "lo_open", "lo_write", "lowrite", "loread", "lo_truncate", "pg_reload_conf",
     "pg_rotate_logfile", "pg_promote", "pg_switch_wal", "pg_create_restore_point", "pg_backup_start", "pg_backup_stop",
-    "pg_start_backup", "pg_stop_backup", "set_config", "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
+    "pg_start_backup", "pg_stop_backup", "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
     "pg_drop_replication_slot", "pg_replication_origin_create", "pg_logical_emit_message", "pg_logical_slot_get_changes",
     "pg_logical_slot_peek_changes", "dblink", "dblink_exec", "dblink_connect", "dblink_connect_u", "dblink_send_query", "query_to_xml",
     "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "table_to_xml", "table_to_xmlschema",
     "table_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
-    "database_to_xmlschema", "database_to_xml_and_xmlschema", "ts_stat", "pg_advisory_lock", "pg_advisory_lock_shared",
-    "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
-    "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_shared",
-    "pg_advisory_unlock_all", "pg_notify", "pg_stat_reset", "pg_stat_reset_shared", "pg_stat_reset_single_table_counters",
-    "pg_stat_reset_single_function_counters", "pg_stat_reset_slru", "pg_import_system_collations", "pg_catalog.binary_upgrade_set_next_pg_type_oid",
+    "database_to_xmlschema", "database_to_xml_and_xmlschema", "ts_stat", "pg_import_system_collations",
+    "pg_catalog.binary_upgrade_set_next_pg_type_oid",
 ];
+
+/// Functions `functions.allow = ["*"]` does not reach: each changes more than the statement's
+/// own result. A scope that needs one names it (`allow = ["*", "pg_cancel_backend"]`), and
+/// pglease warns at startup naming the class. (`set_config` and `pg_notify` are decided as the
+/// `SET` and `NOTIFY` they are.)
+pub const NAMED_ONLY: &[(&str, &[&str])] = &[
+    ("signalling other sessions", &["pg_terminate_backend", "pg_cancel_backend"]),
+    (
+        "taking advisory locks",
+        &[
+            "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared", "pg_try_advisory_lock",
+            "pg_try_advisory_lock_shared", "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
+            "pg_advisory_unlock_shared",
+        ],
+    ),
+    (
+        "resetting statistics",
+        &["pg_stat_reset", "pg_stat_reset_shared", "pg_stat_reset_single_table_counters", "pg_stat_reset_single_function_counters", "pg_stat_reset_slru"],
+    ),
+];
+
+/// Functions that are statements in disguise, decided by the walk as those statements:
+/// `set_config(name, value, is_local)` as `SET`, `pg_notify(channel, payload)` as `NOTIFY`.
+pub const DECIDED_AS_STATEMENTS: &[&str] = &["set_config", "pg_notify"];
+
+/// The dangerous class a function belongs to, if it is one `"*"` does not reach.
+pub fn named_only_class(name: &str) -> Option<&'static str> {
+    NAMED_ONLY.iter().find(|(_, names)| names.contains(&name)).map(|(class, _)| *class)
+}
 
 /// Built-in functions allowed by default (in `pg_catalog`, called qualified or not).
 pub const BUILTIN: &[&str] = &[
@@ -87,4 +113,6 @@ pub const BUILTIN: &[&str] = &[
     "pg_listening_channels", "pg_notification_queue_usage", "pg_index_column_has_property", "pg_index_has_property",
     "pg_indexam_has_property", "pg_options_to_table", "pg_get_publication_tables", "row_security_active", "pg_partition_root",
     "pg_partition_tree", "pg_partition_ancestors", "to_regclass", "to_regtype", "to_regproc", "to_regnamespace", "to_regrole",
+    // Releases only the session's own advisory locks (asyncpg's pool runs it on every release).
+    "pg_advisory_unlock_all",
 ];

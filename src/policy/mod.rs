@@ -48,6 +48,16 @@ pub enum Effect {
     /// `SET [LOCAL] application_name` (or RESET: empty): the session runs it with pglease's
     /// stamp in front of the client's name.
     ApplicationName { value: String, local: bool },
+    /// `SET [LOCAL] search_path` (`path: None`: back to the scope's pinned path, as `RESET`,
+    /// `SET … TO DEFAULT`, `RESET ALL` and `DISCARD ALL` do). The session tracks the path and
+    /// decides later statements under it.
+    SearchPath { path: Option<Vec<String>>, local: bool },
+    /// `SHOW application_name`: the session answers with the client's own name, not the
+    /// stamped one Postgres holds.
+    ShowApplicationName,
+    /// SQL `EXECUTE name`: the session checks the prepared statement is still allowed under
+    /// the current search_path (Postgres re-resolves its names when the path changed).
+    Executed(String),
 }
 
 /// A decision with the session effects of the statement.
@@ -96,7 +106,7 @@ const HARMLESS_SETTINGS: &[&str] = &["datestyle", "timezone", "intervalstyle", "
 /// Settings pglease pins for every session, whatever the scope says: they change privilege,
 /// name resolution, how SQL is parsed, or what the audit trail shows.
 pub const PINNED_SETTINGS: &[&str] = &[
-    "role", "session_authorization", "search_path", "standard_conforming_strings", "client_encoding", "default_transaction_read_only",
+    "role", "session_authorization", "standard_conforming_strings", "client_encoding", "default_transaction_read_only",
     "transaction_read_only", "application_name", "session_replication_role", "backslash_quote", "escape_string_warning",
     "default_tablespace", "temp_tablespaces", "log_statement", "log_min_duration_statement", "row_security",
 ];
@@ -105,6 +115,8 @@ pub const PINNED_SETTINGS: &[&str] = &[
 /// where provably the same for every literal value, by statement shape (see [`shape`]).
 pub struct ScopePolicy {
     pub name: String,
+    /// The backing role: what `$user` in a search_path names.
+    role: String,
     rules: Vec<TableRule>,
     catalog: bool,
     pub search_path: Vec<String>,
@@ -116,6 +128,8 @@ pub struct ScopePolicy {
     functions_allow: HashSet<String>,
     any_function: bool,
     functions_deny: HashSet<String>,
+    /// Statement classes the scope opted into (DO, two-phase commit).
+    pub statements: HashSet<crate::config::StatementClass>,
     /// True when no rule allows anything but reading: sessions run read-only transactions.
     pub read_only: bool,
     /// Decisions by exact statement text. Sharded: sessions of a scope do not queue on one lock.
@@ -188,6 +202,7 @@ impl ScopePolicy {
         let read_only = rules.iter().all(|r| r.actions.iter().all(|a| matches!(a, Action::Read | Action::CopyOut)));
         Self {
             name: name.to_owned(),
+            role: c.role.clone(),
             rules,
             catalog: c.catalog,
             search_path: c.search_path.clone(),
@@ -199,6 +214,7 @@ impl ScopePolicy {
             functions_allow: c.functions.allow.iter().cloned().collect(),
             any_function: c.functions.allow.iter().any(|f| f == "*"),
             functions_deny: c.functions.deny.iter().cloned().collect(),
+            statements: c.statements.iter().copied().collect(),
             read_only,
             exact: DashMap::new(),
             shapes: DashMap::new(),
@@ -227,25 +243,59 @@ impl ScopePolicy {
     }
 
     /// Denied columns of the table(s) a possibly unqualified name can resolve to.
-    pub fn denied_columns(&self, schema: Option<&str>, table: &str) -> Vec<String> {
-        self.candidates(schema, table).iter().filter_map(|(s, t)| self.rule_for(s, t)).flat_map(|(_, cols)| cols.iter().cloned()).collect()
+    pub fn denied_columns(&self, paths: &[Vec<String>], schema: Option<&str>, table: &str) -> Vec<String> {
+        self.candidates(paths, schema, table).iter().filter_map(|(s, t)| self.rule_for(s, t)).flat_map(|(_, cols)| cols.iter().cloned()).collect()
     }
 
     /// Where a relation name can resolve. An unqualified name may resolve in any schema of the
-    /// pinned `search_path` (which one depends on what exists), so it must be allowed in all of
-    /// them; a one-schema search_path makes this exact. `pg_*` names resolve to `pg_catalog`,
-    /// which Postgres searches first.
+    /// session's `search_path` (which one depends on what exists), so it must be allowed in all
+    /// of them; a one-schema search_path makes this exact. `paths` holds every path the session
+    /// may be under (more than one while pglease cannot tell whether a `SET` took effect).
+    /// `pg_*` names resolve to `pg_catalog`, which Postgres searches first unless the path
+    /// names it later; then every schema up to it is a candidate.
     /// NOTE: a user relation named `pg_*` in a search_path schema, with no catalog relation of
     /// that name, would be checked as a catalog read; the role's GRANTs still apply to it.
-    fn candidates(&self, schema: Option<&str>, table: &str) -> Vec<(String, String)> {
+    fn candidates(&self, paths: &[Vec<String>], schema: Option<&str>, table: &str) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut add = |s: &str| {
+            let s = if s == "$user" { self.role.as_str() } else { s };
+            if !out.iter().any(|(o, _)| o == s) {
+                out.push((s.to_owned(), table.to_owned()));
+            }
+        };
         match schema {
-            Some(s) => vec![(s.to_owned(), table.to_owned())],
-            None if table.starts_with("pg_") => vec![("pg_catalog".into(), table.to_owned())],
-            None => self.search_path.iter().map(|s| (s.clone(), table.to_owned())).collect(),
+            Some(s) => add(s),
+            None => {
+                for path in paths {
+                    if table.starts_with("pg_") {
+                        match path.iter().position(|s| s == "pg_catalog") {
+                            Some(k) => path[..=k].iter().for_each(|s| add(s)),
+                            None => add("pg_catalog"),
+                        }
+                    } else {
+                        path.iter().for_each(|s| add(s));
+                    }
+                }
+            }
         }
+        out
     }
 
-    fn setting_allowed(&self, name: &str) -> bool {
+    /// The schema unqualified objects are created in, for each path the session may be under.
+    fn creation_schemas(&self, paths: &[Vec<String>]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for path in paths {
+            let first = path.iter().find(|s| !matches!(s.as_str(), "pg_catalog" | "pg_temp")).map(|s| if s == "$user" { self.role.clone() } else { s.clone() });
+            let first = first.unwrap_or_else(|| "public".into());
+            if !out.contains(&first) {
+                out.push(first);
+            }
+        }
+        out
+    }
+
+    /// Whether a session may change setting `name` (SET, set_config, or at startup).
+    pub fn setting_allowed(&self, name: &str) -> bool {
         let name = name.to_ascii_lowercase();
         if PINNED_SETTINGS.contains(&name.as_str()) {
             return false;
@@ -253,14 +303,23 @@ impl ScopePolicy {
         if name == "statement_timeout" && self.statement_timeout.is_some() {
             return false;
         }
+        if name == "search_path" {
+            // Tracked by the session (see `Effect::SearchPath`), so only where a scope allows it.
+            return self.any_setting || self.settings.contains(&name);
+        }
         HARMLESS_SETTINGS.contains(&name.as_str()) || self.any_setting || self.settings.contains(&name)
     }
 
     /// Whether a function may be called. `schema` is the qualifier as written, if any.
     fn function_allowed(&self, schema: Option<&str>, name: &str) -> bool {
         let qualified = schema.map(|s| format!("{s}.{name}"));
-        if functions::NEVER.contains(&name) {
+        if functions::NEVER.contains(&name) || functions::DECIDED_AS_STATEMENTS.contains(&name) {
             return false;
+        }
+        let builtin_schema = matches!(schema, None | Some("pg_catalog"));
+        if builtin_schema && functions::named_only_class(name).is_some() {
+            // Only by its own name: `"*"` does not reach these.
+            return self.functions_allow.contains(name) || self.functions_allow.contains(&format!("pg_catalog.{name}"));
         }
         if let Some(q) = &qualified
             && (self.functions_allow.contains(q) || self.any_function)
@@ -270,7 +329,6 @@ impl ScopePolicy {
         if schema.is_none() && (self.functions_allow.contains(name) || self.any_function) {
             return true;
         }
-        let builtin_schema = matches!(schema, None | Some("pg_catalog"));
         builtin_schema && functions::BUILTIN.contains(&name) && !self.functions_deny.contains(name) && qualified.as_ref().is_none_or(|q| !self.functions_deny.contains(q))
     }
 
@@ -278,9 +336,28 @@ impl ScopePolicy {
         Decision::Deny { code: crate::error::sqlstate::INSUFFICIENT_PRIVILEGE.to_owned(), message: format!("pglease: scope \"{}\" {}", self.name, message.into()) }
     }
 
-    /// The decision for `sql`: from the cache when this text, or a statement of the same
-    /// shape where that is sound, was seen before.
+    /// The decision for `sql` under the scope's pinned search_path.
     pub fn decide(&self, sql: &str) -> Verdict {
+        self.decide_in(sql, &[])
+    }
+
+    /// The decision for `sql` in a session that may be under any of `paths` (empty: the
+    /// pinned path): from the cache when this text, or a statement of the same shape where
+    /// that is sound, was seen before under the same paths.
+    pub fn decide_in(&self, sql: &str, paths: &[Vec<String>]) -> Verdict {
+        if !paths.is_empty() && paths != std::slice::from_ref(&self.search_path) {
+            // A session that changed its path: cached by path and text, never by shape.
+            let key = format!("{}\u{0}{sql}", serde_json::to_string(paths).unwrap_or_default());
+            if let Some(v) = self.exact.get(&key) {
+                return v.clone();
+            }
+            let (verdict, _) = self.decide_with_tree(sql, paths);
+            if self.exact.len() >= CACHE_ENTRIES {
+                self.exact.clear();
+            }
+            self.exact.insert(key, verdict.clone());
+            return verdict;
+        }
         if let Some(v) = self.exact.get(sql) {
             metrics::counter!("pglease_policy_cache_total", "result" => "hit").increment(1);
             return v.clone();
@@ -292,7 +369,7 @@ impl ScopePolicy {
             return v.clone();
         }
         metrics::counter!("pglease_policy_cache_total", "result" => "miss").increment(1);
-        let (verdict, tree) = self.decide_with_tree(sql);
+        let (verdict, tree) = self.decide_with_tree(sql, std::slice::from_ref(&self.search_path));
         if let Some(shape) = shape
             && tree.as_ref().is_some_and(|t| Self::shape_safe(t, &verdict, &shape.literals))
         {
@@ -323,16 +400,20 @@ impl ScopePolicy {
         }
         let mut strings = Vec::new();
         tree_strings(tree, &mut strings);
+        // set_config's decision reads its first argument, a literal.
+        if strings.iter().any(|n| functions::DECIDED_AS_STATEMENTS.contains(n)) {
+            return false;
+        }
         !strings.iter().any(|n| literals.iter().any(|l| l == n))
     }
 
     /// The decision, computed from scratch.
     pub fn decide_uncached(&self, sql: &str) -> Verdict {
-        self.decide_with_tree(sql).0
+        self.decide_with_tree(sql, std::slice::from_ref(&self.search_path)).0
     }
 
     /// The decision, and the parse tree it was reached on (None if the statement did not parse).
-    fn decide_with_tree(&self, sql: &str) -> (Verdict, Option<Value>) {
+    fn decide_with_tree(&self, sql: &str, paths: &[Vec<String>]) -> (Verdict, Option<Value>) {
         let parsed = match pg_query::parse(sql, 0) {
             Ok(p) => p,
             Err(e) => {
@@ -347,14 +428,32 @@ impl ScopePolicy {
         };
         let mut effects = Vec::new();
         let statements = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-        for stmt in statements {
+        for (i, stmt) in statements.iter().enumerate() {
             let Some(node) = stmt.get("stmt") else { continue };
-            if let Err(message) = walk::check_statement(self, node, &mut effects) {
+            if let Err(message) = walk::check_statement(self, paths, node, &mut effects) {
+                return (Verdict { decision: self.deny(message), effects: vec![] }, Some(tree));
+            }
+            // The statements after a path change would run under a path they were not decided
+            // under. Last in its message it is fine (asyncpg's pool reset ends in RESET ALL).
+            if i + 1 < statements.len() && effects.iter().any(|e| matches!(e, Effect::SearchPath { .. })) {
+                let message = "allows SET search_path, RESET ALL and DISCARD ALL only as the last statement of a message";
                 return (Verdict { decision: self.deny(message), effects: vec![] }, Some(tree));
             }
         }
-        if statements.len() > 1 && effects.iter().any(|e| matches!(e, Effect::ApplicationName { .. })) {
-            return (Verdict { decision: self.deny("allows SET application_name only as a statement of its own"), effects: vec![] }, Some(tree));
+        if statements.len() > 1 {
+            // The session carries these out once the message is decided: later statements of
+            // the same message would run under a state they were not decided under.
+            for (what, found) in [
+                ("SET application_name", effects.iter().any(|e| matches!(e, Effect::ApplicationName { .. }))),
+            ] {
+                if found {
+                    return (Verdict { decision: self.deny(format!("allows {what} only as a statement of its own")), effects: vec![] }, Some(tree));
+                }
+            }
+        }
+        if statements.len() > 1 {
+            // Shown as Postgres holds it (with pglease's stamp) inside a longer message.
+            effects.retain(|e| *e != Effect::ShowApplicationName);
         }
         let decision = match self.row_limit {
             Some(limit) => match rewrite::apply_row_limit(parsed.protobuf, limit) {
@@ -394,6 +493,25 @@ impl ScopePolicy {
             w.push(("default_transaction_read_only", "on".to_owned()));
         }
         w
+    }
+
+    /// What the scope allows beyond what `"*"` reaches, one line per dangerous class, for the
+    /// warning pglease logs when it starts serving the scope.
+    pub fn dangerous_allowances(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (class, names) in functions::NAMED_ONLY {
+            let named: Vec<&str> = names.iter().copied().filter(|n| self.functions_allow.contains(*n) || self.functions_allow.contains(&format!("pg_catalog.{n}"))).collect();
+            if !named.is_empty() {
+                out.push(format!("{class} ({})", named.join(", ")));
+            }
+        }
+        if self.statements.contains(&crate::config::StatementClass::Do) {
+            out.push("DO blocks (code pglease cannot see)".to_owned());
+        }
+        if self.statements.contains(&crate::config::StatementClass::TwoPhaseCommit) {
+            out.push("two-phase commit (prepared transactions outlive the session)".to_owned());
+        }
+        out
     }
 
     /// The rules, for `scope show` and `scope sql`.

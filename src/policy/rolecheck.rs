@@ -105,7 +105,7 @@ pub async fn excess_privileges(upstream: &Upstream, login: &UpstreamLogin, datab
             }
         }
         // Denied columns must not be readable through column privileges either.
-        let denied = policy.denied_columns(Some(&schema), &table);
+        let denied = policy.denied_columns(&[], Some(&schema), &table);
         for col in denied {
             let q = format!(
                 "SELECT has_column_privilege('{}.{}'::regclass, '{}', 'SELECT') FROM pg_attribute WHERE attrelid = '{}.{}'::regclass AND attname = '{}'",

@@ -9,14 +9,38 @@ fn quote(s: &str) -> String {
 
 /// SQL that creates the scope's role (without a password: set one with `ALTER ROLE … PASSWORD`)
 /// and grants it exactly what the scope's rules allow.
+///
+/// A scope with several databases gets one section per database after the first, each
+/// starting with psql's `\connect` (table privileges are granted inside a database).
 pub fn scope_sql(name: &str, scope: &ScopeConfig) -> String {
     let role = quote(&scope.role);
-    let db = quote(&scope.database);
+    let databases = scope.databases();
     let mut out = format!(
         "-- Role backing pglease scope \"{name}\". Set its password with ALTER ROLE … PASSWORD; only pglease should know it.\n\
-         CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;\n\
-         GRANT CONNECT ON DATABASE {db} TO {role};\n"
+         CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;\n"
     );
+    for db in &databases {
+        out.push_str(&format!("GRANT CONNECT ON DATABASE {} TO {role};\n", quote(db)));
+    }
+    for (i, db) in databases.iter().enumerate() {
+        if databases.len() > 1 {
+            out.push_str(&format!("{}-- In database {db}:\n\\connect {}\n", if i == 0 { "" } else { "\n" }, quote(db)));
+        }
+        out.push_str(&table_grants(scope, &role));
+    }
+    let dbs: Vec<String> = databases.iter().map(|d| quote(d)).collect();
+    out.push_str(&format!(
+        "-- Not granted on purpose: CREATE on schemas without a ddl rule, membership in any role\n\
+         -- (pg_read_server_files, pg_write_server_files, pg_execute_server_program, pg_signal_backend…).\n\
+         -- TEMP on {} is granted to PUBLIC by default: REVOKE TEMP ON DATABASE … FROM PUBLIC if no one needs it.\n",
+        dbs.join(", ")
+    ));
+    out
+}
+
+/// The schema and table privileges of a scope's rules, in the database connected to.
+fn table_grants(scope: &ScopeConfig, role: &str) -> String {
+    let mut out = String::new();
     let mut schemas: Vec<String> = Vec::new();
     for rule in &scope.tables {
         let (schema, table) = rule.name.split_once('.').unwrap_or(("*", "*"));
@@ -102,11 +126,6 @@ pub fn scope_sql(name: &str, scope: &ScopeConfig) -> String {
             ));
         }
     }
-    out.push_str(&format!(
-        "-- Not granted on purpose: CREATE on schemas without a ddl rule, membership in any role\n\
-         -- (pg_read_server_files, pg_write_server_files, pg_execute_server_program, pg_signal_backend…).\n\
-         -- TEMP on {db} is granted to PUBLIC by default: REVOKE TEMP ON DATABASE {db} FROM PUBLIC if no one needs it.\n"
-    ));
     out
 }
 

@@ -140,7 +140,7 @@ fn session_state_that_changes_meaning_is_pinned() {
     ] {
         denied(&s, sql, "does not allow changing setting");
     }
-    denied(&s, "SELECT set_config('search_path', 'public', false)", "set_config");
+    denied(&s, "SELECT set_config('search_path', 'public', false)", "does not allow changing setting search_path");
     // application_name carries pglease's stamp: a SET keeps it and adds the client's name.
     let v = s.decide_uncached("SET application_name = 'PostgreSQL JDBC Driver'");
     assert_eq!((v.decision, v.effects), (Decision::Allow, vec![Effect::ApplicationName { value: "PostgreSQL JDBC Driver".into(), local: false }]));
@@ -349,4 +349,157 @@ fn statements_of_one_shape_share_a_decision_where_sound() {
     let capped = scope("orders-read");
     capped.decide("SELECT * FROM orders.orders LIMIT 5");
     assert_eq!(capped.shapes.len(), 0);
+}
+
+fn custom(toml_text: &str) -> ScopePolicy {
+    let scopes: std::collections::BTreeMap<String, ScopeConfig> = toml::from_str(toml_text).expect("scope parses");
+    let (name, c) = scopes.iter().next().expect("one scope");
+    ScopePolicy::from_config(name, c)
+}
+
+/// A scope as permissive as pglease allows, as a driver's own test suite would run under.
+fn permissive() -> ScopePolicy {
+    custom(
+        r#"[app]
+        database = "app"
+        role = "app"
+        password_env = "X"
+        settings = ["*"]
+        functions = { allow = ["*"] }
+        tables = [{ name = "public.*", allow = ["all"] }]"#,
+    )
+}
+
+#[test]
+fn set_config_is_decided_as_the_set_it_is() {
+    let app = permissive();
+    allowed(&app, "SELECT set_config('jit', 'off', false)"); // asyncpg's type introspection
+    allowed(&app, "SELECT pg_catalog.set_config('work_mem', '64MB', true)");
+    allowed(&app, "SELECT set_config('myapp.tenant'::text, '7', false)");
+    for (sql, why) in [
+        ("SELECT set_config('role', 'postgres', false)", "does not allow changing setting role"),
+        ("SELECT set_config('ROLE', 'postgres', false)", "does not allow changing setting role"),
+        ("SELECT set_config('default_transaction_read_only', 'off', false)", "does not allow changing setting default_transaction_read_only"),
+        ("SELECT set_config('standard_conforming_strings', 'off', false)", "does not allow changing setting standard_conforming_strings"),
+        ("SELECT set_config('session_authorization', 'postgres', false)", "does not allow changing setting session_authorization"),
+        ("SELECT set_config('search_path', 'evil', false)", "only with SET search_path"),
+        ("SELECT set_config('application_name', 'x', false)", "only with SET application_name"),
+        ("SELECT set_config(name, 'x', false) FROM (VALUES ('role')) v(name)", "written as a string literal"),
+        ("SELECT set_config('ro' || 'le', 'x', false)", "written as a string literal"),
+        ("SELECT set_config('jit', 'off')", "written as a string literal"),
+    ] {
+        denied(&app, sql, why);
+    }
+    // A pinned statement_timeout holds against set_config as against SET.
+    denied(&scope("orders-read"), "SELECT set_config('statement_timeout', '0', false)", "statement_timeout");
+    denied(&scope("orders-read"), "SELECT set_config('work_mem', '1GB', false)", "work_mem");
+    // The value is an ordinary expression: what it reads is checked like anything else.
+    denied(&scope("support"), "SELECT set_config('datestyle', (SELECT ssn FROM customers LIMIT 1), false)", "ssn");
+}
+
+#[test]
+fn what_pools_send_on_release_and_named_dangerous_functions() {
+    // asyncpg's pool reset, under any scope.
+    for name in ["orders-read", "support", "orders-write"] {
+        allowed(&scope(name), "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL");
+    }
+    let app = permissive();
+    // "*" does not reach the dangerous classes…
+    for f in ["pg_advisory_lock(1)", "pg_try_advisory_xact_lock(1)", "pg_terminate_backend(1)", "pg_cancel_backend(1)", "pg_stat_reset()"] {
+        denied(&app, &format!("SELECT {f}"), "does not allow calling function");
+    }
+    denied(&app, "DO $$ BEGIN END $$", "DO blocks");
+    denied(&app, "PREPARE TRANSACTION 'x'", "two-phase");
+    // …naming them does, with a warning at startup.
+    let named = custom(
+        r#"[ops]
+        database = "app"
+        role = "ops"
+        password_env = "X"
+        functions = { allow = ["*", "pg_advisory_lock", "pg_catalog.pg_cancel_backend"] }
+        statements = ["do", "two-phase-commit"]
+        tables = [{ name = "public.*", allow = ["all"] }]"#,
+    );
+    allowed(&named, "SELECT pg_advisory_lock(42)");
+    allowed(&named, "SELECT pg_catalog.pg_cancel_backend(1)");
+    allowed(&named, "SELECT pg_cancel_backend(1)");
+    denied(&named, "SELECT pg_terminate_backend(1)", "pg_terminate_backend");
+    denied(&named, "SELECT pg_read_file('/etc/passwd')", "pg_read_file");
+    allowed(&named, "DO $$ BEGIN PERFORM 1; END $$");
+    allowed(&named, "PREPARE TRANSACTION 'x'");
+    allowed(&named, "COMMIT PREPARED 'x'");
+    let warnings = named.dangerous_allowances().join("; ");
+    for class in ["advisory locks (pg_advisory_lock)", "signalling other sessions (pg_cancel_backend)", "DO blocks", "two-phase commit"] {
+        assert!(warnings.contains(class), "{warnings}");
+    }
+    assert!(app.dangerous_allowances().is_empty());
+}
+
+#[test]
+fn pg_notify_follows_notify() {
+    denied(&scope("orders-read"), "SELECT pg_notify('c', 'x')", "read-only");
+    denied(&scope("orders-read"), "NOTIFY c", "read-only");
+    allowed(&scope("orders-write"), "SELECT pg_notify('c', 'x')");
+    allowed(&scope("orders-write"), "NOTIFY c, 'x'");
+}
+
+#[test]
+fn a_tracked_search_path_resolves_names() {
+    let s = custom(
+        r#"[app]
+        database = "app"
+        role = "app_role"
+        password_env = "X"
+        settings = ["search_path"]
+        tables = [{ name = "app.*", allow = ["read", "insert"] }, { name = "public.t", allow = ["read"] }, { name = "app_role.*", allow = ["read"] }]"#,
+    );
+    // Pinned path: public.
+    allowed(&s, "SELECT * FROM t");
+    let v = s.decide_uncached("SET search_path TO app, \"Other\"");
+    assert_eq!(v.effects, vec![Effect::SearchPath { path: Some(vec!["app".into(), "Other".into()]), local: false }]);
+    assert_eq!(s.decide_uncached("SET LOCAL search_path = app").effects, vec![Effect::SearchPath { path: Some(vec!["app".into()]), local: true }]);
+    assert_eq!(s.decide_uncached("RESET search_path").effects, vec![Effect::SearchPath { path: None, local: false }]);
+    assert_eq!(s.decide_uncached("SET search_path TO DEFAULT").effects, vec![Effect::SearchPath { path: None, local: false }]);
+    assert_eq!(s.decide_uncached("DISCARD ALL").effects, vec![Effect::SearchPath { path: None, local: false }]);
+    denied(&s, "SET search_path TO app; SELECT 1", "only as the last statement of a message");
+    denied(&s, "RESET ALL; SELECT 1", "only as the last statement of a message");
+    allowed(&s, "SELECT 1; RESET ALL");
+    // Under [app], `orders` means app.orders; under [public], public.orders (not in scope).
+    let app = vec![vec!["app".to_owned()]];
+    let public = vec![vec!["public".to_owned()]];
+    assert!(!s.decide_in("SELECT * FROM orders", &app).decision.is_deny());
+    assert!(s.decide_in("SELECT * FROM orders", &public).decision.is_deny());
+    assert!(!s.decide_in("INSERT INTO orders VALUES (1)", &app).decision.is_deny());
+    // Unsure which path is in force: allowed only where allowed under every candidate.
+    assert!(s.decide_in("SELECT * FROM orders", &[app[0].clone(), public[0].clone()]).decision.is_deny());
+    // A two-schema path: allowed only if allowed in whichever schema the name resolves to.
+    assert!(!s.decide_in("SELECT * FROM t", &[vec!["app".into(), "public".into()]]).decision.is_deny());
+    assert!(s.decide_in("INSERT INTO t VALUES (1)", &[vec!["app".into(), "public".into()]]).decision.is_deny(), "public.t is read-only");
+    // $user is the backing role's schema.
+    assert!(!s.decide_in("SELECT * FROM x", &[vec!["$user".into()]]).decision.is_deny());
+    // pg_catalog named later in the path: a user schema before it may hold a pg_* name.
+    assert!(s.decide_in("SELECT * FROM pg_class", &[vec!["public".into(), "pg_catalog".into()]]).decision.is_deny());
+    assert!(!s.decide_in("SELECT * FROM pg_class", &[vec!["app".into(), "pg_catalog".into()]]).decision.is_deny());
+    assert!(!s.decide_in("SELECT * FROM pg_class", &public).decision.is_deny());
+    // A scope that does not allow it cannot change it at all.
+    denied(&scope("orders-read"), "SET search_path TO public", "does not allow changing setting search_path");
+}
+
+#[test]
+fn several_databases() {
+    let scopes: std::collections::BTreeMap<String, ScopeConfig> = toml::from_str(
+        r#"[app]
+        databases = ["shop", "postgres"]
+        role = "app"
+        password_env = "X"
+        tables = [{ name = "public.t", allow = ["read"] }]"#,
+    )
+    .unwrap();
+    let c = &scopes["app"];
+    assert_eq!(c.databases(), ["shop", "postgres"]);
+    assert_eq!(c.default_database(), "shop");
+    let sql = super::sql::scope_sql("app", c);
+    assert!(sql.contains("GRANT CONNECT ON DATABASE \"shop\"") && sql.contains("GRANT CONNECT ON DATABASE \"postgres\""), "{sql}");
+    assert_eq!(sql.matches("GRANT SELECT ON \"public\".\"t\"").count(), 2, "{sql}");
+    assert!(sql.contains("\\connect \"postgres\""), "{sql}");
 }

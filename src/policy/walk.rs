@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use serde_json::{Map, Value};
 
 use super::{Effect, ScopePolicy};
-use crate::config::Action;
+use crate::config::{Action, StatementClass};
 
 /// One relation the statement touches.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ struct Use {
 
 #[derive(Default)]
 struct Walker {
+    /// The search_paths the session may be under (see `ScopePolicy::candidates`).
+    paths: Vec<Vec<String>>,
     /// Visible CTE names, innermost last.
     ctes: Vec<HashSet<String>>,
     uses: Vec<Use>,
@@ -104,7 +106,7 @@ fn is_select(m: &Map<String, Value>) -> bool {
 }
 
 /// Statements that only read or change harmless session state.
-const SESSION_STATEMENTS: &[&str] = &["VariableShowStmt", "DiscardStmt", "FetchStmt", "ClosePortalStmt", "ListenStmt", "UnlistenStmt", "ConstraintsSetStmt"];
+const SESSION_STATEMENTS: &[&str] = &["FetchStmt", "ClosePortalStmt", "ListenStmt", "UnlistenStmt", "ConstraintsSetStmt"];
 
 /// Statements that define or change schema objects: need `ddl` on what they touch.
 const DDL_STATEMENTS: &[&str] = &[
@@ -317,6 +319,27 @@ impl Walker {
                         return;
                     }
                 };
+                if matches!(schema, None | Some("pg_catalog")) {
+                    match name {
+                        "set_config" => {
+                            if let Err(why) = set_config_allowed(p, body) {
+                                self.fail(why);
+                                return;
+                            }
+                            self.walk_except(p, body, &["funcname"]);
+                            return;
+                        }
+                        "pg_notify" if p.read_only => {
+                            self.fail("does not allow NOTIFY (pg_notify): its sessions are read-only");
+                            return;
+                        }
+                        "pg_notify" => {
+                            self.walk_except(p, body, &["funcname"]);
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
                 if !p.function_allowed(schema, name) {
                     let shown = parts.join(".");
                     self.fail(format!("does not allow calling function {shown}"));
@@ -436,7 +459,7 @@ impl Walker {
             }
         }
         for u in &self.uses {
-            for (schema, table) in p.candidates(u.schema.as_deref(), &u.name) {
+            for (schema, table) in p.candidates(&self.paths, u.schema.as_deref(), &u.name) {
                 if !p.allows(&schema, &table, u.action) {
                     let locking = if self.locking && u.action == Action::Update { " (row locks count as UPDATE)" } else { "" };
                     self.problem = Some(format!("does not allow {} on {schema}.{table}{locking}", action_name(u.action)));
@@ -447,7 +470,7 @@ impl Walker {
         // Column rules: a denied column may not be named, and may not be reached through `*`,
         // a whole-row reference, NATURAL JOIN, or a statement that covers every column.
         for (idx, u) in self.uses.iter().enumerate() {
-            let denied = p.denied_columns(u.schema.as_deref(), &u.name);
+            let denied = p.denied_columns(&self.paths, u.schema.as_deref(), &u.name);
             if denied.is_empty() {
                 continue;
             }
@@ -478,11 +501,15 @@ impl Walker {
 }
 
 /// Checks one top-level statement. `Err` is the reason to refuse, as "does not allow …".
-pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<Effect>) -> Result<(), String> {
+pub(super) fn check_statement(p: &ScopePolicy, paths: &[Vec<String>], stmt: &Value, effects: &mut Vec<Effect>) -> Result<(), String> {
     let Some((ty, body)) = tagged(stmt) else {
         return Err("could not inspect the statement".into());
     };
-    let mut w = Walker::default();
+    let mut w = Walker { paths: paths.to_vec(), ..Walker::default() };
+    if ty == "DoStmt" && p.statements.contains(&StatementClass::Do) {
+        // Named by the scope: the block runs as the backing role, unseen by pglease.
+        return Ok(());
+    }
     if let Some(reason) = forbidden(ty) {
         return Err(reason.into());
     }
@@ -492,22 +519,25 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
         "ExplainStmt" => {
             // Checked as if it ran: EXPLAIN ANALYZE does run it.
             if let Some(q) = body.get("query") {
-                return check_statement(p, q, effects);
+                return check_statement(p, paths, q, effects);
             }
         }
         "PrepareStmt" => {
             if let Some(q) = body.get("query") {
-                check_statement(p, q, effects)?;
+                check_statement(p, paths, q, effects)?;
             }
             effects.push(Effect::Prepared(s(body, "name").to_owned()));
             return Ok(());
         }
         "DeclareCursorStmt" => {
             if let Some(q) = body.get("query") {
-                return check_statement(p, q, effects);
+                return check_statement(p, paths, q, effects);
             }
         }
-        "ExecuteStmt" => w.walk_except(p, body, &["name"]),
+        "ExecuteStmt" => {
+            effects.push(Effect::Executed(s(body, "name").to_owned()));
+            w.walk_except(p, body, &["name"]);
+        }
         "DeallocateStmt" => {
             let name = s(body, "name");
             effects.push(Effect::Deallocated(if b(body, "isall") || name.is_empty() { None } else { Some(name.to_owned()) }));
@@ -515,7 +545,9 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
         "TransactionStmt" => {
             use pg_query::protobuf::TransactionStmtKind as K;
             let kind = i(body, "kind");
-            if [K::TransStmtPrepare as i64, K::TransStmtCommitPrepared as i64, K::TransStmtRollbackPrepared as i64].contains(&kind) {
+            if [K::TransStmtPrepare as i64, K::TransStmtCommitPrepared as i64, K::TransStmtRollbackPrepared as i64].contains(&kind)
+                && !p.statements.contains(&StatementClass::TwoPhaseCommit)
+            {
                 return Err("does not allow two-phase commit".into());
             }
             if p.read_only && asks_read_write(body.get("options")) {
@@ -547,9 +579,36 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
                     String::new()
                 };
                 effects.push(Effect::ApplicationName { value, local: b(body, "is_local") });
-            } else if kind != K::VarResetAll as i64 && !p.setting_allowed(name) {
+            } else if kind == K::VarResetAll as i64 {
                 // RESET ALL returns to the session's startup values, which are the pinned ones.
+                effects.push(Effect::SearchPath { path: None, local: false });
+            } else if !p.setting_allowed(name) {
                 return Err(format!("does not allow changing setting {name}"));
+            } else if name == "search_path" {
+                let path = if kind == K::VarSetValue as i64 {
+                    let args = body.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+                    let schemas: Option<Vec<String>> = args.iter().map(literal_string).collect();
+                    match schemas {
+                        Some(schemas) => Some(schemas),
+                        None => return Err("allows SET search_path only to a list of schema names".into()),
+                    }
+                } else if [K::VarSetDefault as i64, K::VarReset as i64].contains(&kind) {
+                    None
+                } else {
+                    return Err("allows SET search_path only to a list of schema names".into());
+                };
+                effects.push(Effect::SearchPath { path, local: b(body, "is_local") });
+            }
+        }
+        "DiscardStmt" => {
+            use pg_query::protobuf::DiscardMode as M;
+            if i(body, "target") == M::DiscardAll as i64 {
+                effects.push(Effect::SearchPath { path: None, local: false });
+            }
+        }
+        "VariableShowStmt" => {
+            if s(body, "name") == "application_name" {
+                effects.push(Effect::ShowApplicationName);
             }
         }
         "NotifyStmt" => {
@@ -561,9 +620,10 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
         t if DDL_STATEMENTS.contains(&t) => {
             w.ddl = true;
             // Objects DDL names without a relation (schemas, functions, types) need DDL rights
-            // on the whole schema; the first search_path schema stands for unqualified ones.
-            let schema = p.search_path.first().cloned().unwrap_or_else(|| "public".into());
-            if !p.allows(&schema, "*", Action::Ddl) && !matches!(t, "CreateStmt" | "AlterTableStmt" | "IndexStmt" | "CreateTableAsStmt" | "ViewStmt" | "DropStmt") {
+            // on the whole schema; the schema they are created in stands for unqualified ones.
+            let creation = p.creation_schemas(paths);
+            let schema_ddl = creation.iter().all(|schema| p.allows(schema, "*", Action::Ddl));
+            if !schema_ddl && !matches!(t, "CreateStmt" | "AlterTableStmt" | "IndexStmt" | "CreateTableAsStmt" | "ViewStmt" | "DropStmt") {
                 return Err(format!("does not allow DDL ({})", t.trim_end_matches("Stmt")));
             }
             if t == "DropStmt" {
@@ -582,7 +642,7 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
                 }
             }
             w.walk_except(p, body, &["objects"]);
-            if !w.uses.iter().any(|u| u.action == Action::Ddl) && !p.allows(&schema, "*", Action::Ddl) {
+            if !w.uses.iter().any(|u| u.action == Action::Ddl) && !schema_ddl {
                 return Err(format!("does not allow DDL ({})", t.trim_end_matches("Stmt")));
             }
         }
@@ -592,6 +652,34 @@ pub(super) fn check_statement(p: &ScopePolicy, stmt: &Value, effects: &mut Vec<E
     match w.problem {
         Some(problem) => Err(problem),
         None => Ok(()),
+    }
+}
+
+/// `set_config(name, value, is_local)` is a `SET`: the same settings rule decides it. The name
+/// must be written as a literal, so the decision is made on what will run.
+fn set_config_allowed(p: &ScopePolicy, call: &Value) -> Result<(), String> {
+    let args = call.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let name = args.first().and_then(literal_string);
+    let Some(name) = name.filter(|_| args.len() == 3) else {
+        return Err("allows set_config only with the setting's name written as a string literal".into());
+    };
+    let name = name.to_ascii_lowercase();
+    match name.as_str() {
+        // Both are tracked from SET statements (search_path resolves names; application_name
+        // carries pglease's stamp): a function call would change them unseen.
+        "application_name" => Err("allows changing application_name only with SET application_name, not set_config()".into()),
+        "search_path" if p.setting_allowed(&name) => Err("allows changing search_path only with SET search_path, not set_config()".into()),
+        _ if p.setting_allowed(&name) => Ok(()),
+        _ => Err(format!("does not allow changing setting {name}")),
+    }
+}
+
+/// A string literal, possibly cast (`'jit'`, `'jit'::text`).
+fn literal_string(v: &Value) -> Option<String> {
+    match tagged(v)? {
+        ("AConst", c) => c.pointer("/sval/sval").or_else(|| c.pointer("/val/Sval/sval")).and_then(Value::as_str).map(str::to_owned),
+        ("TypeCast", c) => c.get("arg").and_then(literal_string),
+        _ => None,
     }
 }
 

@@ -88,6 +88,8 @@ pub enum BackendAction {
     Continue,
     /// End the session with this `FATAL` (e.g. a pinned setting changed).
     End(ClientError),
+    /// For a `ParameterStatus`: show the client this value instead of Postgres's.
+    ShowValue(String),
 }
 
 /// Forwards everything: the proxy core on its own.

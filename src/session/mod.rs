@@ -780,14 +780,13 @@ async fn upstream_to_client(
             }
             b'S' => {
                 match ParameterStatus::decode(&frame) {
-                    Ok(p) => {
-                        if let BackendAction::End(err) = hooks.on_backend(ctx, BackendEvent::ParameterStatus { name: &p.name, value: &p.value }) {
-                            return Outcome::End(err);
-                        }
-                    }
+                    Ok(p) => match hooks.on_backend(ctx, BackendEvent::ParameterStatus { name: &p.name, value: &p.value }) {
+                        BackendAction::End(err) => return Outcome::End(err),
+                        BackendAction::ShowValue(value) if value != p.value => ParameterStatus { name: p.name, value }.encode(),
+                        BackendAction::ShowValue(_) | BackendAction::Continue => frame,
+                    },
                     Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
                 }
-                frame
             }
             b'I' => {
                 let _ = hooks.on_backend(ctx, BackendEvent::EmptyQuery);
