@@ -49,9 +49,11 @@ install_drivers() {
     command -v python3 >/dev/null || die "missing: python3 (for the psycopg and asyncpg workloads)"
     command -v node >/dev/null || die "missing: node (for the node-postgres workload)"
     command -v java >/dev/null || die "missing: java 11+ (for the JDBC workload)"
-    if ! python3 -c 'import psycopg, asyncpg' 2>/dev/null; then
-        echo "installing: psycopg[binary] asyncpg (PyPI)" >&2
-        python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 'psycopg[binary]>=3.1,<4' 'asyncpg>=0.29,<1' >&2
+    # psycopg 3.3.4 bundles libpq 18.0, whose async API hung on 16 KiB TLS records: the large
+    # result test keeps pglease honest against it (src/tls.rs, MAX_RECORD_PLAINTEXT).
+    if ! python3 -c 'import sys, psycopg, asyncpg; sys.exit(psycopg.__version__ != "3.3.4" or psycopg.pq.__impl__ != "binary")' 2>/dev/null; then
+        echo "installing: psycopg[binary]==3.3.4 asyncpg (PyPI)" >&2
+        python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 'psycopg[binary]==3.3.4' 'asyncpg>=0.29,<1' >&2
     fi
     if [ ! -d tests/drivers/node/node_modules/pg ]; then
         echo "installing: node-postgres (npm ci)" >&2

@@ -147,12 +147,25 @@ async fn pinned_settings_stay_pinned() {
     }
     // Even a write the policy missed would hit a read-only transaction upstream.
     assert_eq!(show("transaction_read_only").await, "on");
-    // application_name keeps pglease's stamp; a client's SET (JDBC sends one) adds its name.
+    // application_name keeps pglease's stamp in pg_stat_activity; a client's SET (JDBC sends
+    // one) adds its name there, and the client sees just its own name.
+    let stamp = || async {
+        let rows = client.simple_query("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").await.unwrap();
+        rows.iter().find_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { r.get(0).map(str::to_owned) } else { None }).unwrap()
+    };
     client.simple_query("SET application_name = 'it''s mine'").await.unwrap();
-    let stamped = show("application_name").await;
+    assert_eq!(show("application_name").await, "it's mine");
+    let stamped = stamp().await;
     assert!(stamped.starts_with("pglease alice ") && stamped.ends_with(" / it's mine"), "{stamped}");
+    // SET LOCAL lasts as long as Postgres says it does.
+    client.simple_query("BEGIN").await.unwrap();
+    client.simple_query("SET LOCAL application_name = 'local'").await.unwrap();
+    assert_eq!(show("application_name").await, "local");
+    client.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(show("application_name").await, "it's mine");
     client.simple_query("RESET application_name").await.unwrap();
-    let reset = show("application_name").await;
+    assert_eq!(show("application_name").await, "");
+    let reset = stamp().await;
     assert!(reset.starts_with("pglease alice ") && !reset.contains(" / "), "{reset}");
 }
 
@@ -206,4 +219,37 @@ async fn psql_catalog_commands_work_under_read_scopes() {
             assert!(!stdout.is_empty() || stderr.contains("Did not find"), "{scope}: {meta}");
         }
     }
+}
+
+/// Startup settings are decided like a SET of them, once the login's scope is known: a pinned
+/// one is refused with the same message, an allowed one is in force from the first statement.
+#[tokio::test]
+async fn startup_settings_are_decided_by_the_scope() {
+    let env = env().await;
+    let connect = |login: String, password: String, options: &'static str| {
+        let port = env.proxy_addr.port();
+        let database = env.database.clone();
+        async move {
+            let mut config = tokio_postgres::Config::new();
+            config.host("127.0.0.1").port(port).user(&login).password(&password).dbname(&database).options(options);
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, connection) = config.connect(common::tls_connector()).await?;
+            tokio::spawn(connection);
+            Ok::<_, tokio_postgres::Error>(client)
+        }
+    };
+    // `read` pins statement_timeout and allows no other settings.
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    for (options, setting) in [("-c statement_timeout=0", "statement_timeout"), ("-c jit=off", "jit")] {
+        let e = connect(login.clone(), password.clone(), options).await.err().expect("refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+        assert_eq!(e.as_db_error().unwrap().message(), format!("pglease: scope \"read\" does not allow changing setting {setting}"));
+    }
+    let client = connect(login, password, "-c DateStyle=German").await.unwrap();
+    assert_eq!(client.query_one("SHOW statement_timeout", &[]).await.unwrap().get::<_, String>(0), "20s");
+    // `app` allows these ones.
+    let (_, login, password) = env.active_grant("app", "30m").await;
+    let client = connect(login, password, "-c statement_timeout=7s --lock-timeout=2s").await.unwrap();
+    assert_eq!(client.query_one("SHOW statement_timeout", &[]).await.unwrap().get::<_, String>(0), "7s");
+    assert_eq!(client.query_one("SHOW lock_timeout", &[]).await.unwrap().get::<_, String>(0), "2s");
 }

@@ -68,25 +68,31 @@ async fn gssenc_request_is_declined_and_ssl_follows() {
 async fn forbidden_and_unknown_startup_parameters_are_fatal() {
     let proxy = TestProxy::start().await;
     let db = proxy.database.clone();
-    for (key, value, code) in [
-        ("options", "-c search_path=evil", "42501"),
-        ("replication", "database", "42501"),
-        ("search_path", "evil", "42501"),
-        ("session_authorization", "postgres", "42501"),
-        ("default_transaction_read_only", "off", "42501"),
-        ("work_mem", "1GB", "08P01"),
-        ("client_encoding", "LATIN1", "08P01"),
+    // Settings every session has pinned are refused wherever they are sent, naming the setting.
+    for (key, value, code, named) in [
+        ("options", "-c search_path=evil", "42501", "search_path"),
+        ("options", "--session-authorization=postgres", "42501", "session_authorization"),
+        ("options", "-B 1000", "08P01", "-B"),
+        ("replication", "database", "42501", "replication"),
+        ("search_path", "evil", "42501", "search_path"),
+        ("session_authorization", "postgres", "42501", "session_authorization"),
+        ("default_transaction_read_only", "off", "42501", "default_transaction_read_only"),
+        ("work mem", "1GB", "08P01", "work mem"),
+        ("client_encoding", "LATIN1", "08P01", "LATIN1"),
     ] {
         let m = fatal_after_startup(&proxy, &[("user", LOGIN), ("database", &db), (key, value)]).await;
         assert_eq!(m.code(), code, "{key}: {m:?}");
-        assert!(m.field(b'M').unwrap().contains(key) || key == "client_encoding" && m.field(b'M').unwrap().contains("LATIN1"), "{m:?}");
+        assert!(m.field(b'M').unwrap().contains(named), "{m:?}");
     }
     let m = fatal_after_startup(&proxy, &[("database", &db)]).await;
     assert_eq!(m.code(), "28000");
-    // psql's own way of passing options is refused with the same message.
-    let (status, _, stderr) = common::run_client("psql", &[&proxy.conninfo("options='-c statement_timeout=0'"), "-c", "select 1"]).await;
+    // psql's own way of passing options is decided setting by setting.
+    let (status, _, stderr) = common::run_client("psql", &[&proxy.conninfo("options='-c default_transaction_read_only=off'"), "-c", "select 1"]).await;
     assert!(!status.success());
-    assert!(stderr.contains("startup parameter \"options\" is not allowed"), "{stderr}");
+    assert!(stderr.contains("startup parameter \"default_transaction_read_only\" is not allowed"), "{stderr}");
+    // A login without a scope (the proxy core on its own) takes the rest as Postgres would.
+    let (status, stdout, stderr) = common::run_client("psql", &[&proxy.conninfo("options='-c work_mem=3MB'"), "-At", "-c", "show work_mem"]).await;
+    assert!(status.success() && stdout.trim() == "3MB", "{stdout}{stderr}");
     assert_still_serving(&proxy).await;
 }
 

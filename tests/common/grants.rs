@@ -38,11 +38,13 @@ pub struct EnvOptions {
     pub failures_before_delay: u32,
     /// Also copy the audit log into a table of the database `<db>_audit`.
     pub audit_pg: bool,
+    /// The `app` scope reaches a second database, `<db>_2`, with its own `public.t`.
+    pub second_database: bool,
 }
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { warn_before: vec![], failures_before_delay: 100, audit_pg: false }
+        Self { warn_before: vec![], failures_before_delay: 100, audit_pg: false, second_database: false }
     }
 }
 
@@ -87,11 +89,12 @@ impl GrantsEnv {
             max_duration = "1h"
             tables = [{{ name = "public.people", allow = ["read"], deny_columns = ["ssn"] }}]
             [app]
-            database = "{db}"
+            {app_databases}
             role = "{app}"
             password_env = "UNUSED"
             max_duration = "1h"
-            tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete", "copy-in", "copy-out"] }}]
+            settings = ["jit", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "search_path"]
+            tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete", "copy-in", "copy-out"] }}, {{ name = "app.items", allow = ["read"] }}]
             [leaky]
             database = "{db}"
             role = "{leaky}"
@@ -105,13 +108,20 @@ impl GrantsEnv {
             support = role("support"),
             leaky = role("leaky"),
             app = role("app"),
+            app_databases = if options.second_database { format!("databases = [\"{db}\", \"{db}_2\"]") } else { format!("database = \"{db}\"") },
         ))
         .unwrap();
+        if options.second_database {
+            h.cluster.execute("postgres", &format!("CREATE DATABASE {database}_2")).await.unwrap();
+            h.cluster.execute(&format!("{database}_2"), "CREATE TABLE public.t (id int); INSERT INTO t VALUES (2002); CREATE SCHEMA app; CREATE TABLE app.items (id int, name text);").await.unwrap();
+        }
         h.cluster
             .execute(
                 &database,
                 "CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);
-                 CREATE TABLE public.people (id int, name text, ssn text); INSERT INTO people VALUES (1, 'ann', '111-11-1111'), (2, 'bo', '222-22-2222');",
+                 CREATE TABLE public.people (id int, name text, ssn text); INSERT INTO people VALUES (1, 'ann', '111-11-1111'), (2, 'bo', '222-22-2222');
+                 CREATE TYPE public.mood AS ENUM ('sad', 'happy');
+                 CREATE SCHEMA app; CREATE TABLE app.items (id int, name text); INSERT INTO app.items VALUES (1, 'widget');",
             )
             .await
             .unwrap();
@@ -121,12 +131,24 @@ impl GrantsEnv {
         for (name, scope) in &scopes {
             sql.push_str(&pglease::policy::sql::scope_sql(name, scope));
             let password = format!("pw-{}", scope.role);
-            sql.push_str(&format!("ALTER ROLE \"{}\" PASSWORD '{password}';\n", scope.role));
+            sql.push_str(&format!("ALTER ROLE \"{}\" PASSWORD '{password}';\n\\connect \"{database}\"\n", scope.role));
             secrets.insert(name.clone(), password);
         }
         // …except the leaky one, which can read more than its scope says.
         sql.push_str(&format!("GRANT SELECT ON public.people TO \"{}\";", role("leaky")));
-        h.cluster.execute(&database, &sql).await.unwrap();
+        // A scope with several databases has a section per database after psql's \connect.
+        let mut target = database.clone();
+        let mut section = String::new();
+        for line in sql.lines().chain(std::iter::once("\\connect \"\"")) {
+            if let Some(next) = line.strip_prefix("\\connect ") {
+                h.cluster.execute(&target, &section).await.unwrap_or_else(|e| panic!("{e:#}"));
+                section.clear();
+                target = next.trim_matches('"').to_owned();
+            } else {
+                section.push_str(line);
+                section.push('\n');
+            }
+        }
 
         let config = Config {
             listen: ListenConfig {

@@ -95,7 +95,22 @@ async def main():
     except asyncpg.InsufficientPrivilegeError as e:
         check("denied", e.sqlstate == "42501" and "scope" in str(e), str(e))
     check("after denial", await conn.fetchval("SELECT count(*) FROM t WHERE id = 100") == 1)
+
+    # A non-builtin type: asyncpg introspects it, wrapped in set_config('jit', 'off', false).
+    check("enum type", await conn.fetchval("SELECT 'happy'::mood") == "happy")
+    check("enum array", await conn.fetchval("SELECT ARRAY['sad', 'happy']::mood[]") == ["sad", "happy"])
+    check("pid is the backend's", conn.get_server_pid() == await conn.fetchval("SELECT pg_backend_pid()"))
     await conn.close()
+
+    # A pool: every release runs pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL.
+    # server_settings are startup parameters, decided by the scope's settings rule.
+    pool = await asyncpg.create_pool(ssl=tls(), min_size=1, max_size=2, server_settings={"statement_timeout": "10s"})
+    for i in range(6):
+        async with pool.acquire() as pc:
+            check(f"pool #{i}", await pc.fetchval("SELECT count(*) FROM t WHERE id = 100") == 1)
+            check(f"pool setting #{i}", await pc.fetchval("SHOW statement_timeout") == "10s")
+            check(f"pool enum #{i}", await pc.fetchval("SELECT $1::mood", "sad") == "sad")
+    await pool.close()
     print("done", flush=True)
 
 

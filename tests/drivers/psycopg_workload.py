@@ -97,4 +97,64 @@ with connect(autocommit=True) as conn:
         check("denied", e.sqlstate == "42501" and "scope" in str(e), str(e))
     check("after denial", conn.execute("SELECT count(*) FROM t WHERE id = 100").fetchone()[0] == 1)
 
+    # The pid the client was told is the backend's own: its notifications and pg_backend_pid()
+    # carry it, so a client can tell its own notifications apart (psycopg, many apps do).
+    pid = conn.info.backend_pid
+    check("pid is the backend's", conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid)
+    conn.execute("LISTEN self_channel")
+    conn.execute("NOTIFY self_channel, 'me'")
+    got = next(conn.notifies(timeout=10), None)
+    check("own notification carries own pid", got is not None and got.pid == pid, str(got))
+
+    # libpq 17+ cancels over TLS (PQcancelBlocking) and reads the connection to its end.
+    errors_seen = []
+
+    def cancel_safe():
+        try:
+            conn.cancel_safe(timeout=10)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors_seen.append(e)
+
+    timer = threading.Timer(0.5, cancel_safe)
+    timer.start()
+    try:
+        conn.execute("SELECT pg_sleep(30)")
+        check("cancel_safe", False, "pg_sleep was not cancelled")
+    except errors.QueryCanceled:
+        timer.join()
+        check("cancel_safe", not errors_seen, str(errors_seen))
+
+    # SET search_path where the scope allows it: names resolve under the path in force.
+    conn.execute("SET search_path TO app")
+    check("search_path set", conn.execute("SELECT name FROM items").fetchone()[0] == "widget")
+    conn.execute("RESET search_path")
+    try:
+        conn.execute("SELECT name FROM items")
+        check("search_path reset", False, "public.items was allowed")
+    except errors.InsufficientPrivilege as e:
+        check("search_path reset", "public.items" in str(e), str(e))
+
+# The client's own application_name, while pg_stat_activity shows who is behind the session.
+with connect(autocommit=True, application_name="driver-app") as conn:
+    check("application_name reported", conn.info.parameter_status("application_name") == "driver-app",
+          str(conn.info.parameter_status("application_name")))
+    check("SHOW application_name", conn.execute("SHOW application_name").fetchone()[0] == "driver-app")
+    conn.execute("SET application_name = 'renamed'")
+    check("SET application_name reported", conn.info.parameter_status("application_name") == "renamed")
+    stamped = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
+    check("pg_stat_activity stamp", stamped.startswith("pglease alice ") and stamped.endswith(" / renamed"), stamped)
+
+# Startup settings, as the scope's settings rule decides them.
+with connect(autocommit=True, options="-c statement_timeout=5s -c jit=off") as conn:
+    check("startup settings", conn.execute("SHOW statement_timeout").fetchone()[0] == "5s")
+try:
+    connect(options="-c work_mem=1GB").close()
+    check("startup setting refused", False, "work_mem was accepted")
+except psycopg.OperationalError as e:
+    check("startup setting refused", "does not allow changing setting work_mem" in str(e), str(e))
+
+# The scope's second database.
+with connect(autocommit=True, dbname=os.environ["PGDATABASE"] + "_2") as conn:
+    check("second database", conn.execute("SELECT id FROM t").fetchone()[0] == 2002)
+
 print("done", flush=True)

@@ -156,6 +156,22 @@ public class Workload {
                     check("after denial", rs.getInt(1) == 1, "");
                 }
             }
+
+            // The driver names itself (ApplicationName, a startup parameter) and sees that name
+            // back; setClientInfo runs SET application_name. pg_stat_activity shows the stamp.
+            try (Statement st = conn.createStatement()) {
+                try (ResultSet rs = st.executeQuery("SHOW application_name")) {
+                    rs.next();
+                    check("application_name", "PostgreSQL JDBC Driver".equals(rs.getString(1)), rs.getString(1));
+                }
+                conn.setClientInfo("ApplicationName", "jdbc-app");
+                check("setClientInfo", "jdbc-app".equals(conn.getClientInfo("ApplicationName")), "");
+                try (ResultSet rs = st.executeQuery("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")) {
+                    rs.next();
+                    String stamped = rs.getString(1);
+                    check("pg_stat_activity stamp", stamped.startsWith("pglease alice ") && stamped.endsWith(" / jdbc-app"), stamped);
+                }
+            }
         }
         System.out.println("done");
     }

@@ -17,10 +17,11 @@ function check(name, cond, detail = '') {
   console.log(`ok ${name}`);
 }
 
-function connect() {
+function connect(extra = {}) {
   return new Client({
     ssl: { ca: fs.readFileSync(process.env.PGSSLROOTCERT), minVersion: 'TLSv1.2' },
     enableChannelBinding: true,
+    ...extra,
   });
 }
 
@@ -81,6 +82,16 @@ async function main() {
   check('denied', denied && denied.code === '42501' && /scope/.test(denied.message), denied && denied.message);
   check('after denial', (await conn.query('SELECT count(*)::int AS n FROM t WHERE id = 100')).rows[0].n === 1);
   await conn.end();
+
+  // Settings from the connection config are startup parameters, decided by the scope's
+  // settings rule; the client's application_name is the one it sees back.
+  const timed = connect({ statement_timeout: 1000, idle_in_transaction_session_timeout: 60000, application_name: 'node-app' });
+  await timed.connect();
+  check('startup statement_timeout', (await timed.query('SHOW statement_timeout')).rows[0].statement_timeout === '1s');
+  const timeout = await timed.query('SELECT pg_sleep(5)').then(() => null, (e) => e);
+  check('statement_timeout applies', timeout && timeout.code === '57014' && /statement timeout/.test(timeout.message), timeout && timeout.message);
+  check('application_name', (await timed.query('SHOW application_name')).rows[0].application_name === 'node-app');
+  await timed.end();
   console.log('done');
 }
 
