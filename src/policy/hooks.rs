@@ -288,7 +288,8 @@ impl SessionHooks for PolicyHooks {
                 }
             }
             BackendEvent::Error(_) => self.state().paths.undone = true,
-            BackendEvent::CommandComplete(tag) if tag == "ROLLBACK" => self.state().paths.undone = true,
+            // A rollback (to a savepoint too) may undo a SET; so, to be safe, may PREPARE TRANSACTION.
+            BackendEvent::CommandComplete("ROLLBACK" | "PREPARE TRANSACTION") => self.state().paths.undone = true,
             BackendEvent::Ready(status) => self.state().paths.ready(status, &self.policy.search_path),
             _ => {}
         }
@@ -437,5 +438,6 @@ mod tests {
         h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
         assert!(matches!(h.on_bind(&c, &bind("s1")).await, Verdict::Refuse(e) if e.message.contains("checked again")));
         assert!(!allows(&h, "EXECUTE p").await);
+        assert!(!allows(&h, "EXPLAIN EXECUTE p").await);
     }
 }

@@ -156,6 +156,20 @@ fn tree_strings<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
     }
 }
 
+/// The names of every prepared statement `tree` executes.
+fn executed_statements(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(name) = m.get("ExecuteStmt").and_then(|e| e.get("name")).and_then(Value::as_str) {
+                out.push(name.to_owned());
+            }
+            m.values().for_each(|x| executed_statements(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| executed_statements(x, out)),
+        _ => {}
+    }
+}
+
 /// An identifier as Postgres would print it: bare when it needs no quotes.
 fn quote_ident(s: &str) -> String {
     let plain = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
@@ -449,6 +463,15 @@ impl ScopePolicy {
                 if found {
                     return (Verdict { decision: self.deny(format!("allows {what} only as a statement of its own")), effects: vec![] }, Some(tree));
                 }
+            }
+        }
+        // EXECUTE anywhere in the tree (EXPLAIN EXECUTE, CREATE TABLE … AS EXECUTE): the
+        // session checks those statements again if the search_path changed since PREPARE.
+        let mut executed = Vec::new();
+        executed_statements(&tree, &mut executed);
+        for name in executed {
+            if !effects.contains(&Effect::Executed(name.clone())) {
+                effects.push(Effect::Executed(name));
             }
         }
         if statements.len() > 1 {

@@ -534,10 +534,7 @@ pub(super) fn check_statement(p: &ScopePolicy, paths: &[Vec<String>], stmt: &Val
                 return check_statement(p, paths, q, effects);
             }
         }
-        "ExecuteStmt" => {
-            effects.push(Effect::Executed(s(body, "name").to_owned()));
-            w.walk_except(p, body, &["name"]);
-        }
+        "ExecuteStmt" => w.walk_except(p, body, &["name"]),
         "DeallocateStmt" => {
             let name = s(body, "name");
             effects.push(Effect::Deallocated(if b(body, "isall") || name.is_empty() { None } else { Some(name.to_owned()) }));
