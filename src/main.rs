@@ -246,6 +246,17 @@ enum Command {
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell, e.g. bash.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (pglease.1 and one per subcommand) into a directory.
+    Man {
+        /// Output directory (created if missing).
+        #[arg(long, default_value = "man")]
+        out: PathBuf,
+    },
     /// Run a throwaway Postgres with the sample `shop` database and the proxy in front of it.
     Demo {
         /// Directory for the throwaway cluster (kept on exit); a temporary one if omitted.
@@ -283,6 +294,20 @@ fn main() -> std::process::ExitCode {
         Command::Session { command, api } => Some(session(command, &api)),
         Command::Scope { command, api } => Some(scope(command, &api)),
         Command::Audit { command } => return audit(command),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "pglease", &mut std::io::stdout());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Command::Man { out } => {
+            let written = std::fs::create_dir_all(&out).and_then(|()| clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &out));
+            return match written {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pglease: cannot write man pages to {}: {e}", out.display());
+                    std::process::ExitCode::from(2)
+                }
+            };
+        }
         Command::Token { command: TokenCommand::New } => {
             let (token, hash) = pglease::people::new_token();
             println!("token:        {token}");
@@ -609,7 +634,7 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
-            Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } => {
+            Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 unreachable!("handled in main")
             }
             Command::Demo { dir, listen, admin, json } => {
