@@ -55,6 +55,7 @@ fn main() {
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
+                tls_ca: None,
                 tls_cert: Some(dir.path().join("c.pem")),
                 tls_key: Some(dir.path().join("k.pem")),
                 allow_plaintext: false,
@@ -95,7 +96,9 @@ fn main() {
             let running = app.start(TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
             let bob = pglease::people::Principal { person: "bob".into(), roles: [Role::Approver].into(), groups: Default::default() };
             let g = grants.issue(&bob, "alice", "bench", Duration::from_secs(3600), "bench").await.unwrap();
-            (g.grant.login, g.secret, running)
+            let alice = pglease::people::Principal { person: "alice".into(), roles: [Role::Engineer].into(), groups: Default::default() };
+            let g = grants.take_secret(&alice, &g.grant.id).await.unwrap();
+            (g.grant.login, g.secret.unwrap(), running)
         });
         let conn = format!("host=127.0.0.1 port={} user={login} dbname=bench sslmode=require", running.proxy_addr.port());
         for (name, args) in workloads {

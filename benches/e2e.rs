@@ -225,6 +225,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
     Config {
         listen: ListenConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
+            tls_ca: None,
             tls_cert: None,
             tls_key: None,
             allow_plaintext: true,
@@ -267,7 +268,9 @@ async fn start_pglease(config: &Config) -> (Running, String, String) {
     let running = app.start(TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
     let bob = Principal { person: "bob".into(), roles: [Role::Approver].into(), groups: Default::default() };
     let g = grants.issue(&bob, "alice", "bench", Duration::from_secs(8 * 3600), "benchmark").await.unwrap();
-    (running, g.grant.login, g.secret)
+    let alice = Principal { person: "alice".into(), roles: [Role::Engineer].into(), groups: Default::default() };
+    let g = grants.take_secret(&alice, &g.grant.id).await.unwrap();
+    (running, g.grant.login, g.secret.unwrap())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -135,6 +135,7 @@ impl App {
             events: events.clone(),
             proxy_host: config.listen.addr.ip().to_string(),
             proxy_port: config.listen.addr.port(),
+            client_ca: config.listen.tls_ca.clone(),
         });
         let admin = AdminState { metrics, sessions, api: Some(api) };
         let audit_pg = match &config.audit.postgres {

@@ -291,6 +291,10 @@ pub struct ListenConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// The CA clients verify `tls_cert` with, when it is not a public one: ready-to-paste
+    /// connection lines then say `sslmode=verify-full sslrootcert=<this>`. Not read otherwise.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
     /// Accept clients that do not ask for TLS. Off by default: grant secrets must not cross the
     /// network in a form an eavesdropper can replay or crack offline.
     #[serde(default)]
@@ -752,9 +756,12 @@ mod tests {
 
     #[test]
     fn missing_files_are_named() {
-        let c = Config::parse(include_str!("../config/pglease.toml")).unwrap();
+        // Paths in an empty directory: whatever lies in the working tree does not matter.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::parse(include_str!("../config/pglease.toml")).unwrap();
+        (c.listen.tls_cert, c.listen.tls_key) = (Some(dir.path().join("server.crt")), Some(dir.path().join("server.key")));
         let e = c.check_files().unwrap_err().to_string();
-        assert!(e.contains("listen.tls_cert"), "{e}");
+        assert!(e.contains("listen.tls_cert") && e.contains("server.crt"), "{e}");
     }
 
     #[test]

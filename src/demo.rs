@@ -112,6 +112,21 @@ pub fn demo_scopes() -> BTreeMap<String, ScopeConfig> {
     toml::from_str(&text).expect("the embedded demo scopes parse")
 }
 
+/// How to run this very binary from a shell: `pglease` when that is what PATH finds, its full
+/// path otherwise (a fresh clone runs the demo from target/release).
+fn pglease_command() -> String {
+    let me = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("pglease")).find(|p| p.is_file()))
+        .unwrap_or_default()
+        .and_then(|p| p.canonicalize().ok());
+    match (me, on_path) {
+        (Some(me), Some(found)) if me == found => "pglease".to_owned(),
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "pglease".to_owned(),
+    }
+}
+
 fn random_secret() -> String {
     use rand::RngCore;
     let mut raw = [0u8; 18];
@@ -186,6 +201,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
     let config = Config {
         listen: ListenConfig {
             addr: options.listen,
+            tls_ca: Some(ca_cert.clone()),
             tls_cert: Some(cert),
             tls_key: Some(key),
             allow_plaintext: false,
@@ -235,7 +251,12 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
 
     // A fresh orders-read grant for alice, issued by bob, for the banner.
     let bob = crate::people::Principal { person: "bob".into(), roles: [Role::Approver].into(), groups: ["dba".to_owned()].into() };
-    let first = grants.issue(&bob, "alice", "orders-read", Duration::from_secs(3600), "demo: first look at the orders").await?;
+    let issued = grants.issue(&bob, "alice", "orders-read", Duration::from_secs(3600), "demo: first look at the orders").await?;
+    // Bob never sees the secret: alice takes it (`pglease grant secret ID` as alice).
+    let alice = crate::people::Principal { person: "alice".into(), roles: [Role::Engineer].into(), groups: Default::default() };
+    let first = grants.take_secret(&alice, &issued.grant.id).await?;
+    let secret = first.secret.clone().unwrap_or_default();
+    let pglease = pglease_command();
     let psql = format!(
         "psql \"host={} port={} user={} dbname=shop sslmode=verify-full sslrootcert={}\"",
         proxy_addr.ip(),
@@ -253,7 +274,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
             "database": "shop",
             "audit_log": audit_log.display().to_string(),
             "ca_cert": ca_cert.display().to_string(),
-            "grant": { "id": first.grant.id, "login": first.grant.login, "password": first.secret, "psql": psql },
+            "grant": { "id": first.grant.id, "login": first.grant.login, "password": secret, "psql": psql },
         });
         println!("{line}");
     } else {
@@ -261,12 +282,12 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         println!();
         println!("A 1-hour orders-read grant for alice (issued by bob) is active. Connect with:");
         println!();
-        println!("  PGPASSWORD={} {psql}", first.secret);
+        println!("  PGPASSWORD={secret} {psql}");
         println!();
         println!("Ask for more with the admin API (tokens below), e.g.:");
         println!("  export PGLEASE_ADMIN_URL=http://{admin_addr}");
-        println!("  PGLEASE_ADMIN_TOKEN={} pglease grant request --scope orders-write --for 30m --reason \"fix order 42\"", tokens["alice"]);
-        println!("  PGLEASE_ADMIN_TOKEN={} pglease grant approve <id>", tokens["bob"]);
+        println!("  PGLEASE_ADMIN_TOKEN={} {pglease} grant request --scope orders-write --for 30m --reason \"fix order 42\"", tokens["alice"]);
+        println!("  PGLEASE_ADMIN_TOKEN={} {pglease} grant approve <id>", tokens["bob"]);
         println!();
         println!("Tokens: alice (engineer) {}  bob (approver, dba) {}  carol (auditor) {}", tokens["alice"], tokens["bob"], tokens["carol"]);
         println!("Audit log: {}   CA certificate: {}", audit_log.display(), ca_cert.display());

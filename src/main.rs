@@ -78,7 +78,16 @@ enum GrantCommand {
         active: bool,
     },
     /// One grant.
-    Show { id: String },
+    Show {
+        /// The grant's id (e.g. g1a2b3c4d).
+        id: String,
+    },
+    /// Take a (new) secret for your own grant, shown once; any earlier one stops working. How
+    /// the user of a grant issued or requested by someone else gets to log in.
+    Secret {
+        /// The grant's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,6 +246,30 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Set up pglease for one upstream in a directory: config, certificate, secrets, a starter
+    /// scope and the SQL of its role, an admin token. Then: run scopes.sql, serve.
+    Init {
+        /// Directory to write into (created if missing), e.g. /etc/pglease.
+        #[arg(long)]
+        dir: PathBuf,
+        /// libpq connection string (key=value or URL) of the upstream, as the role pglease logs
+        /// in as; its password from password=… or PGPASSWORD.
+        #[arg(long)]
+        upstream: String,
+        /// Where clients will connect.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+        /// Admin API listen address.
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        admin: SocketAddr,
+        /// Names (DNS or IP) the client-facing certificate is valid for (default: localhost,
+        /// 127.0.0.1 and this host's name).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Overwrite an existing setup in the directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a throwaway CA and a server certificate signed by it, for development.
     DevCerts {
         /// Output directory (created if missing).
@@ -349,6 +382,7 @@ fn grant(command: GrantCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
         GrantCommand::Deny { id, reason } => (c.post(&format!("/grants/{id}/deny"), json!({ "reason": reason }))?, false),
         GrantCommand::Revoke { id, reason } => (c.post(&format!("/grants/{id}/revoke"), json!({ "reason": reason }))?, false),
         GrantCommand::Show { id } => (c.get(&format!("/grants/{id}"))?, false),
+        GrantCommand::Secret { id } => (c.post(&format!("/grants/{id}/secret"), json!({}))?, true),
         GrantCommand::List { active } => {
             let v = c.get(if active { "/grants?active=true" } else { "/grants" })?;
             if api.json {
@@ -367,11 +401,20 @@ fn grant(command: GrantCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
     } else {
         print_grant(&value);
         if new {
+            let id = value["id"].as_str().unwrap_or("");
+            let psql = value["psql"].as_str().unwrap_or("");
             println!();
-            println!("password (shown once): {}", value["password"].as_str().unwrap_or(""));
-            println!("connect: {}", value["psql"].as_str().unwrap_or(""));
+            match value["password"].as_str() {
+                Some(password) => {
+                    println!("Connect with (the secret is shown this once):");
+                    println!();
+                    println!("  PGPASSWORD={password} {psql}");
+                }
+                None => println!("{} takes the grant's secret, shown to them only, with: pglease grant secret {id}", value["user"].as_str().unwrap_or("its user")),
+            }
             if value["status"] == "pending" {
-                println!("usable once approved: pglease grant approve {}", value["id"].as_str().unwrap_or(""));
+                println!();
+                println!("usable once approved: pglease grant approve {id}");
             }
         }
     }
@@ -599,22 +642,10 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
     }
 }
 
-/// Connects to a replay target; TLS (without certificate checks, as libpq's `require`) when
-/// the connection string asks for it.
+/// Connects to a replay target named by a libpq connection string (either form).
 async fn connect_target(target: &str) -> Result<tokio_postgres::Client, String> {
-    let config: tokio_postgres::Config = target.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
-    let wants_tls = config.get_ssl_mode() != tokio_postgres::config::SslMode::Disable;
-    if wants_tls {
-        let tls = pglease::tls::upstream_client_config(pglease::tls::UpstreamVerify::None, None).map_err(|e| e.to_string())?;
-        let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-        let (client, conn) = config.connect(connector).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        Ok(client)
-    } else {
-        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        Ok(client)
-    }
+    let info = pglease::conninfo::parse(target).map_err(|e| e.to_string())?;
+    info.connect().await
 }
 
 fn run_server_command(command: Command) -> std::process::ExitCode {
@@ -634,6 +665,23 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
+            Command::Init { dir, upstream, listen, admin, names, force } => {
+                let names = if names.is_empty() { default_cert_names() } else { names };
+                let options = pglease::init::InitOptions { dir: dir.clone(), upstream: upstream.clone(), listen, admin, names, force };
+                let done = pglease::init::init(&options).await?;
+                let shown = |p: &std::path::Path| p.display().to_string();
+                println!("pglease init: wrote {} (upstream: PostgreSQL {})", shown(&std::path::absolute(&dir).unwrap_or(dir)), done.server_version);
+                println!("  config:    {}", shown(&done.config));
+                println!("  role SQL:  {}   (run once on the upstream as a role that may create roles)", shown(&done.scopes_sql));
+                println!("  client CA: {}   (clients: sslmode=verify-full sslrootcert=<this file>)", shown(&done.ca_cert));
+                println!("admin token (shown once; PGLEASE_ADMIN_TOKEN for the grant commands): {}", done.admin_token);
+                println!();
+                println!("Next:");
+                println!("  psql '{}' -f {}", upstream.replace('\'', "'\\''"), shown(&done.scopes_sql));
+                println!("  pglease serve --config {} --check", shown(&done.config));
+                println!("  pglease serve --config {}", shown(&done.config));
+                Ok(())
+            }
             Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 unreachable!("handled in main")
             }
@@ -652,6 +700,18 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
     }
 }
 
+/// localhost, 127.0.0.1 and this host's name.
+fn default_cert_names() -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host != "localhost" {
+            names.push(host.to_owned());
+        }
+    }
+    names
+}
+
 fn dev_certs(out: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -662,7 +722,8 @@ fn dev_certs(out: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
     let key = out.join("server.key");
     std::fs::write(&key, &certs.key_pem)?;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-    println!("wrote {0}/ca.crt, {0}/server.crt, {0}/server.key for {1}", out.display(), names.join(", "));
+    let shown = |f: &str| out.join(f).display().to_string();
+    println!("wrote {}, {}, {} for {}", shown("ca.crt"), shown("server.crt"), shown("server.key"), names.join(", "));
     Ok(())
 }
 

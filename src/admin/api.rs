@@ -29,6 +29,9 @@ pub struct ApiState {
     /// `host` and `port` clients use to reach the proxy, for the ready-made psql line.
     pub proxy_host: String,
     pub proxy_port: u16,
+    /// The CA clients verify the proxy's certificate with (`listen.tls_ca`), if known: the psql
+    /// line then says `sslmode=verify-full sslrootcert=…`.
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router<super::AdminState> {
@@ -39,6 +42,7 @@ pub fn router(state: Arc<ApiState>) -> Router<super::AdminState> {
         .route("/grants/{id}/approve", post(approve_grant))
         .route("/grants/{id}/deny", post(deny_grant))
         .route("/grants/{id}/revoke", post(revoke_grant))
+        .route("/grants/{id}/secret", post(take_secret))
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}/kill", post(kill_session))
         .route("/scopes", get(list_scopes))
@@ -129,21 +133,32 @@ pub struct ReasonBody {
     pub reason: String,
 }
 
-/// A new grant with its one-time secret.
+/// A new grant, with its one-time secret when the caller is its user.
 #[derive(Serialize, Deserialize)]
 pub struct NewGrantView {
     #[serde(flatten)]
     pub grant: GrantView,
-    /// The secret, shown this once; only its SCRAM verifier is stored.
-    pub password: String,
+    /// The secret, shown this once; only its SCRAM verifier is stored. Absent for a grant made
+    /// for someone else: its user takes one with `POST /grants/{id}/secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
     /// A ready-to-run psql command line (without the password).
     pub psql: String,
 }
 
 fn new_grant_view(state: &ApiState, new: NewGrant) -> NewGrantView {
     let g = &new.grant;
-    let psql = format!("psql \"host={} port={} user={} dbname={} sslmode=require\"", state.proxy_host, state.proxy_port, g.login, g.database);
+    let tls = match &state.client_ca {
+        Some(ca) => format!("sslmode=verify-full sslrootcert={}", ca.display()),
+        None => "sslmode=require".to_owned(),
+    };
+    let psql = format!("psql \"host={} port={} user={} dbname={} {tls}\"", state.proxy_host, state.proxy_port, g.login, g.database);
     NewGrantView { grant: GrantView::of(g, SystemTime::now()), password: new.secret, psql }
+}
+
+async fn take_secret(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Json<NewGrantView>, ApiError> {
+    let new = state.grants.take_secret(&who, &id).await?;
+    Ok(Json(new_grant_view(&state, new)))
 }
 
 async fn request_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Json(body): Json<RequestBody>) -> Result<(StatusCode, Json<NewGrantView>), ApiError> {

@@ -94,7 +94,7 @@ pub fn session_settings(path: &Path, session: u64) -> Result<Vec<(String, String
 /// Puts the target session under the recorded session's pinned settings.
 pub async fn apply_settings(client: &tokio_postgres::Client, settings: &[(String, String)]) -> Result<(), String> {
     for (name, value) in settings {
-        client.execute("SELECT pg_catalog.set_config($1, $2, false)", &[name, value]).await.map_err(|e| format!("cannot set {name}: {e}"))?;
+        client.execute("SELECT pg_catalog.set_config($1, $2, false)", &[name, value]).await.map_err(|e| format!("cannot set {name}: {}", crate::conninfo::describe_error(&e)))?;
     }
     Ok(())
 }
@@ -146,6 +146,6 @@ pub async fn replay(client: &tokio_postgres::Client, statements: &[ShownStatemen
 fn code_of(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => crate::conninfo::describe_error(e),
     }
 }

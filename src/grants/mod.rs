@@ -166,7 +166,10 @@ pub struct GrantRequest {
 /// A new grant and its secret, which exists only in this value.
 pub struct NewGrant {
     pub grant: Grant,
-    pub secret: String,
+    /// The one-time secret, when the caller is the grant's user. A grant made for someone
+    /// else gets no secret until its user takes one ([`GrantService::take_secret`]): whoever
+    /// approves or issues a grant never learns how to log in with it.
+    pub secret: Option<String>,
 }
 
 /// The grants, kept in memory and written through to the store.
@@ -262,7 +265,7 @@ impl GrantService {
 
         let _w = self.write.lock().await;
         let id = format!("g{}", random_hex(4));
-        let secret = random_hex(16);
+        let secret = (user == who.person).then(|| random_hex(16));
         let now = SystemTime::now();
         let mut grant = Grant {
             login: format!("{user}.{id}"),
@@ -270,7 +273,8 @@ impl GrantService {
             user: user.clone(),
             scope: scope.name.clone(),
             database: scope.database.clone(),
-            verifier: ScramVerifier::from_password(&secret).to_text(),
+            // No verifier yet for a grant made for someone else: it cannot be logged in to.
+            verifier: secret.as_deref().map(|s| ScramVerifier::from_password(s).to_text()).unwrap_or_default(),
             status: GrantStatus::Pending,
             reason: req.reason.clone(),
             requested_by: who.person.clone(),
@@ -382,6 +386,26 @@ impl GrantService {
         let mut new = self.request(who, GrantRequest { scope: scope.to_owned(), duration, reason: reason.to_owned(), user: Some(user.to_owned()), break_glass: false }).await?;
         new.grant = self.activate(who, &new.grant.id, false).await?;
         Ok(new)
+    }
+
+    /// A fresh secret for the caller's own grant, shown this once; a secret given before stops
+    /// working. How the user of a grant made by someone else (`issue`, `request --user`) gets
+    /// to log in.
+    pub async fn take_secret(&self, who: &Principal, id: &str) -> Result<NewGrant, GrantError> {
+        let _w = self.write.lock().await;
+        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        if who.person != g.user {
+            // As for a grant the caller may not see: nothing tells it exists.
+            return Err(if who.can_read_all() { GrantError::Forbidden("only the grant's user may take its secret".into()) } else { GrantError::NotFound(id.to_owned()) });
+        }
+        if matches!(g.status_at(SystemTime::now()), GrantStatus::Denied | GrantStatus::Expired | GrantStatus::Revoked) {
+            return Err(GrantError::Invalid(format!("grant {id} has ended")));
+        }
+        let secret = random_hex(16);
+        g.verifier = ScramVerifier::from_password(&secret).to_text();
+        let grant = self.save(g).await?;
+        self.events.emit(Event::GrantSecretTaken { grant: grant.id.clone(), user: grant.user.clone() });
+        Ok(NewGrant { grant, secret: Some(secret) })
     }
 
     /// Ends a grant now and drops its sessions. Approvers, or the grant's own user.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{Decision, Effect, ScopePolicy};
-use crate::codec::messages::{Bind, Parse, TxStatus};
+use crate::codec::messages::{Bind, Execute, Parse, TxStatus};
 use crate::error::{ClientError, sqlstate};
 use crate::session::{BackendAction, BackendEvent, SessionContext, SessionHooks, Verdict};
 
@@ -21,34 +21,52 @@ pub struct PolicyHooks {
 #[derive(Default)]
 struct State {
     /// Statements this session may bind or EXECUTE, by name ("" is the unnamed statement):
-    /// vetted by Parse or SQL PREPARE, with the text that was decided and under which paths.
-    vetted: HashMap<String, Vetted>,
+    /// every text vetted under that name by Parse or SQL PREPARE. A named statement keeps all
+    /// of them: a second Parse of a name that exists fails in Postgres and leaves the first,
+    /// and pglease cannot see whether a DEALLOCATE or Close ran.
+    vetted: HashMap<String, Vec<Vetted>>,
+    /// The path changes each bound portal makes when it runs.
+    portals: HashMap<String, Vec<PathChange>>,
     paths: PathTracker,
 }
 
 struct Vetted {
     sql: String,
+    /// The statement's own `SET search_path` (a SET can be prepared and run many times).
+    changes: Vec<PathChange>,
+    /// Prepared statements it runs (`EXPLAIN EXECUTE p`), checked again with it.
+    executes: Vec<String>,
     generation: u64,
+}
+
+/// A `search_path` change a statement makes when it runs (None: the scope's pinned path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PathChange {
+    path: Option<Vec<String>>,
+    local: bool,
 }
 
 /// The `search_path`s a session may be under.
 ///
-/// A `SET search_path` is decided before it runs, and whether it took effect is only known at
-/// the end of its transaction: an error or a `ROLLBACK` (to a savepoint too) may undo it, and
-/// `SET LOCAL` ends with the transaction. Until then, and whenever pglease cannot tell, every
-/// path the session may be under is a candidate and a statement must be allowed under all of
-/// them. At a `ReadyForQuery` outside a transaction with no error and no rollback since the
-/// last one, the last session-level `SET` is in force: the candidates collapse to it.
+/// A change is registered when the statement making it is forwarded (a Query, or the Execute
+/// of a portal whose statement makes it), before it runs; a statement is decided under every
+/// path registered or settled. Whether a change took effect is known only once everything
+/// forwarded has been answered: an error, a `ROLLBACK` (to a savepoint too) or a `PREPARE
+/// TRANSACTION` may have undone it, and `SET LOCAL` ends with its transaction. So the
+/// candidates collapse only at a `ReadyForQuery` outside a transaction with nothing else in
+/// flight: to the last session-level change if everything since the previous such point ran
+/// clean, to all of them (and what was settled) otherwise.
 #[derive(Default)]
 struct PathTracker {
-    /// Candidates outside the current transaction; empty means the scope's pinned path.
+    /// Candidates at the last quiet point; empty means the scope's pinned path.
     settled: Vec<Vec<String>>,
-    /// `SET search_path` since the last idle `ReadyForQuery`, in order (None: the pinned path).
-    session: Vec<Option<Vec<String>>>,
-    /// `SET LOCAL search_path` in the current transaction.
-    local: Vec<Vec<String>>,
-    /// An error or a rollback since the last idle `ReadyForQuery`.
+    /// Changes forwarded since the last quiet point, in the order they run.
+    registered: Vec<PathChange>,
+    /// An error or a rollback since the last quiet point.
     undone: bool,
+    /// Messages forwarded that end with one `ReadyForQuery` (Query, Sync, FunctionCall) and
+    /// whose `ReadyForQuery` has not come back.
+    outstanding: u64,
     /// Changes whenever the candidates may have changed: statements vetted under another
     /// generation are decided again before they run.
     generation: u64,
@@ -67,50 +85,56 @@ impl PathTracker {
             add(pinned);
         }
         self.settled.iter().for_each(|p| add(p));
-        self.session.iter().for_each(|p| add(p.as_deref().unwrap_or(pinned)));
-        self.local.iter().for_each(|p| add(p));
+        self.registered.iter().for_each(|c| add(c.path.as_deref().unwrap_or(pinned)));
         if out.len() == 1 && out[0] == pinned { Vec::new() } else { out }
     }
 
-    fn set(&mut self, path: Option<Vec<String>>, local: bool) {
-        match (path, local) {
-            (Some(p), true) => self.local.push(p),
-            // SET LOCAL … TO DEFAULT: the path the transaction started with, among the settled.
-            (None, true) => {}
-            (p, false) => self.session.push(p),
+    fn register(&mut self, changes: &[PathChange]) {
+        if !changes.is_empty() {
+            self.registered.extend_from_slice(changes);
+            self.generation += 1;
         }
-        self.generation += 1;
     }
 
     fn ready(&mut self, status: TxStatus, pinned: &[String]) {
-        if status != TxStatus::Idle {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if status != TxStatus::Idle || self.outstanding > 0 {
             return;
         }
-        if !self.session.is_empty() || !self.local.is_empty() {
-            if !self.undone {
-                if let Some(last) = self.session.last() {
-                    self.settled = vec![last.clone().unwrap_or_else(|| pinned.to_vec())];
-                }
-            } else {
-                let undone: Vec<Vec<String>> = self.session.iter().map(|p| p.clone().unwrap_or_else(|| pinned.to_vec())).collect();
-                if self.settled.is_empty() {
-                    self.settled.push(pinned.to_vec());
-                }
-                for p in undone {
-                    if !self.settled.contains(&p) {
-                        self.settled.push(p);
-                    }
+        let resolve = |c: &PathChange| c.path.clone().unwrap_or_else(|| pinned.to_vec());
+        let session: Vec<Vec<String>> = self.registered.iter().filter(|c| !c.local).map(resolve).collect();
+        let had_changes = !self.registered.is_empty();
+        if !self.undone {
+            if let Some(last) = session.last() {
+                self.settled = vec![last.clone()];
+            }
+        } else if !session.is_empty() {
+            if self.settled.is_empty() {
+                self.settled.push(pinned.to_vec());
+            }
+            for p in session {
+                if !self.settled.contains(&p) {
+                    self.settled.push(p);
                 }
             }
-            if self.settled.len() == 1 && self.settled[0] == pinned {
-                self.settled.clear();
-            }
-            self.session.clear();
-            self.local.clear();
+        }
+        if self.settled.len() == 1 && self.settled[0] == pinned {
+            self.settled.clear();
+        }
+        self.registered.clear();
+        self.undone = false;
+        if had_changes {
             self.generation += 1;
         }
-        self.undone = false;
     }
+}
+
+fn path_changes(effects: &[Effect]) -> Vec<PathChange> {
+    effects.iter().filter_map(|e| if let Effect::SearchPath { path, local } = e { Some(PathChange { path: path.clone(), local: *local }) } else { None }).collect()
+}
+
+fn executes(effects: &[Effect]) -> Vec<String> {
+    effects.iter().filter_map(|e| if let Effect::Executed(n) = e { Some(n.clone()) } else { None }).collect()
 }
 
 impl PolicyHooks {
@@ -123,73 +147,88 @@ impl PolicyHooks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Decides `sql` under the session's current paths, and carries out its effects when it
-    /// is allowed. `parse` names the protocol-level statement being prepared, if any.
+    /// Decides `sql` under the session's current paths. `parse` names the protocol-level
+    /// statement being prepared, if any: its effects wait for the Execute that runs it. A
+    /// simple Query's effects are carried out now, as it is forwarded.
     fn decide(&self, ctx: &SessionContext, sql: &str, parse: Option<&str>) -> Verdict {
         let mut st = self.state();
         let paths = st.paths.candidates(&self.policy.search_path);
         let v = self.policy.decide_in(sql, &paths);
-        if let Some(name) = parse {
-            if v.decision.is_deny() {
-                // A refused statement replaces nothing the client may bind.
-                st.vetted.remove(name);
-            } else {
-                let generation = st.paths.generation;
-                st.vetted.insert(name.to_owned(), Vetted { sql: sql.to_owned(), generation });
-            }
-        }
         if v.decision.is_deny() {
+            if parse == Some("") {
+                // A refused unnamed statement leaves nothing the client may bind under "".
+                st.vetted.remove("");
+            }
             return self.verdict(ctx, v.decision, &v.effects);
         }
         // A prepared statement runs with its names resolved again when the path changed since
         // it was prepared (Postgres's plan cache does so): decide it again under the new paths.
-        for e in &v.effects {
-            if let Effect::Executed(name) = e
-                && let Some(refusal) = self.recheck(&mut st, name)
-            {
+        for name in executes(&v.effects) {
+            if let Err(refusal) = self.recheck(&mut st, &name, 0) {
                 return Verdict::Refuse(refusal);
             }
         }
-        for e in &v.effects {
-            match e {
-                Effect::Prepared(name) => {
-                    let generation = st.paths.generation;
-                    st.vetted.insert(name.clone(), Vetted { sql: sql.to_owned(), generation });
+        let generation = st.paths.generation;
+        if let Some(name) = parse {
+            let vetted = Vetted { sql: sql.to_owned(), changes: path_changes(&v.effects), executes: executes(&v.effects), generation };
+            Self::remember(&mut st, name, vetted);
+        } else {
+            for e in &v.effects {
+                if let Effect::Prepared(name) = e {
+                    // The PREPARE's query is re-decided as part of this text.
+                    let vetted = Vetted { sql: sql.to_owned(), changes: Vec::new(), executes: Vec::new(), generation };
+                    Self::remember(&mut st, name, vetted);
                 }
-                Effect::Deallocated(Some(name)) => {
-                    st.vetted.remove(name);
-                }
-                Effect::Deallocated(None) => {
-                    // DEALLOCATE ALL drops SQL-level and protocol-level named statements alike.
-                    st.vetted.retain(|n, _| n.is_empty());
-                }
-                Effect::SearchPath { path, local } => st.paths.set(path.clone(), *local),
-                Effect::ApplicationName { .. } | Effect::ShowApplicationName | Effect::Executed(_) => {}
             }
+            st.paths.register(&path_changes(&v.effects));
         }
         self.verdict(ctx, v.decision, &v.effects)
     }
 
-    /// `Some(refusal)` if the statement vetted as `name` is not allowed under the current paths.
-    fn recheck(&self, st: &mut State, name: &str) -> Option<ClientError> {
-        let generation = st.paths.generation;
-        let vetted = st.vetted.get(name)?;
-        if vetted.generation == generation {
-            return None;
+    fn remember(st: &mut State, name: &str, vetted: Vetted) {
+        let texts = st.vetted.entry(name.to_owned()).or_default();
+        if name.is_empty() {
+            // Postgres replaces the unnamed statement at every Parse.
+            texts.clear();
         }
-        let paths = st.paths.candidates(&self.policy.search_path);
-        match self.policy.decide_in(&vetted.sql, &paths).decision {
-            Decision::Deny { message, .. } => Some(ClientError::error(
-                sqlstate::INSUFFICIENT_PRIVILEGE,
-                format!("{message} (statement \"{name}\" was checked again under the session's new search_path)"),
-            )),
-            _ => {
-                if let Some(v) = st.vetted.get_mut(name) {
-                    v.generation = generation;
+        texts.retain(|v| v.sql != vetted.sql);
+        texts.push(vetted);
+    }
+
+    /// Checks that every statement vetted as `name` is still allowed under the current paths
+    /// (with the prepared statements it executes in turn). Fails closed on a name pglease is
+    /// not tracking.
+    fn recheck(&self, st: &mut State, name: &str, depth: usize) -> Result<(), ClientError> {
+        let refused = |why: String| ClientError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pglease: scope \"{}\" {why}", self.policy.name));
+        let Some(texts) = st.vetted.get(name) else {
+            let shown = if name.is_empty() { "the unnamed statement".to_owned() } else { format!("statement \"{name}\"") };
+            return Err(refused(format!("cannot run {shown}: pglease has not checked it")));
+        };
+        let generation = st.paths.generation;
+        let stale: Vec<(usize, String)> = texts.iter().enumerate().filter(|(_, v)| v.generation != generation).map(|(i, v)| (i, v.sql.clone())).collect();
+        let nested: Vec<String> = texts.iter().flat_map(|v| v.executes.clone()).collect();
+        if !stale.is_empty() {
+            let paths = st.paths.candidates(&self.policy.search_path);
+            for (_, sql) in &stale {
+                if let Decision::Deny { message, .. } = self.policy.decide_in(sql, &paths).decision {
+                    return Err(ClientError::error(
+                        sqlstate::INSUFFICIENT_PRIVILEGE,
+                        format!("{message} (statement \"{name}\" was checked again under the session's new search_path)"),
+                    ));
                 }
-                None
+            }
+            if let Some(texts) = st.vetted.get_mut(name) {
+                texts.iter_mut().for_each(|v| v.generation = generation);
             }
         }
+        // EXPLAIN EXECUTE p inside a prepared statement: p's own texts too (one level deep is
+        // all PREPARE allows).
+        if depth == 0 {
+            for inner in nested {
+                self.recheck(st, &inner, depth + 1)?;
+            }
+        }
+        Ok(())
     }
 
     /// The decision as the session carries it out: a client's `SET application_name` runs with
@@ -253,6 +292,8 @@ fn code_str(code: &str) -> &'static str {
 #[async_trait::async_trait]
 impl SessionHooks for PolicyHooks {
     async fn on_query(&self, ctx: &SessionContext, sql: &str) -> Verdict {
+        // Every Query gets one ReadyForQuery back, refused or not (see `session`).
+        self.state().paths.outstanding += 1;
         self.decide(ctx, sql, None)
     }
 
@@ -262,14 +303,25 @@ impl SessionHooks for PolicyHooks {
 
     async fn on_bind(&self, _ctx: &SessionContext, bind: &Bind) -> Verdict {
         let mut st = self.state();
-        if st.vetted.contains_key(&bind.statement) {
-            return match self.recheck(&mut st, &bind.statement) {
-                Some(refusal) => Verdict::Refuse(refusal),
-                None => Verdict::Forward,
-            };
+        if let Err(refusal) = self.recheck(&mut st, &bind.statement, 0) {
+            st.portals.remove(&bind.portal);
+            return Verdict::Refuse(refusal);
         }
-        let shown = if bind.statement.is_empty() { "the unnamed statement".to_owned() } else { format!("statement \"{}\"", bind.statement) };
-        Verdict::Refuse(ClientError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pglease: scope \"{}\" cannot bind {shown}: pglease has not checked it", self.policy.name)))
+        let changes: Vec<PathChange> = st.vetted.get(&bind.statement).into_iter().flatten().flat_map(|v| v.changes.clone()).collect();
+        st.portals.insert(bind.portal.clone(), changes);
+        Verdict::Forward
+    }
+
+    async fn on_execute(&self, _ctx: &SessionContext, execute: &Execute) -> Verdict {
+        let mut st = self.state();
+        // The portal's SET search_path takes effect now, before Postgres runs it.
+        let changes = st.portals.get(&execute.portal).cloned().unwrap_or_default();
+        st.paths.register(&changes);
+        Verdict::Forward
+    }
+
+    fn on_sync(&self, _ctx: &SessionContext) {
+        self.state().paths.outstanding += 1;
     }
 
     fn on_backend(&self, ctx: &SessionContext, event: BackendEvent<'_>) -> BackendAction {
@@ -284,6 +336,13 @@ impl SessionHooks for PolicyHooks {
                     ));
                 }
                 if name == "application_name" {
+                    // Every way pglease lets a session change it keeps the stamp in front.
+                    if !value.starts_with(&crate::server::stamp(&ctx.identity, "")) {
+                        return BackendAction::End(ClientError::fatal(
+                            sqlstate::INSUFFICIENT_PRIVILEGE,
+                            "pglease: ending the session: application_name lost pglease's stamp",
+                        ));
+                    }
                     return BackendAction::ShowValue(client_application_name(&ctx.identity, value));
                 }
             }
@@ -350,9 +409,11 @@ mod tests {
     #[test]
     fn the_client_sees_its_own_application_name() {
         let h = hooks();
-        for (upstream, shown) in [("pglease a g1 / psql", "psql"), ("pglease a g1", ""), ("pglease a g1 / a / b", "a / b"), ("other", "other")] {
+        for (upstream, shown) in [("pglease a g1 / psql", "psql"), ("pglease a g1", ""), ("pglease a g1 / a / b", "a / b")] {
             assert_eq!(h.on_backend(&ctx(), status("application_name", upstream)), BackendAction::ShowValue(shown.into()), "{upstream}");
         }
+        // A value without the stamp (something pglease did not see changed it) ends the session.
+        assert!(matches!(h.on_backend(&ctx(), status("application_name", "other")), BackendAction::End(_)));
     }
 
     #[tokio::test]
@@ -370,11 +431,15 @@ mod tests {
         let bad = Parse { name: String::new(), sql: "DELETE FROM orders.orders WHERE id = 1".into(), param_types: vec![] };
         assert!(matches!(h.on_parse(&ctx(), &bad).await, Verdict::Refuse(_)));
         assert!(matches!(h.on_bind(&ctx(), &bind("")).await, Verdict::Refuse(_)));
-        // SQL PREPARE and DEALLOCATE are tracked too.
+        // SQL PREPARE is tracked too; SQL EXECUTE of a name pglease never checked is refused.
         h.on_query(&ctx(), "PREPARE p2 AS SELECT 1").await;
         assert_eq!(h.on_bind(&ctx(), &bind("p2")).await, Verdict::Forward);
+        assert!(!matches!(h.on_query(&ctx(), "EXECUTE p2").await, Verdict::Refuse(_)));
+        assert!(matches!(h.on_query(&ctx(), "EXECUTE p3").await, Verdict::Refuse(_)));
+        // pglease cannot see whether a DEALLOCATE ran (an earlier error may skip it): the
+        // statement stays known, and Postgres answers for one that is gone.
         h.on_query(&ctx(), "DEALLOCATE p2").await;
-        assert!(matches!(h.on_bind(&ctx(), &bind("p2")).await, Verdict::Refuse(_)));
+        assert_eq!(h.on_bind(&ctx(), &bind("p2")).await, Verdict::Forward);
     }
 
     fn path_hooks() -> PolicyHooks {
@@ -391,53 +456,137 @@ mod tests {
     }
 
     async fn allows(h: &PolicyHooks, sql: &str) -> bool {
-        !matches!(h.on_query(&ctx(), sql).await, Verdict::Refuse(_))
+        let allowed = !matches!(h.on_query(&ctx(), sql).await, Verdict::Refuse(_));
+        // Decided only: not answered yet. `answer` plays Postgres.
+        h.state().paths.outstanding -= 1;
+        allowed
     }
+
+    /// A simple Query forwarded and answered: its events, then ReadyForQuery with `status`.
+    async fn run(h: &PolicyHooks, sql: &str, events: &[BackendEvent<'static>], status: TxStatus) -> bool {
+        let allowed = !matches!(h.on_query(&ctx(), sql).await, Verdict::Refuse(_));
+        for e in events {
+            h.on_backend(&ctx(), clone_event(e));
+        }
+        h.on_backend(&ctx(), BackendEvent::Ready(status));
+        allowed
+    }
+
+    fn clone_event(e: &BackendEvent<'static>) -> BackendEvent<'static> {
+        match e {
+            BackendEvent::CommandComplete(t) => BackendEvent::CommandComplete(t),
+            BackendEvent::Ready(s) => BackendEvent::Ready(*s),
+            _ => BackendEvent::EmptyQuery,
+        }
+    }
+
+    fn parse_msg(name: &str, sql: &str) -> Parse {
+        Parse { name: name.into(), sql: sql.into(), param_types: vec![] }
+    }
+
+    fn bind_msg(portal: &str, statement: &str) -> Bind {
+        Bind { portal: portal.into(), statement: statement.into(), param_formats: vec![], params: vec![], result_formats: vec![] }
+    }
+
+    /// Parse, Bind, Execute of one statement, then Sync and its ReadyForQuery.
+    async fn extended(h: &PolicyHooks, name: &str, sql: &str, status: TxStatus) {
+        let c = ctx();
+        h.on_parse(&c, &parse_msg(name, sql)).await;
+        h.on_bind(&c, &bind_msg("", name)).await;
+        h.on_execute(&c, &Execute { portal: String::new(), max_rows: 0 }).await;
+        h.on_sync(&c);
+        h.on_backend(&c, BackendEvent::Ready(status));
+    }
+
+    const IDLE: TxStatus = TxStatus::Idle;
+    const IN_TX: TxStatus = TxStatus::InTransaction;
 
     #[tokio::test]
     async fn the_search_path_is_tracked_through_transactions() {
         let h = path_hooks();
-        let c = ctx();
         assert!(!allows(&h, "SELECT * FROM orders").await, "public.orders");
-        // A SET that completes outside a transaction is in force.
-        assert!(allows(&h, "SET search_path TO app").await);
-        // Until its outcome is known, both paths are candidates.
-        assert!(!allows(&h, "SELECT * FROM orders").await);
-        h.on_backend(&c, BackendEvent::CommandComplete("SET"));
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
+        // A SET that completes outside a transaction, nothing else in flight: in force.
+        assert!(run(&h, "SET search_path TO app", &[BackendEvent::CommandComplete("SET")], IDLE).await);
         assert!(allows(&h, "SELECT * FROM orders").await, "app.orders");
         // A SET undone by a rollback: pglease cannot tell which path holds, so both count.
-        assert!(allows(&h, "RESET search_path").await);
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::InTransaction));
-        h.on_backend(&c, BackendEvent::CommandComplete("ROLLBACK"));
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
+        assert!(run(&h, "BEGIN", &[], IN_TX).await);
+        assert!(run(&h, "RESET search_path", &[], IN_TX).await);
+        assert!(run(&h, "ROLLBACK", &[BackendEvent::CommandComplete("ROLLBACK")], IDLE).await);
         assert!(!allows(&h, "SELECT * FROM orders").await, "public may be in force");
-        // A clean SET settles it again; SET LOCAL lasts until the transaction ends.
-        assert!(allows(&h, "SET search_path = public").await);
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
+        // A clean SET settles it again, also inside a transaction that commits.
+        assert!(run(&h, "BEGIN", &[], IN_TX).await);
+        assert!(run(&h, "SET search_path = public", &[], IN_TX).await);
+        assert!(run(&h, "COMMIT", &[BackendEvent::CommandComplete("COMMIT")], IDLE).await);
         assert!(allows(&h, "SELECT * FROM t").await);
-        assert!(allows(&h, "SET LOCAL search_path = app").await);
-        assert!(!allows(&h, "SELECT * FROM orders").await, "the transaction may not have started");
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
         assert!(!allows(&h, "SELECT * FROM orders").await);
+        // SET LOCAL lasts until the transaction ends; while it may be in force, it counts.
+        assert!(run(&h, "SET search_path = app", &[], IDLE).await);
+        assert!(run(&h, "BEGIN", &[], IN_TX).await);
+        assert!(run(&h, "SET LOCAL search_path TO DEFAULT", &[], IN_TX).await);
+        assert!(!allows(&h, "SELECT * FROM orders").await, "DEFAULT is the pinned path, public");
+        assert!(run(&h, "COMMIT", &[BackendEvent::CommandComplete("COMMIT")], IDLE).await);
+        assert!(allows(&h, "SELECT * FROM orders").await, "back to app");
+    }
+
+    /// The review's findings against the first tracker, kept as regressions.
+    #[tokio::test]
+    async fn path_changes_count_when_they_run_not_when_they_are_parsed() {
+        let c = ctx();
+        // A SET parsed but never executed changes nothing.
+        let h = path_hooks();
+        h.on_parse(&c, &parse_msg("s", "SET search_path TO app")).await;
+        h.on_sync(&c);
+        h.on_backend(&c, BackendEvent::Ready(IDLE));
+        assert!(!allows(&h, "SELECT * FROM orders").await);
+        // Executed through the extended protocol, it counts.
+        extended(&h, "s2", "SET search_path TO app", IDLE).await;
+        assert!(allows(&h, "SELECT * FROM orders").await);
+        // Running an old prepared SET again counts again.
+        let h = path_hooks();
+        h.on_parse(&c, &parse_msg("back", "SET search_path TO public")).await;
+        extended(&h, "to_app", "SET search_path TO app", IDLE).await;
+        assert!(allows(&h, "SELECT * FROM orders").await);
+        h.on_bind(&c, &bind_msg("", "back")).await;
+        h.on_execute(&c, &Execute { portal: String::new(), max_rows: 0 }).await;
+        assert!(!allows(&h, "SELECT * FROM orders").await, "public may be in force again");
+    }
+
+    #[tokio::test]
+    async fn pipelined_answers_do_not_settle_later_changes() {
+        let h = path_hooks();
+        // Four Queries sent back to back; the first one's answer comes before the rest run.
+        assert!(h.on_query(&ctx(), "SELECT 1").await == Verdict::Forward);
+        assert!(!matches!(h.on_query(&ctx(), "BEGIN").await, Verdict::Refuse(_)));
+        assert!(!matches!(h.on_query(&ctx(), "SET search_path TO app").await, Verdict::Refuse(_)));
+        assert!(!matches!(h.on_query(&ctx(), "ROLLBACK").await, Verdict::Refuse(_)));
+        h.on_backend(&ctx(), BackendEvent::Ready(IDLE));
+        h.on_backend(&ctx(), BackendEvent::Ready(IN_TX));
+        h.on_backend(&ctx(), BackendEvent::Ready(IN_TX));
+        h.on_backend(&ctx(), BackendEvent::CommandComplete("ROLLBACK"));
+        h.on_backend(&ctx(), BackendEvent::Ready(IDLE));
+        assert!(!allows(&h, "SELECT * FROM orders").await, "the SET was rolled back: public");
     }
 
     #[tokio::test]
     async fn a_prepared_statement_is_checked_again_after_the_path_changes() {
         let h = path_hooks();
         let c = ctx();
-        let bind = |name: &str| Bind { portal: String::new(), statement: name.into(), param_formats: vec![], params: vec![], result_formats: vec![] };
-        assert!(allows(&h, "SET search_path TO app").await);
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
-        let parse = Parse { name: "s1".into(), sql: "SELECT * FROM orders".into(), param_types: vec![] };
-        assert_eq!(h.on_parse(&c, &parse).await, Verdict::Forward);
-        assert!(allows(&h, "PREPARE p AS SELECT * FROM orders").await);
-        assert_eq!(h.on_bind(&c, &bind("s1")).await, Verdict::Forward);
+        assert!(run(&h, "SET search_path TO app", &[], IDLE).await);
+        assert_eq!(h.on_parse(&c, &parse_msg("s1", "SELECT * FROM orders")).await, Verdict::Forward);
+        assert!(run(&h, "PREPARE p AS SELECT * FROM orders", &[], IDLE).await);
+        assert_eq!(h.on_parse(&c, &parse_msg("s2", "EXPLAIN ANALYZE EXECUTE p")).await, Verdict::Forward);
+        assert_eq!(h.on_bind(&c, &bind_msg("", "s1")).await, Verdict::Forward);
         // Postgres re-resolves a prepared statement's names under the new path: so does pglease.
-        assert!(allows(&h, "RESET search_path").await);
-        h.on_backend(&c, BackendEvent::Ready(TxStatus::Idle));
-        assert!(matches!(h.on_bind(&c, &bind("s1")).await, Verdict::Refuse(e) if e.message.contains("checked again")));
+        assert!(run(&h, "RESET search_path", &[], IDLE).await);
+        assert!(matches!(h.on_bind(&c, &bind_msg("", "s1")).await, Verdict::Refuse(e) if e.message.contains("checked again")));
         assert!(!allows(&h, "EXECUTE p").await);
         assert!(!allows(&h, "EXPLAIN EXECUTE p").await);
+        // …also through a statement that executes it.
+        assert!(matches!(h.on_bind(&c, &bind_msg("", "s2")).await, Verdict::Refuse(_)));
+        // A second Parse of a name that exists fails in Postgres, which keeps the first text.
+        assert_eq!(h.on_parse(&c, &parse_msg("s1", "SELECT 1")).await, Verdict::Forward);
+        assert!(matches!(h.on_bind(&c, &bind_msg("", "s1")).await, Verdict::Refuse(_)));
+        assert!(allows(&h, "PREPARE p AS SELECT 1").await);
+        assert!(!allows(&h, "EXECUTE p").await, "the first text of p may still be the one Postgres has");
     }
 }

@@ -245,11 +245,16 @@ impl ScopePolicy {
     }
 
     fn is_catalog(schema: &str) -> bool {
-        schema == "pg_catalog" || schema == "information_schema"
+        schema == "pg_catalog" || schema == "information_schema" || schema == "pg_toast"
     }
 
     /// Whether `action` is allowed on `schema.table`.
     pub fn allows(&self, schema: &str, table: &str, action: Action) -> bool {
+        // The catalogs are read, never written, whatever a pattern like `*.*` says: an UPDATE
+        // of pg_settings is set_config() in disguise (its rule calls it; PUBLIC may update it).
+        if Self::is_catalog(schema) && !matches!(action, Action::Read | Action::CopyOut) {
+            return false;
+        }
         if let Some((actions, _)) = self.rule_for(schema, table) {
             return actions.contains(&action);
         }
@@ -295,15 +300,20 @@ impl ScopePolicy {
         out
     }
 
-    /// The schema unqualified objects are created in, for each path the session may be under.
+    /// The schemas unqualified objects may be created in, under every path the session may be under.
     fn creation_schemas(&self, paths: &[Vec<String>]) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
+        // Postgres creates in the first schema of the path that exists: any of them may be it.
         for path in paths {
-            let first = path.iter().find(|s| !matches!(s.as_str(), "pg_catalog" | "pg_temp")).map(|s| if s == "$user" { self.role.clone() } else { s.clone() });
-            let first = first.unwrap_or_else(|| "public".into());
-            if !out.contains(&first) {
-                out.push(first);
+            for s in path.iter().filter(|s| !matches!(s.as_str(), "pg_catalog" | "pg_temp")) {
+                let s = if s == "$user" { self.role.clone() } else { s.clone() };
+                if !out.contains(&s) {
+                    out.push(s);
+                }
             }
+        }
+        if out.is_empty() {
+            out.push("public".into());
         }
         out
     }

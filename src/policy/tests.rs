@@ -503,3 +503,18 @@ fn several_databases() {
     assert_eq!(sql.matches("GRANT SELECT ON \"public\".\"t\"").count(), 2, "{sql}");
     assert!(sql.contains("\\connect \"postgres\""), "{sql}");
 }
+
+#[test]
+fn the_catalogs_are_never_written() {
+    let dba = scope("dba");
+    for sql in [
+        "UPDATE pg_settings SET setting = '0' WHERE name = 'statement_timeout'",
+        "UPDATE pg_catalog.pg_settings SET setting = 'x' WHERE name = 'search_path'",
+        "DELETE FROM pg_catalog.pg_description WHERE objoid = 1",
+        "INSERT INTO information_schema.sql_features VALUES ('x')",
+        "TRUNCATE pg_catalog.pg_statistic",
+    ] {
+        denied(&dba, sql, "does not allow");
+    }
+    allowed(&dba, "SELECT name, setting FROM pg_settings");
+}

@@ -73,7 +73,8 @@ pub trait SessionHooks: Send + Sync + 'static {
         Verdict::Forward
     }
 
-    /// A `Sync` was forwarded: the end of an extended-protocol batch.
+    /// A `Sync` was forwarded: the end of an extended-protocol batch. Also called for a
+    /// refused `FunctionCall`, which like a `Sync` (and a `Query`) ends with one `ReadyForQuery`.
     fn on_sync(&self, _ctx: &SessionContext) {}
 
     /// A result event. Must not block: it runs on the relay's path back to the client.

@@ -607,6 +607,8 @@ async fn client_to_upstream(
                 let marker = new_marker();
                 let error = ClientError::error(sqlstate::INSUFFICIENT_PRIVILEGE, "pglease: the fast-path function call protocol is not allowed");
                 lock(shared).pending.push_back(SyncGroup { started: Instant::now(), refusal: Some(Refusal { marker: marker.clone(), error }) });
+                // It ends with one ReadyForQuery, as a Sync does: hooks count those.
+                hooks.on_sync(ctx);
                 Some(Query::encode(&sentinel_sql(&marker)))
             }
             b'X' => {

@@ -153,6 +153,7 @@ impl GrantsEnv {
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
+                tls_ca: None,
                 tls_cert: Some(h.cert_file.clone()),
                 tls_key: Some(h.key_file.clone()),
                 allow_plaintext: false,
@@ -276,10 +277,13 @@ impl GrantsEnv {
             .map_err(|e| e.to_string())
     }
 
-    /// Requests a grant as alice and has bob approve it; returns (id, login, password).
+    /// Has bob issue a grant for alice, who then takes its secret; returns (id, login, password).
     pub async fn active_grant(&self, scope: &str, duration: &str) -> (String, String, String) {
         let g = self.api(Some(BOB), "POST", "/grants/issue", serde_json::json!({"user": "alice", "scope": scope, "duration": duration, "reason": "test"})).await.unwrap();
-        (g["id"].as_str().unwrap().to_owned(), g["login"].as_str().unwrap().to_owned(), g["password"].as_str().unwrap().to_owned())
+        assert!(g.get("password").is_none(), "the issuer never sees the secret: {g}");
+        let id = g["id"].as_str().unwrap().to_owned();
+        let g = self.api(Some(ALICE), "POST", &format!("/grants/{id}/secret"), serde_json::json!({})).await.unwrap();
+        (id, g["login"].as_str().unwrap().to_owned(), g["password"].as_str().unwrap().to_owned())
     }
 
     /// A tokio-postgres connection through the proxy with a grant's login.

@@ -1,0 +1,241 @@
+//! `pglease init`: a working production setup for one upstream, in one directory.
+//!
+//! It writes `pglease.toml` (with absolute paths, so `serve` works from any directory), a
+//! certificate for the client-facing listener, the upstream password and one starter scope's
+//! role password as 0600 files, `scopes.sql` (the role and GRANTs that back the scope, to run
+//! once on the upstream as a role that may create roles) and an admin token, shown once.
+//! It first logs in to the upstream with the connection string it is given, so a wrong host,
+//! password or CA is reported now rather than at the first `serve`.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::conninfo::{ConnInfo, SslMode};
+
+/// What `init` is asked to set up.
+pub struct InitOptions {
+    pub dir: PathBuf,
+    /// libpq connection string of the upstream, as the role pglease will log in as.
+    pub upstream: String,
+    pub listen: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    /// Names (DNS or IP) the client-facing certificate is valid for.
+    pub names: Vec<String>,
+    /// Overwrite an existing setup in `dir`.
+    pub force: bool,
+}
+
+/// What `init` wrote, for the caller to print.
+pub struct Initialized {
+    pub config: PathBuf,
+    pub scopes_sql: PathBuf,
+    pub ca_cert: PathBuf,
+    pub admin_token: String,
+    pub server_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("--upstream: {0}")]
+    Upstream(String),
+    #[error("{0} already exists (pass --force to overwrite the setup in that directory)")]
+    Exists(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot make the certificate: {0}")]
+    Certificate(String),
+}
+
+/// The starter scope `init` writes: read-only on the upstream database's `public` schema.
+const STARTER_SCOPE: &str = "read";
+const STARTER_ROLE: &str = "pglease_read";
+
+pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
+    let info = crate::conninfo::parse(&o.upstream).map_err(|e| InitError::Upstream(e.to_string()))?;
+    let user = info.user.clone().ok_or_else(|| InitError::Upstream("name the role pglease logs in as (user=… or postgresql://USER@…)".into()))?;
+    let password = info.password_or_env().ok_or_else(|| InitError::Upstream("no password: set PGPASSWORD, or password=… in the connection string".into()))?;
+    let database = info.database().unwrap_or(&user).to_owned();
+    let dir = absolute(&o.dir);
+    let config_path = dir.join("pglease.toml");
+    if config_path.exists() && !o.force {
+        return Err(InitError::Exists(config_path));
+    }
+    // Fail now, with Postgres's own words, rather than at the first serve.
+    let client = info.connect().await.map_err(|e| InitError::Upstream(format!("cannot log in to {}: {e}", describe(&info))))?;
+    let server_version = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .map_err(|e| InitError::Upstream(crate::conninfo::describe_error(&e)))?
+        .get::<_, String>(0);
+    drop(client);
+
+    let write = |path: &Path, text: &str, secret: bool| -> Result<(), InitError> {
+        let err = |source| InitError::Write { path: path.to_owned(), source };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        std::fs::write(path, text).map_err(err)?;
+        if secret {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        }
+        Ok(())
+    };
+    let names: Vec<&str> = o.names.iter().map(String::as_str).collect();
+    let certs = crate::tls::generate_dev_certificates(&names).map_err(|e| InitError::Certificate(e.to_string()))?;
+    let (ca, cert, key) = (dir.join("certs/ca.crt"), dir.join("certs/server.crt"), dir.join("certs/server.key"));
+    write(&ca, &certs.ca_pem, false)?;
+    write(&cert, &certs.cert_pem, false)?;
+    write(&key, &certs.key_pem, true)?;
+    let upstream_password = dir.join("secrets/upstream.password");
+    write(&upstream_password, &format!("{password}\n"), true)?;
+    let role_password = crate::people::hex(&random::<18>());
+    let role_password_file = dir.join(format!("secrets/{STARTER_SCOPE}.password"));
+    write(&role_password_file, &format!("{role_password}\n"), true)?;
+    let (admin_token, admin_hash) = crate::people::new_token();
+
+    let text = config_text(&ConfigParts {
+        listen: o.listen,
+        admin: o.admin,
+        cert: &cert,
+        key: &key,
+        info: &info,
+        user: &user,
+        database: &database,
+        upstream_password: &upstream_password,
+        role_password_file: &role_password_file,
+        state: &dir.join("state"),
+        admin_hash: &admin_hash,
+    });
+    // What was written must load: the same checks as `serve --check`.
+    let config = crate::config::Config::parse(&text).map_err(|e| InitError::Upstream(format!("the generated configuration does not load: {e}")))?;
+    std::fs::create_dir_all(dir.join("state")).map_err(|source| InitError::Write { path: dir.join("state"), source })?;
+    write(&config_path, &text, true)?;
+
+    let scope = &config.scopes[STARTER_SCOPE];
+    let mut sql = crate::policy::sql::scope_sql(STARTER_SCOPE, scope);
+    let _ = writeln!(sql, "ALTER ROLE {} PASSWORD '{role_password}';", quote_ident(STARTER_ROLE));
+    let _ = writeln!(sql, "-- This file holds the role's password: delete it once it has run.");
+    let scopes_sql = dir.join("scopes.sql");
+    write(&scopes_sql, &sql, true)?;
+    Ok(Initialized { config: config_path, scopes_sql, ca_cert: ca, admin_token, server_version })
+}
+
+struct ConfigParts<'a> {
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    cert: &'a Path,
+    key: &'a Path,
+    info: &'a ConnInfo,
+    user: &'a str,
+    database: &'a str,
+    upstream_password: &'a Path,
+    role_password_file: &'a Path,
+    state: &'a Path,
+    admin_hash: &'a str,
+}
+
+fn config_text(p: &ConfigParts<'_>) -> String {
+    let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let path = |p: &Path| q(&p.display().to_string());
+    let tls = match p.info.sslmode {
+        SslMode::Disable => "disable",
+        SslMode::Allow | SslMode::Prefer => "prefer",
+        SslMode::Require => "require",
+        SslMode::VerifyCa | SslMode::VerifyFull => "verify-full",
+    };
+    let ca = match &p.info.sslrootcert {
+        Some(ca) => format!("ca_file = {}\n", path(&absolute(ca))),
+        None if tls == "verify-full" => "# ca_file: the CA that signed the upstream's certificate (required for verify-full)\n".to_owned(),
+        None => String::new(),
+    };
+    format!(
+        r#"# Written by `pglease init`. Every key is described in the example configuration
+# (config/pglease.toml in the source, /usr/share/doc/pglease/examples/ in the package).
+# Check it with `pglease serve --config <this file> --check`; apply edits with SIGHUP.
+
+[listen]
+addr = {listen}
+# A certificate made by `pglease init` and signed by its own CA ({ca_cert}); clients connect
+# with sslmode=verify-full sslrootcert=<that file>. Replace both with your own CA's to taste.
+tls_cert = {cert}
+tls_key = {key}
+tls_ca = {ca_path}
+
+[upstream]
+host = {host}
+port = {port}
+user = {user}
+password_file = {upstream_password}
+tls = "{tls}"
+{ca}
+[admin]
+addr = {admin}
+
+[grants]
+store = {store}
+events_log = {events}
+
+[audit]
+path = {audit}
+anchor = {anchor}
+
+# A starter scope: read-only on the public schema of {database}. Its role is created by
+# scopes.sql; `pglease scope sql {scope} --config <this file>` prints that SQL again.
+[scopes.{scope}]
+description = "read-only access to schema public"
+database = {database_q}
+role = {role}
+password_file = {role_password}
+max_duration = "8h"
+row_limit = 1000
+statement_timeout = "30s"
+tables = [{{ name = "public.*", allow = ["read", "copy-out"] }}]
+
+# The admin token `pglease init` printed (only its SHA-256 is kept). Add people with
+# `pglease token new`; roles: engineer, approver, auditor, admin.
+[people.admin]
+roles = ["admin"]
+token_sha256 = "{admin_hash}"
+"#,
+        listen = q(&p.listen.to_string()),
+        admin = q(&p.admin.to_string()),
+        ca_cert = p.cert.with_file_name("ca.crt").display(),
+        cert = path(p.cert),
+        ca_path = path(&p.cert.with_file_name("ca.crt")),
+        key = path(p.key),
+        host = q(&p.info.host),
+        port = p.info.port,
+        user = q(p.user),
+        upstream_password = path(p.upstream_password),
+        store = path(&p.state.join("grants.jsonl")),
+        events = path(&p.state.join("events.jsonl")),
+        audit = path(&p.state.join("audit.jsonl")),
+        anchor = path(&p.state.join("audit.anchor")),
+        database = p.database,
+        database_q = q(p.database),
+        scope = STARTER_SCOPE,
+        role = q(STARTER_ROLE),
+        role_password = path(p.role_password_file),
+        admin_hash = p.admin_hash,
+    )
+}
+
+fn describe(info: &ConnInfo) -> String {
+    format!("{}:{} as {}", info.host, info.port, info.user.as_deref().unwrap_or("?"))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    use rand::RngCore;
+    let mut raw = [0u8; N];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    raw
+}
