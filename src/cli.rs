@@ -134,7 +134,7 @@ pub fn scope_rows(scopes: &Value) -> Vec<Vec<String>> {
         .map(|a| {
             a.iter()
                 .map(|x| {
-                    let max = x.get("max_duration").and_then(Value::as_u64).map(|d| crate::time::human_duration(std::time::Duration::from_secs(d))).unwrap_or_default();
+                    let max = s(x, "max_duration");
                     let approvers = x.get("approvers").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default();
                     vec![s(x, "name"), s(x, "database"), s(x, "role"), max, if approvers.is_empty() { "any".into() } else { approvers }, s(x, "description")]
                 })
@@ -144,3 +144,37 @@ pub fn scope_rows(scopes: &Value) -> Vec<Vec<String>> {
 }
 
 pub const SCOPE_HEADERS: &[&str] = &["SCOPE", "DATABASE", "ROLE", "MAX", "APPROVERS", "DESCRIPTION"];
+
+/// `scope show`: the scope and its whole rule set, one line per rule, durations as written.
+pub fn print_scope(v: &Value) {
+    let list = |x: &Value| x.as_array().map(|a| a.iter().map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string())).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let or = |text: String, none: &str| if text.is_empty() { none.to_owned() } else { text };
+    let r = &v["rules"];
+    println!("scope:             {}", s(v, "name"));
+    if !s(v, "description").is_empty() {
+        println!("description:       {}", s(v, "description"));
+    }
+    println!("databases:         {}", list(&v["databases"]));
+    println!("role:              {}", s(v, "role"));
+    println!("max duration:      {}", s(v, "max_duration"));
+    println!("approvers:         {}", or(list(&v["approvers"]), "any approver"));
+    println!("break-glass:       {}", v["break_glass"].as_str().map(|d| format!("up to {d}")).unwrap_or_else(|| "no".into()));
+    println!("search_path:       {}", list(&r["search_path"]));
+    println!("tables:");
+    for t in r["tables"].as_array().into_iter().flatten() {
+        let denied = list(&t["deny_columns"]);
+        println!("  {:<24} {}{}", s(t, "name"), list(&t["allow"]), if denied.is_empty() { String::new() } else { format!("  (not columns: {denied})") });
+    }
+    println!("catalog reads:     {}", if r["catalog"].as_bool() == Some(false) { "no" } else { "pg_catalog, information_schema" });
+    println!("row limit:         {}", r["row_limit"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "none".into()));
+    println!("statement_timeout: {}", r["statement_timeout"].as_str().unwrap_or("not pinned"));
+    println!("WHERE required:    {}", if r["require_where"].as_bool() == Some(false) { "no" } else { "on UPDATE and DELETE" });
+    println!("settings:          {}", or(list(&r["settings"]), "display settings only"));
+    println!("functions:         {}", or(list(&r["functions_allow"]), "built-in read-only ones"));
+    if !list(&r["functions_deny"]).is_empty() {
+        println!("functions refused: {}", list(&r["functions_deny"]));
+    }
+    if !list(&r["statements"]).is_empty() {
+        println!("statement classes: {}", list(&r["statements"]));
+    }
+}

@@ -13,8 +13,9 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // Not a `source`: the message says it already, and `{:#}` would print it twice.
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
     #[error("config: {0}")]
@@ -180,7 +181,7 @@ pub struct ScopeConfig {
 }
 
 /// One table rule of a scope.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableRuleConfig {
     /// `schema.table`, either part may use `*` (e.g. `orders.*`, `public.pgbench_*`).
@@ -459,7 +460,7 @@ const MAX_MESSAGE_BYTES: usize = (1 << 30) - 1;
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), error: source })?;
         let config = Self::parse(&text)?;
         config.check_files()?;
         Ok(config)

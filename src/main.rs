@@ -17,13 +17,13 @@ struct Cli {
     command: Command,
 }
 
-/// How admin commands reach the API.
+/// How admin commands reach the API (the bearer token comes from PGLEASE_ADMIN_TOKEN).
 #[derive(clap::Args, Clone)]
 struct ApiArgs {
     /// Admin API of a running pglease.
     #[arg(long, env = "PGLEASE_ADMIN_URL", default_value = "http://127.0.0.1:9187", global = true)]
     admin_url: String,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (a list is one JSON array).
     #[arg(long, global = true)]
     json: bool,
 }
@@ -32,11 +32,13 @@ struct ApiArgs {
 enum GrantCommand {
     /// Ask for a grant; prints its login and one-time secret.
     Request {
+        /// The scope to be granted (pglease scope list shows them).
         #[arg(long)]
         scope: String,
-        /// How long, e.g. 30m, 2h.
+        /// How long, e.g. 30m, 2h; at most the scope's max_duration.
         #[arg(long = "for")]
         duration: String,
+        /// Why, for the approver and the audit log.
         #[arg(long)]
         reason: String,
         /// Whom the grant is for (approvers only); yourself by default.
@@ -47,27 +49,39 @@ enum GrantCommand {
         break_glass: bool,
     },
     /// Approve a pending grant (not your own).
-    Approve { id: String },
+    Approve {
+        /// The grant's id (e.g. g1a2b3c4d).
+        id: String,
+    },
     /// Deny a pending grant.
     Deny {
+        /// The grant's id.
         id: String,
+        /// Why, for the requester and the audit log.
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Request and approve in one step, for someone else.
+    /// Request and approve in one step, for someone else, who then takes the secret with
+    /// `pglease grant secret ID` (the issuer never sees it).
     Issue {
+        /// Whom the grant is for.
         #[arg(long)]
         user: String,
+        /// The scope to be granted.
         #[arg(long)]
         scope: String,
+        /// How long, e.g. 30m, 2h.
         #[arg(long = "for")]
         duration: String,
+        /// Why, for the audit log.
         #[arg(long)]
         reason: String,
     },
     /// End a grant now; its open connections are dropped.
     Revoke {
+        /// The grant's id.
         id: String,
+        /// Why, for the grant's user and the audit log.
         #[arg(long)]
         reason: String,
     },
@@ -95,24 +109,43 @@ enum SessionCommand {
     /// Live client sessions.
     List,
     /// End a session now.
-    Kill { id: u64 },
+    Kill {
+        /// The session's number (pglease session list shows them).
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
 enum ScopeCommand {
-    /// Scopes as loaded (admin API).
-    List,
-    /// One scope (admin API).
-    Show { name: String },
-    /// The decision the proxy would take for SQL under scope S, offline from the config.
+    /// Scopes as the running proxy has them (admin API).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// One scope's whole rule set, as the running proxy has it (admin API).
+    Show {
+        /// The scope's name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The decision the proxy would take for SQL under a scope, offline from a config file.
+    /// Exit 0 allowed or rewritten, 1 refused.
     Check {
+        /// The scope's name.
         scope: String,
+        /// The statement(s), as a client would send them.
         sql: String,
         #[command(flatten)]
         source: ScopeSource,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// The CREATE ROLE / GRANT statements of the Postgres role that backs scope S.
+    /// The CREATE ROLE / GRANT statements of the Postgres role that backs a scope, offline
+    /// from a config file.
     Sql {
+        /// The scope's name.
         scope: String,
         #[command(flatten)]
         source: ScopeSource,
@@ -122,41 +155,55 @@ enum ScopeCommand {
 /// Where offline scope commands read scopes from.
 #[derive(clap::Args)]
 struct ScopeSource {
-    /// Configuration file with the scopes.
+    /// Configuration file with the scopes (the default is the path `pglease serve` reads).
     #[arg(long, default_value = "config/pglease.toml")]
     config: PathBuf,
     /// Use the demo's built-in scopes instead of a config file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     demo: bool,
 }
 
-fn load_scopes(source: &ScopeSource) -> Result<std::collections::BTreeMap<String, pglease::config::ScopeConfig>, pglease::cli::CliError> {
-    if source.demo {
-        return Ok(pglease::demo::demo_scopes());
+/// The scope named `name` from `source`, or an error naming the scopes there are.
+fn load_scope(source: &ScopeSource, name: &str) -> Result<pglease::config::ScopeConfig, pglease::cli::CliError> {
+    use pglease::cli::CliError;
+    let (mut scopes, from) = if source.demo {
+        (pglease::demo::demo_scopes(), "the demo's scopes".to_owned())
+    } else {
+        let text = std::fs::read_to_string(&source.config).map_err(|e| CliError::Unreachable(format!("cannot read {}: {e}", source.config.display())))?;
+        let config = Config::parse(&text).map_err(|e| CliError::Unreachable(format!("{}: {e}", source.config.display())))?;
+        (config.scopes, source.config.display().to_string())
+    };
+    match scopes.remove(name) {
+        Some(scope) => Ok(scope),
+        None if scopes.is_empty() => Err(CliError::Refused(format!("no scope named {name:?}: {from} defines none"))),
+        None => Err(CliError::Refused(format!("no scope named {name:?} in {from}; it defines: {}", scopes.keys().cloned().collect::<Vec<_>>().join(", ")))),
     }
-    let text = std::fs::read_to_string(&source.config).map_err(|e| pglease::cli::CliError::Unreachable(format!("cannot read {}: {e}", source.config.display())))?;
-    let config = Config::parse(&text).map_err(|e| pglease::cli::CliError::Unreachable(e.to_string()))?;
-    Ok(config.scopes)
 }
 
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check the log's hash chain: exit 0 intact, 1 broken (naming the first bad record).
     Verify {
+        /// The audit log (its rotated files LOG.000001… are checked too).
         log: PathBuf,
         /// Anchor file with chain heads written by the proxy; detects a cut-off tail.
         #[arg(long)]
         anchor: Option<PathBuf>,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Sessions in the log: who, grant, scope, from, to, statements, denials, errors.
     Sessions {
+        /// The audit log (its rotated files LOG.000001… are read too).
         log: PathBuf,
+        /// Only sessions of this person.
         #[arg(long)]
         user: Option<String>,
+        /// Only sessions of this grant id.
         #[arg(long)]
         grant: Option<String>,
+        /// Only sessions under this scope.
         #[arg(long)]
         scope: Option<String>,
         /// Sessions started at or after this time (RFC 3339).
@@ -168,31 +215,39 @@ enum AuditCommand {
         /// Only sessions with a statement of this decision: allow, rewrite, deny.
         #[arg(long)]
         decision: Option<String>,
+        /// One JSON object per line (streamed: logs of any size).
         #[arg(long)]
         json: bool,
     },
     /// One session's statements in order, with decision, timing, rows and errors.
     Show {
+        /// The audit log.
         log: PathBuf,
+        /// The session's number (pglease audit sessions shows them).
         #[arg(long)]
         session: u64,
         /// Keep printing new statements as they are logged.
         #[arg(long)]
         follow: bool,
+        /// One JSON object per line (streamed: logs of any size).
         #[arg(long)]
         json: bool,
     },
     /// Re-run a session's allowed statements against another database and report differences.
     Replay {
+        /// The audit log.
         log: PathBuf,
+        /// The session's number.
         #[arg(long)]
         session: u64,
-        /// libpq-style connection string or URL of the target database.
+        /// The target database: a libpq connection string, URL or key=value (sslmode and
+        /// sslrootcert as libpq reads them; password from it or PGPASSWORD).
         #[arg(long)]
         target: Option<String>,
-        /// Print the statements instead of running them.
+        /// Print the statements as SQL instead of running them.
         #[arg(long)]
         dry_run: bool,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -229,12 +284,10 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Scopes (admin API).
+    /// Scopes: list and show (admin API); check a statement and print the role's SQL (offline).
     Scope {
         #[command(subcommand)]
         command: ScopeCommand,
-        #[command(flatten)]
-        api: ApiArgs,
     },
     /// Auditors' tools over the audit log (offline).
     Audit {
@@ -321,11 +374,18 @@ fn init_tracing(level: &str, format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+        // A command whose output goes to `| head` ends quietly when the reader leaves, as
+        // cat does; Rust ignores SIGPIPE, and println! would panic on the closed pipe. The
+        // server commands keep ignoring it: their sockets report EPIPE as an error.
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // Admin commands are plain HTTP clients: no runtime needed.
     let admin = match cli.command {
         Command::Grant { command, api } => Some(grant(command, &api)),
         Command::Session { command, api } => Some(session(command, &api)),
-        Command::Scope { command, api } => Some(scope(command, &api)),
+        Command::Scope { command } => Some(scope(command)),
         Command::Audit { command } => return audit(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "pglease", &mut std::io::stdout());
@@ -386,9 +446,7 @@ fn grant(command: GrantCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
         GrantCommand::List { active } => {
             let v = c.get(if active { "/grants?active=true" } else { "/grants" })?;
             if api.json {
-                for g in v.as_array().into_iter().flatten() {
-                    print_json(g);
-                }
+                print_json(&v);
             } else {
                 let rows: Vec<Vec<String>> = v.as_array().into_iter().flatten().map(grant_row).collect();
                 print_table(GRANT_HEADERS, &rows);
@@ -427,9 +485,7 @@ fn session(command: SessionCommand, api: &ApiArgs) -> Result<(), pglease::cli::C
         SessionCommand::List => {
             let v = c.get("/sessions")?;
             if api.json {
-                for s in v.as_array().into_iter().flatten() {
-                    print_json(s);
-                }
+                print_json(&v);
             } else {
                 pglease::cli::print_table(pglease::cli::SESSION_HEADERS, &pglease::cli::session_rows(&v));
             }
@@ -442,15 +498,14 @@ fn session(command: SessionCommand, api: &ApiArgs) -> Result<(), pglease::cli::C
     Ok(())
 }
 
-fn scope(command: ScopeCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliError> {
+fn scope(command: ScopeCommand) -> Result<(), pglease::cli::CliError> {
     use pglease::cli::CliError;
     use pglease::policy::{Decision, ScopePolicy};
-    match &command {
-        ScopeCommand::Check { scope, sql, source } => {
-            let scopes = load_scopes(source)?;
-            let config = scopes.get(scope).ok_or_else(|| CliError::Refused(format!("no scope named {scope:?}")))?;
-            let verdict = ScopePolicy::from_config(scope, config).decide_uncached(sql);
-            if api.json {
+    match command {
+        ScopeCommand::Check { scope, sql, source, json } => {
+            let config = load_scope(&source, &scope)?;
+            let verdict = ScopePolicy::from_config(&scope, &config).decide_uncached(&sql);
+            if json {
                 print_json(&serde_json::to_value(&verdict.decision).unwrap_or_default());
             } else {
                 match &verdict.decision {
@@ -460,41 +515,32 @@ fn scope(command: ScopeCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
                 }
             }
             // Exit 1 for a refusal, so scripts can test statements.
-            return if verdict.decision.is_deny() { Err(CliError::Denied) } else { Ok(()) };
+            if verdict.decision.is_deny() { Err(CliError::Denied) } else { Ok(()) }
         }
         ScopeCommand::Sql { scope, source } => {
-            let scopes = load_scopes(source)?;
-            let config = scopes.get(scope).ok_or_else(|| CliError::Refused(format!("no scope named {scope:?}")))?;
-            print!("{}", pglease::policy::sql::scope_sql(scope, config));
-            return Ok(());
+            let config = load_scope(&source, &scope)?;
+            print!("{}", pglease::policy::sql::scope_sql(&scope, &config));
+            Ok(())
         }
-        _ => {}
-    }
-    let c = client(api);
-    match command {
-        ScopeCommand::List => {
-            let v = c.get("/scopes")?;
-            if api.json {
-                for s in v.as_array().into_iter().flatten() {
-                    print_json(s);
-                }
-            } else {
-                pglease::cli::print_table(pglease::cli::SCOPE_HEADERS, &pglease::cli::scope_rows(&v));
-            }
-        }
-        ScopeCommand::Check { .. } | ScopeCommand::Sql { .. } => unreachable!("handled above"),
-        ScopeCommand::Show { name } => {
-            let v = c.get(&format!("/scopes/{name}"))?;
+        ScopeCommand::List { api } => {
+            let v = client(&api).get("/scopes")?;
             if api.json {
                 print_json(&v);
             } else {
-                for (k, val) in v.as_object().into_iter().flatten() {
-                    println!("{k:>13}: {}", match val { serde_json::Value::String(s) => s.clone(), other => other.to_string() });
-                }
+                pglease::cli::print_table(pglease::cli::SCOPE_HEADERS, &pglease::cli::scope_rows(&v));
             }
+            Ok(())
+        }
+        ScopeCommand::Show { name, api } => {
+            let v = client(&api).get(&format!("/scopes/{name}"))?;
+            if api.json {
+                print_json(&v);
+            } else {
+                pglease::cli::print_scope(&v);
+            }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 fn audit(command: AuditCommand) -> std::process::ExitCode {
@@ -545,6 +591,13 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
             }
         }
         AuditCommand::Show { log, session, follow, json } => {
+            if !follow {
+                match reader::sessions(&log, &reader::SessionFilter::default()) {
+                    Ok(list) if !list.iter().any(|s| s.session == session) => return fail(1, format!("session {session} is not in {}", log.display())),
+                    Ok(_) => {}
+                    Err(e) => return fail(2, e),
+                }
+            }
             let mut printed = 0usize;
             loop {
                 let list = match reader::show_session(&log, session) {
@@ -599,7 +652,9 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
                     if json {
                         print_json(&serde_json::json!({"stmt": s.stmt, "sql": sql, "params": s.params}));
                     } else {
-                        println!("{};{}", sql, if s.params.as_array().is_some_and(|a| !a.is_empty()) { format!("  -- params: {}", s.params) } else { String::new() });
+                        // One statement per line, ended by exactly one semicolon.
+                        let sql = sql.trim_end().trim_end_matches(';').trim_end();
+                        println!("{sql};{}", if s.params.as_array().is_some_and(|a| !a.is_empty()) { format!("  -- params: {}", s.params) } else { String::new() });
                     }
                 }
                 return ExitCode::SUCCESS;

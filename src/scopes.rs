@@ -17,22 +17,41 @@ pub struct Scope {
     pub databases: Vec<String>,
     /// The Postgres login role that backs the scope.
     pub role: String,
-    #[serde(serialize_with = "secs")]
+    /// Durations are shown as written (`8h`), in the API and the CLI alike.
+    #[serde(serialize_with = "human")]
     pub max_duration: Duration,
     /// Groups whose members may approve; empty: any approver.
     pub approvers: Vec<String>,
     /// Longest break-glass grant, when break-glass is allowed.
-    #[serde(serialize_with = "opt_secs")]
+    #[serde(serialize_with = "opt_human")]
     pub break_glass: Option<Duration>,
+    /// What a session of the scope may do, as configured.
+    pub rules: Rules,
 }
 
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_secs())
+/// A scope's statement rules as configured (for `scope show`); the policy compiles them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rules {
+    pub tables: Vec<crate::config::TableRuleConfig>,
+    pub search_path: Vec<String>,
+    pub row_limit: Option<u64>,
+    #[serde(serialize_with = "opt_human")]
+    pub statement_timeout: Option<Duration>,
+    pub require_where: bool,
+    pub settings: Vec<String>,
+    pub functions_allow: Vec<String>,
+    pub functions_deny: Vec<String>,
+    pub statements: Vec<crate::config::StatementClass>,
+    pub catalog: bool,
 }
 
-fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+fn human<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::time::human_duration(*d))
+}
+
+fn opt_human<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
-        Some(d) => s.serialize_u64(d.as_secs()),
+        Some(d) => human(d, s),
         None => s.serialize_none(),
     }
 }
@@ -48,6 +67,18 @@ impl Scope {
             max_duration: c.max_duration,
             approvers: c.approvers.clone(),
             break_glass: c.break_glass.as_ref().map(|b| b.max_duration),
+            rules: Rules {
+                tables: c.tables.clone(),
+                search_path: c.search_path.clone(),
+                row_limit: c.row_limit,
+                statement_timeout: c.statement_timeout,
+                require_where: c.require_where,
+                settings: c.settings.clone(),
+                functions_allow: c.functions.allow.clone(),
+                functions_deny: c.functions.deny.clone(),
+                statements: c.statements.clone(),
+                catalog: c.catalog,
+            },
         }
     }
 }

@@ -267,6 +267,7 @@ async fn kill_9_mid_pgbench_loses_no_committed_transaction() {
     let role = format!("{database}_bench");
     let dir = tempfile::tempdir().unwrap();
     let (token, hash) = pglease::people::new_token();
+    let (alice_token, alice_hash) = pglease::people::new_token();
     let config = format!(
         r#"
         [listen]
@@ -293,6 +294,9 @@ async fn kill_9_mid_pgbench_loses_no_committed_transaction() {
         [people.bob]
         roles = ["approver"]
         token_sha256 = "{hash}"
+        [people.alice]
+        roles = ["engineer"]
+        token_sha256 = "{alice_hash}"
         "#,
         cert = h.cert_file.display(),
         key = h.key_file.display(),
@@ -330,6 +334,13 @@ async fn kill_9_mid_pgbench_loses_no_committed_transaction() {
     })
     .await
     .expect("proxy up");
+    // Bob issued it; alice takes its secret.
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let (admin2, alice2) = (admin.clone(), alice_token.clone());
+    let grant = tokio::task::spawn_blocking(move || pglease::cli::ApiClient::new(&admin2, Some(alice2)).post(&format!("/grants/{id}/secret"), json!({})))
+        .await
+        .unwrap()
+        .expect("alice takes the secret");
     let conn = format!("host=127.0.0.1 port={port} user={} dbname={database} sslmode=require", grant["login"].as_str().unwrap());
     let bench = tokio::process::Command::new(common::pg_bin("pgbench"))
         .args(["-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "30", &conn])

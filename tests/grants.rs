@@ -354,3 +354,30 @@ async fn failed_logins_are_recorded_and_slowed_down() {
     // The right secret still works (after its delay), and a success clears the count.
     env.connect(&login, &password).await.unwrap();
 }
+
+/// Whoever issues a grant (or requests one for someone else) never sees its secret: the
+/// grant's user takes one, shown to them once; taking another ends the first.
+#[tokio::test]
+async fn only_the_grants_user_ever_sees_its_secret() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let g = env.api(Some(BOB), "POST", "/grants/issue", json!({"user": "alice", "scope": "read", "duration": "30m", "reason": "ticket 7"})).await.unwrap();
+    assert!(g.get("password").is_none(), "{g}");
+    let id = g["id"].as_str().unwrap().to_owned();
+    let path = format!("/grants/{id}/secret");
+    // Not the issuer, not anyone else.
+    assert!(env.api(Some(BOB), "POST", &path, json!({})).await.unwrap_err().contains("403"));
+    assert!(env.api(Some(CAROL), "POST", &path, json!({})).await.unwrap_err().contains("40"));
+    let first = env.api(Some(ALICE), "POST", &path, json!({})).await.unwrap();
+    let (login, pw1) = (first["login"].as_str().unwrap(), first["password"].as_str().unwrap().to_owned());
+    assert!(first["psql"].as_str().unwrap().contains(login));
+    env.connect(login, &pw1).await.expect("the secret works");
+    let second = env.api(Some(ALICE), "POST", &path, json!({})).await.unwrap();
+    let pw2 = second["password"].as_str().unwrap().to_owned();
+    assert_ne!(pw1, pw2);
+    assert_eq!(sqlstate(&env.connect(login, &pw1).await.err().expect("the first secret stopped working")).as_deref(), Some("28P01"));
+    env.connect(login, &pw2).await.expect("the new secret works");
+    assert!(env.events.events().iter().any(|e| matches!(e, Event::GrantSecretTaken { user, .. } if user == "alice")));
+    // An ended grant gives no secret.
+    env.api(Some(BOB), "POST", &format!("/grants/{id}/revoke"), json!({"reason": "done"})).await.unwrap();
+    assert!(env.api(Some(ALICE), "POST", &path, json!({})).await.unwrap_err().contains("ended"));
+}

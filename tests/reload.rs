@@ -13,6 +13,7 @@ use common::grants::BOB;
 use pglease::config::Config;
 use sha2::Digest;
 
+const ALICE: &str = "tok-alice-reload";
 const ERIN: &str = "tok-erin";
 
 struct Files {
@@ -77,10 +78,14 @@ tables = [{{ name = "public.t", allow = ["read"] }}]
 [people.bob]
 roles = ["approver"]
 token_sha256 = "{bob}"
+[people.alice]
+roles = ["engineer"]
+token_sha256 = "{alice}"
 {erin}
 "#,
         cert = cert.display(),
         key = key.display(),
+        alice = hash(ALICE),
         pg_port = h.cluster.port,
         upstream_user = common::UPSTREAM_ROLE,
         pg_ca = h.cluster.ca_file.display(),
@@ -89,9 +94,10 @@ token_sha256 = "{bob}"
     )
 }
 
-async fn api(admin_port: u16, token: &str, method: &'static str, path: &'static str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+async fn api(admin_port: u16, token: &str, method: &'static str, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
     let client = pglease::cli::ApiClient::new(&format!("http://127.0.0.1:{admin_port}"), Some(token.to_owned()));
-    tokio::task::spawn_blocking(move || if method == "GET" { client.get(path) } else { client.post(path, body) }).await.unwrap().map_err(|e| e.to_string())
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || if method == "GET" { client.get(&path) } else { client.post(&path, body) }).await.unwrap().map_err(|e| e.to_string())
 }
 
 /// A session through the proxy, and how its connection ended (the FATAL the proxy sent).
@@ -184,6 +190,8 @@ async fn sighup_reloads_scopes_people_and_certificates_and_a_broken_file_changes
 
     let issue = |scope: &'static str| async move {
         let g = api(admin_port, BOB, "POST", "/grants/issue", serde_json::json!({"user": "alice", "scope": scope, "duration": "1h", "reason": "reload test"})).await.unwrap();
+        let id = g["id"].as_str().unwrap();
+        let g = api(admin_port, ALICE, "POST", &format!("/grants/{id}/secret"), serde_json::json!({})).await.unwrap();
         (g["login"].as_str().unwrap().to_owned(), g["password"].as_str().unwrap().to_owned())
     };
     let (read_login, read_pw) = issue("read").await;
