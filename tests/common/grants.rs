@@ -153,7 +153,7 @@ impl GrantsEnv {
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
-                tls_ca: None,
+                tls_ca: Some(h.ca_file.clone()),
                 tls_cert: Some(h.cert_file.clone()),
                 tls_key: Some(h.key_file.clone()),
                 allow_plaintext: false,
