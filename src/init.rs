@@ -24,6 +24,8 @@ pub struct InitOptions {
     pub names: Vec<String>,
     /// Overwrite an existing setup in `dir`.
     pub force: bool,
+    /// The first engineer's name (a person who requests grants).
+    pub engineer: String,
 }
 
 /// What `init` wrote, for the caller to print.
@@ -32,6 +34,7 @@ pub struct Initialized {
     pub scopes_sql: PathBuf,
     pub ca_cert: PathBuf,
     pub admin_token: String,
+    pub engineer_token: String,
     pub server_version: String,
 }
 
@@ -93,6 +96,10 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
     let role_password_file = dir.join(format!("secrets/{STARTER_SCOPE}.password"));
     write(&role_password_file, &format!("{role_password}\n"), true)?;
     let (admin_token, admin_hash) = crate::people::new_token();
+    let (engineer_token, engineer_hash) = crate::people::new_token();
+    if !crate::config::valid_name(&o.engineer) || o.engineer == "admin" {
+        return Err(InitError::Upstream(format!("--engineer: {:?} is not a usable name (letters, digits, '-' and '_'; not admin)", o.engineer)));
+    }
 
     let text = config_text(&ConfigParts {
         listen: o.listen,
@@ -106,6 +113,8 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
         role_password_file: &role_password_file,
         state: &dir.join("state"),
         admin_hash: &admin_hash,
+        engineer: &o.engineer,
+        engineer_hash: &engineer_hash,
     });
     // What was written must load: the same checks as `serve --check`.
     let config = crate::config::Config::parse(&text).map_err(|e| InitError::Upstream(format!("the generated configuration does not load: {e}")))?;
@@ -118,7 +127,7 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
     let _ = writeln!(sql, "-- This file holds the role's password: delete it once it has run.");
     let scopes_sql = dir.join("scopes.sql");
     write(&scopes_sql, &sql, true)?;
-    Ok(Initialized { config: config_path, scopes_sql, ca_cert: ca, admin_token, server_version })
+    Ok(Initialized { config: config_path, scopes_sql, ca_cert: ca, admin_token, engineer_token, server_version })
 }
 
 struct ConfigParts<'a> {
@@ -133,6 +142,8 @@ struct ConfigParts<'a> {
     role_password_file: &'a Path,
     state: &'a Path,
     admin_hash: &'a str,
+    engineer: &'a str,
+    engineer_hash: &'a str,
 }
 
 fn config_text(p: &ConfigParts<'_>) -> String {
@@ -192,11 +203,16 @@ row_limit = 1000
 statement_timeout = "30s"
 tables = [{{ name = "public.*", allow = ["read", "copy-out"] }}]
 
-# The admin token `pglease init` printed (only its SHA-256 is kept). Add people with
-# `pglease token new`; roles: engineer, approver, auditor, admin.
+# The people `pglease init` printed tokens for (only their SHA-256 is kept). Add people with
+# `pglease token new`; roles: engineer, approver, auditor, admin. Nobody approves their own
+# request: the admin approves the engineer's.
 [people.admin]
 roles = ["admin"]
 token_sha256 = "{admin_hash}"
+
+[people.{engineer}]
+roles = ["engineer"]
+token_sha256 = "{engineer_hash}"
 "#,
         listen = q(&p.listen.to_string()),
         admin = q(&p.admin.to_string()),
@@ -218,6 +234,8 @@ token_sha256 = "{admin_hash}"
         role = q(STARTER_ROLE),
         role_password = path(p.role_password_file),
         admin_hash = p.admin_hash,
+        engineer = p.engineer,
+        engineer_hash = p.engineer_hash,
     )
 }
 

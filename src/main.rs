@@ -322,6 +322,9 @@ enum Command {
         /// Overwrite an existing setup in the directory.
         #[arg(long)]
         force: bool,
+        /// Name of the first engineer (who requests grants; the admin approves them).
+        #[arg(long, default_value = "engineer")]
+        engineer: String,
     },
     /// Write a throwaway CA and a server certificate signed by it, for development.
     DevCerts {
@@ -720,16 +723,18 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
-            Command::Init { dir, upstream, listen, admin, names, force } => {
+            Command::Init { dir, upstream, listen, admin, names, force, engineer } => {
                 let names = if names.is_empty() { default_cert_names() } else { names };
-                let options = pglease::init::InitOptions { dir: dir.clone(), upstream: upstream.clone(), listen, admin, names, force };
+                let options = pglease::init::InitOptions { dir: dir.clone(), upstream: upstream.clone(), listen, admin, names, force, engineer: engineer.clone() };
                 let done = pglease::init::init(&options).await?;
                 let shown = |p: &std::path::Path| p.display().to_string();
                 println!("pglease init: wrote {} (upstream: PostgreSQL {})", shown(&std::path::absolute(&dir).unwrap_or(dir)), done.server_version);
                 println!("  config:    {}", shown(&done.config));
                 println!("  role SQL:  {}   (run once on the upstream as a role that may create roles)", shown(&done.scopes_sql));
                 println!("  client CA: {}   (clients: sslmode=verify-full sslrootcert=<this file>)", shown(&done.ca_cert));
-                println!("admin token (shown once; PGLEASE_ADMIN_TOKEN for the grant commands): {}", done.admin_token);
+                println!("Tokens for the grant commands (PGLEASE_ADMIN_TOKEN), shown once:");
+                println!("  admin:    {}", done.admin_token);
+                println!("  {engineer}: {}", done.engineer_token);
                 println!();
                 println!("Next:");
                 println!("  psql '{}' -f {}", upstream.replace('\'', "'\\''"), shown(&done.scopes_sql));
