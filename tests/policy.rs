@@ -253,3 +253,39 @@ async fn startup_settings_are_decided_by_the_scope() {
     assert_eq!(client.query_one("SHOW statement_timeout", &[]).await.unwrap().get::<_, String>(0), "7s");
     assert_eq!(client.query_one("SHOW lock_timeout", &[]).await.unwrap().get::<_, String>(0), "2s");
 }
+
+/// A result the row cap cut says so: one NOTICE with the cap, and `capped` in its audit
+/// result. A result under the cap, or a statement the cap did not touch, says nothing.
+#[tokio::test]
+async fn a_capped_result_says_so() {
+    let env = env().await;
+    let h = common::harness().await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let conn = format!("host=127.0.0.1 port={} user={login} dbname={} sslmode=verify-full sslrootcert={}", env.proxy_addr.port(), env.database, h.ca_file.display());
+    let psql = |sql: &'static str| {
+        let (conn, password) = (conn.clone(), password.clone());
+        async move { common::run_client_with_password("psql", &["-X", "-At", "-d", &conn, "-c", sql], &password).await }
+    };
+    let (status, stdout, stderr) = psql("SELECT g FROM generate_series(1, 10) g").await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert_eq!(stderr.matches("NOTICE:").count(), 1, "{stderr}");
+    assert!(stderr.contains("scope \"read\" caps results at 3 rows"), "{stderr}");
+    for quiet in ["SELECT g FROM generate_series(1, 2) g", "SELECT g FROM generate_series(1, 10) g LIMIT 2"] {
+        let (status, _, stderr) = psql(quiet).await;
+        assert!(status.success() && !stderr.contains("NOTICE"), "{quiet}: {stderr}");
+    }
+    // Extended protocol too (tokio-postgres prepares every statement).
+    let client = env.connect(&login, &password).await.unwrap();
+    assert_eq!(client.query("SELECT id FROM t UNION ALL SELECT id FROM t UNION ALL SELECT id FROM t", &[]).await.unwrap().len(), 3);
+    // The audit log has it on the capped results only (result records follow their replies).
+    let capped = common::eventually(Duration::from_secs(10), || async {
+        let log = std::fs::read_to_string(&env.audit_log).unwrap();
+        let results: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|r: &serde_json::Value| r["kind"] == "result").collect();
+        let capped: Vec<serde_json::Value> = results.into_iter().filter(|r| r["capped"] == true).collect();
+        (capped.len() == 2).then_some(capped)
+    })
+    .await
+    .expect("two capped results in the audit log");
+    assert!(capped.iter().all(|r| r["rows"] == 3), "{capped:?}");
+}

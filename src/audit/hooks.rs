@@ -32,7 +32,7 @@ struct Portal {
 /// A statement sent upstream whose result has not come back yet.
 enum InFlight {
     /// A simple Query (ends at ReadyForQuery).
-    Simple { stmt: u64, started: Instant, tags: Vec<String>, error: Option<(String, String)> },
+    Simple { stmt: u64, started: Instant, tags: Vec<String>, error: Option<(String, String)>, capped: bool },
     /// An Execute (ends at its CommandComplete, PortalSuspended or error).
     Execute { stmt: u64, started: Instant },
     /// A refused extended message: its error comes back in the batch.
@@ -130,7 +130,7 @@ impl AuditHooks {
             .collect()
     }
 
-    fn finish(&self, stmt: u64, started: Instant, tags: Vec<String>, error: Option<(String, String)>, skipped: bool) {
+    fn finish(&self, stmt: u64, started: Instant, tags: Vec<String>, error: Option<(String, String)>, skipped: bool, capped: bool) {
         let rows = tags.iter().map(|t| rows_of(t)).sum();
         let (error_code, error) = match error {
             Some((c, m)) => (Some(c), Some(m)),
@@ -138,7 +138,7 @@ impl AuditHooks {
         };
         self.log.append_nowait(Body::Result {
             session: self.info.session,
-            result: ResultRecord { stmt, tags, rows, error_code, error, duration_us: started.elapsed().as_micros() as u64, skipped },
+            result: ResultRecord { stmt, tags, rows, error_code, error, duration_us: started.elapsed().as_micros() as u64, skipped, capped },
         });
     }
 }
@@ -151,7 +151,7 @@ impl SessionHooks for AuditHooks {
         if let Err(refused) = self.record("simple", sql, &verdict, Vec::new(), stmt).await {
             return refused;
         }
-        self.state().in_flight.push_back(InFlight::Simple { stmt, started: Instant::now(), tags: Vec::new(), error: None });
+        self.state().in_flight.push_back(InFlight::Simple { stmt, started: Instant::now(), tags: Vec::new(), error: None, capped: false });
         verdict
     }
 
@@ -227,6 +227,8 @@ impl SessionHooks for AuditHooks {
             BackendEvent::Ready(tx) => self.inner.on_backend(ctx, BackendEvent::Ready(*tx)),
             BackendEvent::ParameterStatus { name, value } => self.inner.on_backend(ctx, BackendEvent::ParameterStatus { name, value }),
         };
+        // The policy's notice on a CommandComplete: the scope's row cap cut that result.
+        let notice = matches!(action, BackendAction::Notice(_));
         let mut done = Vec::new();
         {
             let mut st = self.state();
@@ -238,10 +240,13 @@ impl SessionHooks for AuditHooks {
                         _ => String::new(),
                     };
                     match st.in_flight.front_mut() {
-                        Some(InFlight::Simple { tags, .. }) => tags.push(tag),
+                        Some(InFlight::Simple { tags, capped, .. }) => {
+                            tags.push(tag);
+                            *capped |= notice;
+                        }
                         Some(InFlight::Execute { .. }) => {
                             if let Some(InFlight::Execute { stmt, started }) = st.in_flight.pop_front() {
-                                done.push((stmt, started, vec![tag], None, false));
+                                done.push((stmt, started, vec![tag], None, false, notice));
                             }
                         }
                         _ => {}
@@ -253,7 +258,7 @@ impl SessionHooks for AuditHooks {
                         Some(InFlight::Simple { error, .. }) => *error = Some(err),
                         Some(InFlight::Execute { .. }) | Some(InFlight::Refused { .. }) => {
                             if let Some(InFlight::Execute { stmt, started } | InFlight::Refused { stmt, started }) = st.in_flight.pop_front() {
-                                done.push((stmt, started, vec![], Some(err), false));
+                                done.push((stmt, started, vec![], Some(err), false, false));
                             }
                         }
                         _ => {}
@@ -265,19 +270,19 @@ impl SessionHooks for AuditHooks {
                     while let Some(entry) = st.in_flight.pop_front() {
                         match entry {
                             InFlight::Sync => break,
-                            InFlight::Simple { stmt, started, tags, error } => {
-                                done.push((stmt, started, tags, error, false));
+                            InFlight::Simple { stmt, started, tags, error, capped } => {
+                                done.push((stmt, started, tags, error, false, capped));
                                 break;
                             }
-                            InFlight::Execute { stmt, started } | InFlight::Refused { stmt, started } => done.push((stmt, started, vec![], None, true)),
+                            InFlight::Execute { stmt, started } | InFlight::Refused { stmt, started } => done.push((stmt, started, vec![], None, true, false)),
                         }
                     }
                 }
                 BackendEvent::ParameterStatus { .. } => {}
             }
         }
-        for (stmt, started, tags, error, skipped) in done {
-            self.finish(stmt, started, tags, error, skipped);
+        for (stmt, started, tags, error, skipped, capped) in done {
+            self.finish(stmt, started, tags, error, skipped, capped);
         }
         action
     }

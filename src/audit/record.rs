@@ -61,6 +61,9 @@ pub struct ResultRecord {
     /// True when Postgres skipped it after an earlier error in the same batch.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub skipped: bool,
+    /// True when the scope's row cap cut the result (the client got a NOTICE saying so).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub capped: bool,
 }
 
 /// Who and where, on every session-related record.
@@ -189,6 +192,10 @@ fn canonical_direct(body: &Body, seq: u64, prev: &str, at: &str) -> Vec<u8> {
         }
         Body::Result { session, result: r } => {
             o.str("at", at);
+            if r.capped {
+                o.key("capped");
+                o.buf.extend_from_slice(b"true");
+            }
             o.num("duration_us", r.duration_us);
             o.opt_str("error", r.error.as_deref());
             o.opt_str("error_code", r.error_code.as_deref());
@@ -311,6 +318,7 @@ mod tests {
                     error: some("denied"),
                     duration_us: 7,
                     skipped: i % 3 == 0,
+                    capped: i % 2 == 0,
                 },
             });
         }

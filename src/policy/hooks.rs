@@ -3,7 +3,7 @@
 //! session's `search_path` is tracked so that names resolve as Postgres will resolve them,
 //! and pinned settings are watched in `ParameterStatus`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::{Decision, Effect, ScopePolicy};
@@ -25,13 +25,29 @@ struct State {
     /// of them: a second Parse of a name that exists fails in Postgres and leaves the first,
     /// and pglease cannot see whether a DEALLOCATE or Close ran.
     vetted: HashMap<String, Vec<Vetted>>,
-    /// The path changes each bound portal makes when it runs.
-    portals: HashMap<String, Vec<PathChange>>,
+    /// What each bound portal does when it runs: its path changes, and whether its result is
+    /// capped by the scope's row limit.
+    portals: HashMap<String, (Vec<PathChange>, bool)>,
     paths: PathTracker,
+    /// Forwarded messages whose results have not all come back, oldest first: to tell which
+    /// statement a `CommandComplete` belongs to.
+    results: VecDeque<Awaiting>,
+}
+
+/// A forwarded message, as its results come back.
+enum Awaiting {
+    /// A simple Query: results until its ReadyForQuery; `capped` if the row cap was applied.
+    Query { capped: bool },
+    /// An Execute: one CommandComplete, EmptyQuery, PortalSuspended or error.
+    Execute { capped: bool },
+    /// A Sync (or a refused FunctionCall): its ReadyForQuery.
+    Sync,
 }
 
 struct Vetted {
     sql: String,
+    /// The scope's row cap was applied to it.
+    capped: bool,
     /// The statement's own `SET search_path` (a SET can be prepared and run many times).
     changes: Vec<PathChange>,
     /// Prepared statements it runs (`EXPLAIN EXECUTE p`), checked again with it.
@@ -129,6 +145,17 @@ impl PathTracker {
     }
 }
 
+/// Whether the decision applied the scope's row cap (the only rewrite that trims results).
+fn is_capped(decision: &Decision) -> bool {
+    matches!(decision, Decision::Rewrite { reason, .. } if reason.starts_with(super::ROW_CAP_REASON))
+}
+
+/// The row count of a `SELECT n` / `COPY n` command tag.
+fn tag_rows(tag: &str) -> Option<u64> {
+    let (verb, n) = tag.rsplit_once(' ')?;
+    matches!(verb, "SELECT" | "COPY" | "FETCH").then(|| n.parse().ok()).flatten()
+}
+
 fn path_changes(effects: &[Effect]) -> Vec<PathChange> {
     effects.iter().filter_map(|e| if let Effect::SearchPath { path, local } = e { Some(PathChange { path: path.clone(), local: *local }) } else { None }).collect()
 }
@@ -150,7 +177,7 @@ impl PolicyHooks {
     /// Decides `sql` under the session's current paths. `parse` names the protocol-level
     /// statement being prepared, if any: its effects wait for the Execute that runs it. A
     /// simple Query's effects are carried out now, as it is forwarded.
-    fn decide(&self, ctx: &SessionContext, sql: &str, parse: Option<&str>) -> Verdict {
+    fn decide(&self, ctx: &SessionContext, sql: &str, parse: Option<&str>) -> (Verdict, bool) {
         let mut st = self.state();
         let paths = st.paths.candidates(&self.policy.search_path);
         let v = self.policy.decide_in(sql, &paths);
@@ -159,30 +186,32 @@ impl PolicyHooks {
                 // A refused unnamed statement leaves nothing the client may bind under "".
                 st.vetted.remove("");
             }
-            return self.verdict(ctx, v.decision, &v.effects);
+            return (self.verdict(ctx, v.decision, &v.effects), false);
         }
         // A prepared statement runs with its names resolved again when the path changed since
         // it was prepared (Postgres's plan cache does so): decide it again under the new paths.
         for name in executes(&v.effects) {
             if let Err(refusal) = self.recheck(&mut st, &name, 0) {
-                return Verdict::Refuse(refusal);
+                return (Verdict::Refuse(refusal), false);
             }
         }
         let generation = st.paths.generation;
         if let Some(name) = parse {
-            let vetted = Vetted { sql: sql.to_owned(), changes: path_changes(&v.effects), executes: executes(&v.effects), generation };
+            let capped = is_capped(&v.decision);
+            let vetted = Vetted { sql: sql.to_owned(), capped, changes: path_changes(&v.effects), executes: executes(&v.effects), generation };
             Self::remember(&mut st, name, vetted);
         } else {
             for e in &v.effects {
                 if let Effect::Prepared(name) = e {
                     // The PREPARE's query is re-decided as part of this text.
-                    let vetted = Vetted { sql: sql.to_owned(), changes: Vec::new(), executes: Vec::new(), generation };
+                    let vetted = Vetted { sql: sql.to_owned(), capped: false, changes: Vec::new(), executes: Vec::new(), generation };
                     Self::remember(&mut st, name, vetted);
                 }
             }
             st.paths.register(&path_changes(&v.effects));
         }
-        self.verdict(ctx, v.decision, &v.effects)
+        let capped = is_capped(&v.decision);
+        (self.verdict(ctx, v.decision, &v.effects), capped)
     }
 
     fn remember(st: &mut State, name: &str, vetted: Vetted) {
@@ -294,11 +323,13 @@ impl SessionHooks for PolicyHooks {
     async fn on_query(&self, ctx: &SessionContext, sql: &str) -> Verdict {
         // Every Query gets one ReadyForQuery back, refused or not (see `session`).
         self.state().paths.outstanding += 1;
-        self.decide(ctx, sql, None)
+        let (verdict, capped) = self.decide(ctx, sql, None);
+        self.state().results.push_back(Awaiting::Query { capped });
+        verdict
     }
 
     async fn on_parse(&self, ctx: &SessionContext, parse: &Parse) -> Verdict {
-        self.decide(ctx, &parse.sql, Some(&parse.name))
+        self.decide(ctx, &parse.sql, Some(&parse.name)).0
     }
 
     async fn on_bind(&self, _ctx: &SessionContext, bind: &Bind) -> Verdict {
@@ -307,21 +338,27 @@ impl SessionHooks for PolicyHooks {
             st.portals.remove(&bind.portal);
             return Verdict::Refuse(refusal);
         }
-        let changes: Vec<PathChange> = st.vetted.get(&bind.statement).into_iter().flatten().flat_map(|v| v.changes.clone()).collect();
-        st.portals.insert(bind.portal.clone(), changes);
+        let texts = st.vetted.get(&bind.statement).map(Vec::as_slice).unwrap_or_default();
+        let changes: Vec<PathChange> = texts.iter().flat_map(|v| v.changes.clone()).collect();
+        // The statement Postgres has is one of these texts: the last, unless a duplicate Parse failed.
+        let capped = texts.last().is_some_and(|v| v.capped);
+        st.portals.insert(bind.portal.clone(), (changes, capped));
         Verdict::Forward
     }
 
     async fn on_execute(&self, _ctx: &SessionContext, execute: &Execute) -> Verdict {
         let mut st = self.state();
         // The portal's SET search_path takes effect now, before Postgres runs it.
-        let changes = st.portals.get(&execute.portal).cloned().unwrap_or_default();
+        let (changes, capped) = st.portals.get(&execute.portal).cloned().unwrap_or_default();
         st.paths.register(&changes);
+        st.results.push_back(Awaiting::Execute { capped });
         Verdict::Forward
     }
 
     fn on_sync(&self, _ctx: &SessionContext) {
-        self.state().paths.outstanding += 1;
+        let mut st = self.state();
+        st.paths.outstanding += 1;
+        st.results.push_back(Awaiting::Sync);
     }
 
     fn on_backend(&self, ctx: &SessionContext, event: BackendEvent<'_>) -> BackendAction {
@@ -346,11 +383,55 @@ impl SessionHooks for PolicyHooks {
                     return BackendAction::ShowValue(client_application_name(&ctx.identity, value));
                 }
             }
-            BackendEvent::Error(_) => self.state().paths.undone = true,
-            // A rollback (to a savepoint too) may undo a SET; so, to be safe, may PREPARE TRANSACTION.
-            BackendEvent::CommandComplete("ROLLBACK" | "PREPARE TRANSACTION") => self.state().paths.undone = true,
-            BackendEvent::Ready(status) => self.state().paths.ready(status, &self.policy.search_path),
-            _ => {}
+            BackendEvent::Error(_) => {
+                let mut st = self.state();
+                st.paths.undone = true;
+                // An error ends an Execute, and Postgres skips the rest of its batch.
+                if matches!(st.results.front(), Some(Awaiting::Execute { .. })) {
+                    while matches!(st.results.front(), Some(Awaiting::Execute { .. })) {
+                        st.results.pop_front();
+                    }
+                }
+            }
+            BackendEvent::CommandComplete(tag) => {
+                let mut st = self.state();
+                // A rollback (to a savepoint too) may undo a SET; so, to be safe, may PREPARE TRANSACTION.
+                if matches!(tag, "ROLLBACK" | "PREPARE TRANSACTION") {
+                    st.paths.undone = true;
+                }
+                let capped = match st.results.front() {
+                    Some(Awaiting::Query { capped }) => *capped,
+                    Some(Awaiting::Execute { capped }) => {
+                        let capped = *capped;
+                        st.results.pop_front();
+                        capped
+                    }
+                    _ => false,
+                };
+                if let (true, Some(limit), Some(rows)) = (capped, self.policy.row_limit, tag_rows(tag))
+                    && rows >= limit
+                {
+                    return BackendAction::Notice(format!(
+                        "pglease: scope \"{}\" caps results at {limit} rows: this result was cut to {limit}; more rows may match",
+                        self.policy.name
+                    ));
+                }
+            }
+            BackendEvent::EmptyQuery | BackendEvent::PortalSuspended => {
+                let mut st = self.state();
+                if matches!(st.results.front(), Some(Awaiting::Execute { .. })) {
+                    st.results.pop_front();
+                }
+            }
+            BackendEvent::Ready(status) => {
+                let mut st = self.state();
+                st.paths.ready(status, &self.policy.search_path);
+                while let Some(done) = st.results.pop_front() {
+                    if matches!(done, Awaiting::Query { .. } | Awaiting::Sync) {
+                        break;
+                    }
+                }
+            }
         }
         BackendAction::Continue
     }

@@ -138,6 +138,9 @@ pub struct ScopePolicy {
     shapes: DashMap<String, Verdict>,
 }
 
+/// How a row-cap rewrite's reason starts (the session tells capped results by it).
+pub const ROW_CAP_REASON: &str = "results are capped at";
+
 /// Decisions kept per scope and cache; a cache is emptied when full (statement texts repeat,
 /// so it refills with the hot ones at once).
 const CACHE_ENTRIES: usize = 10_000;
@@ -490,7 +493,7 @@ impl ScopePolicy {
         }
         let decision = match self.row_limit {
             Some(limit) => match rewrite::apply_row_limit(parsed.protobuf, limit) {
-                Ok(Some(sql)) => Decision::Rewrite { sql, reason: format!("results are capped at {limit} rows") },
+                Ok(Some(sql)) => Decision::Rewrite { sql, reason: format!("{ROW_CAP_REASON} {limit} rows") },
                 Ok(None) => Decision::Allow,
                 Err(e) => self.deny(format!("could not apply its row limit: {e}")),
             },

@@ -91,6 +91,8 @@ pub enum BackendAction {
     End(ClientError),
     /// For a `ParameterStatus`: show the client this value instead of Postgres's.
     ShowValue(String),
+    /// Send the client this `NOTICE` text first, then the message (e.g. a row cap was reached).
+    Notice(String),
 }
 
 /// Forwards everything: the proxy core on its own.

@@ -774,7 +774,13 @@ async fn upstream_to_client(
             b'C' => {
                 match messages::decode_command_tag(&frame) {
                     Ok(tag) => {
-                        let _ = hooks.on_backend(ctx, BackendEvent::CommandComplete(&tag));
+                        if let BackendAction::Notice(text) = hooks.on_backend(ctx, BackendEvent::CommandComplete(&tag)) {
+                            // Before the CommandComplete it is about, as Postgres's own notices come.
+                            let notice = messages::encode_pgwire(&crate::error::notice("NOTICE", "00000", &text));
+                            if let Err(e) = client.send(notice.raw()).await {
+                                return client_write_error(e);
+                            }
+                        }
                     }
                     Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
                 }
@@ -785,7 +791,7 @@ async fn upstream_to_client(
                     Ok(p) => match hooks.on_backend(ctx, BackendEvent::ParameterStatus { name: &p.name, value: &p.value }) {
                         BackendAction::End(err) => return Outcome::End(err),
                         BackendAction::ShowValue(value) if value != p.value => ParameterStatus { name: p.name, value }.encode(),
-                        BackendAction::ShowValue(_) | BackendAction::Continue => frame,
+                        BackendAction::ShowValue(_) | BackendAction::Continue | BackendAction::Notice(_) => frame,
                     },
                     Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
                 }
