@@ -26,6 +26,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub json: bool,
+    /// Run the printed psql line once through the proxy, then stop (a smoke test for CI).
+    pub check: bool,
 }
 
 /// The sample schema of `PRODUCT.md`, seeded with generated rows.
@@ -257,13 +259,14 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
     let first = grants.take_secret(&alice, &issued.grant.id).await?;
     let secret = first.secret.clone().unwrap_or_default();
     let pglease = pglease_command();
-    let psql = format!(
-        "psql \"host={} port={} user={} dbname=shop sslmode=verify-full sslrootcert={}\"",
+    let conninfo = format!(
+        "host={} port={} user={} dbname=shop sslmode=verify-full sslrootcert={}",
         proxy_addr.ip(),
         proxy_addr.port(),
         first.grant.login,
         ca_cert.display()
     );
+    let psql = format!("psql \"{conninfo}\"");
 
     if options.json {
         let line = serde_json::json!({
@@ -296,6 +299,19 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    if options.check {
+        // What a newcomer does next: paste the line. Through TLS, SCRAM, the policy and the audit.
+        let out = tokio::process::Command::new(cluster.bin("psql"))
+            .args([conninfo.as_str(), "-X", "-At", "-c", "SELECT count(*) FROM orders.orders"])
+            .env("PGPASSWORD", &secret)
+            .output()
+            .await?;
+        running.stop().await;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        anyhow::ensure!(out.status.success() && !said.is_empty(), "demo check: psql through pglease failed: {}", String::from_utf8_lossy(&out.stderr));
+        println!("demo check: psql through pglease counted {said} orders");
+        return Ok(());
+    }
     crate::signals::wait_for_shutdown().await;
     tracing::info!("shutting down");
     running.stop().await;

@@ -26,6 +26,9 @@ pub struct InitOptions {
     pub force: bool,
     /// The first engineer's name (a person who requests grants).
     pub engineer: String,
+    /// Where the grant store, events and audit log go (default: `dir/state`); the packaged
+    /// service may write only /var/lib/pglease.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What `init` wrote, for the caller to print.
@@ -84,6 +87,7 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
         }
         Ok(())
     };
+    let state = absolute(&o.state_dir.clone().unwrap_or_else(|| dir.join("state")));
     let names: Vec<&str> = o.names.iter().map(String::as_str).collect();
     let certs = crate::tls::generate_dev_certificates(&names).map_err(|e| InitError::Certificate(e.to_string()))?;
     let (ca, cert, key) = (dir.join("certs/ca.crt"), dir.join("certs/server.crt"), dir.join("certs/server.key"));
@@ -111,14 +115,14 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
         database: &database,
         upstream_password: &upstream_password,
         role_password_file: &role_password_file,
-        state: &dir.join("state"),
+        state: &state,
         admin_hash: &admin_hash,
         engineer: &o.engineer,
         engineer_hash: &engineer_hash,
     });
     // What was written must load: the same checks as `serve --check`.
     let config = crate::config::Config::parse(&text).map_err(|e| InitError::Upstream(format!("the generated configuration does not load: {e}")))?;
-    std::fs::create_dir_all(dir.join("state")).map_err(|source| InitError::Write { path: dir.join("state"), source })?;
+    std::fs::create_dir_all(&state).map_err(|source| InitError::Write { path: state.clone(), source })?;
     write(&config_path, &text, true)?;
 
     let scope = &config.scopes[STARTER_SCOPE];

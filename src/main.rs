@@ -325,6 +325,10 @@ enum Command {
         /// Name of the first engineer (who requests grants; the admin approves them).
         #[arg(long, default_value = "engineer")]
         engineer: String,
+        /// Directory for the grant store, events and audit log (default: DIR/state; the
+        /// packaged service writes only /var/lib/pglease).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Write a throwaway CA and a server certificate signed by it, for development.
     DevCerts {
@@ -360,6 +364,9 @@ enum Command {
         /// Print one JSON line with the connection details instead of text.
         #[arg(long)]
         json: bool,
+        /// Run the printed psql line once through the proxy, then stop and clean up.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -723,9 +730,9 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
-            Command::Init { dir, upstream, listen, admin, names, force, engineer } => {
+            Command::Init { dir, upstream, listen, admin, names, force, engineer, state_dir } => {
                 let names = if names.is_empty() { default_cert_names() } else { names };
-                let options = pglease::init::InitOptions { dir: dir.clone(), upstream: upstream.clone(), listen, admin, names, force, engineer: engineer.clone() };
+                let options = pglease::init::InitOptions { dir: dir.clone(), upstream: upstream.clone(), listen, admin, names, force, engineer: engineer.clone(), state_dir };
                 let done = pglease::init::init(&options).await?;
                 let shown = |p: &std::path::Path| p.display().to_string();
                 println!("pglease init: wrote {} (upstream: PostgreSQL {})", shown(&std::path::absolute(&dir).unwrap_or(dir)), done.server_version);
@@ -745,9 +752,9 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 unreachable!("handled in main")
             }
-            Command::Demo { dir, listen, admin, json } => {
+            Command::Demo { dir, listen, admin, json, check } => {
                 init_tracing("warn,pglease=info", LogFormat::Text);
-                pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json }).await
+                pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json, check }).await
             }
         }
     });
