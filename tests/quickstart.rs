@@ -152,3 +152,19 @@ async fn the_readme_production_quickstart_works_as_written() {
     let (ok, _, err) = sh(&format!("{pasted} -Atc 'CREATE TABLE public.x (id int)'"), &env, &bin).await;
     assert!(!ok && err.contains("scope \"read\" does not allow"), "{err}");
 }
+
+/// The README stands on its own: its two commands first, and no link out of the repository.
+#[test]
+fn the_readme_starts_with_its_two_commands_and_stands_alone() {
+    let readme = include_str!("../README.md");
+    let first_block = readme.split("```sh").nth(1).and_then(|b| b.split("```").next()).unwrap();
+    let commands: Vec<&str> = first_block.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert!(commands[0].starts_with("scripts/dev.sh demo") && commands[1].starts_with("scripts/dev.sh test"), "{commands:?}");
+    assert!(!readme.contains("../"), "the README points outside the repository");
+    // Every repository path it names in backquotes exists.
+    for path in readme.split('`').skip(1).step_by(2).filter(|p| (p.starts_with("src/") || p.starts_with("tests/") || p.starts_with("scripts/") || p.starts_with("config/")) && !p.contains(' ') && !p.contains('*')) {
+        let path = path.trim_end_matches('/');
+        assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path).exists(), "README names {path}, which does not exist");
+    }
+}
