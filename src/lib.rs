@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod conninfo;
+pub mod control_plane;
 pub mod demo;
 pub mod error;
 pub mod handshake;

@@ -254,6 +254,19 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand)]
+enum ControlPlaneCommand {
+    /// Create or upgrade the control plane's schema (safe from several instances at once).
+    Migrate {
+        /// The control-plane database: a libpq connection string (password from it or PGPASSWORD).
+        #[arg(long, env = "PGLEASE_CONTROL_PLANE")]
+        dsn: String,
+        /// Only report the migrations that would run; exit 1 if there are any.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Make a new admin API token; prints it and the hash for `people.<name>.token_sha256`.
     New,
@@ -293,6 +306,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// The shared control-plane database of several instances (schema and migrations).
+    ControlPlane {
+        #[command(subcommand)]
+        command: ControlPlaneCommand,
     },
     /// Admin API tokens.
     Token {
@@ -730,6 +748,30 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             }
             Command::Serve { config, check: false } => serve(config).await,
             Command::DevCerts { out, names } => dev_certs(&out, &names),
+            Command::ControlPlane { command: ControlPlaneCommand::Migrate { dsn, check } } => {
+                use pglease::control_plane::{connect, migrations};
+                let mut client = connect(&dsn).await.map_err(|e| anyhow::anyhow!("control plane: {e}"))?;
+                let shown = |m: &migrations::Migration| format!("V{} {}", m.version, m.name);
+                if check {
+                    let pending = migrations::pending(&mut client).await?;
+                    if pending.is_empty() {
+                        println!("control plane schema is up to date");
+                        return Ok(());
+                    }
+                    for m in &pending {
+                        println!("would apply {}", shown(m));
+                    }
+                    std::process::exit(1);
+                }
+                let applied = migrations::migrate(&mut client).await?;
+                if applied.is_empty() {
+                    println!("control plane schema is up to date");
+                }
+                for m in &applied {
+                    println!("applied {}", shown(m));
+                }
+                Ok(())
+            }
             Command::Init { dir, upstream, listen, admin, names, force, engineer, state_dir } => {
                 let names = if names.is_empty() { default_cert_names() } else { names };
                 let options = pglease::init::InitOptions { dir: dir.clone(), upstream: upstream.clone(), listen, admin, names, force, engineer: engineer.clone(), state_dir };

@@ -53,6 +53,7 @@ const COMMANDS: &[&[&str]] = &[
     &["audit", "show"],
     &["audit", "replay"],
     &["token", "new"],
+    &["control-plane", "migrate"],
     &["dev-certs"],
     &["completions"],
     &["man"],

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Role;
 use crate::events::{Event, Events};
 use crate::error::{ClientError, sqlstate};
-use crate::grants::{GrantError, GrantRequest, GrantService, GrantView, NewGrant};
+use crate::grants::{GrantError, GrantRequest, GrantService, GrantView, NewGrant, StoreError};
 use crate::people::{People, Principal};
 use crate::session::SessionRegistry;
 
@@ -65,7 +65,7 @@ impl From<GrantError> for ApiError {
             GrantError::Invalid(_) => StatusCode::BAD_REQUEST,
             GrantError::Forbidden(_) => StatusCode::FORBIDDEN,
             GrantError::NotFound(_) => StatusCode::NOT_FOUND,
-            GrantError::Conflict(_) => StatusCode::CONFLICT,
+            GrantError::Conflict(_) | GrantError::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             GrantError::Store(inner) => {
                 tracing::error!(error = %inner, "grant store failure");
                 return ApiError(StatusCode::SERVICE_UNAVAILABLE, "the grant store cannot be written; nothing was changed".into());

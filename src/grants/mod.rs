@@ -74,6 +74,10 @@ pub struct Grant {
     pub ended_at: Option<SystemTime>,
     pub ended_by: Option<String>,
     pub end_reason: Option<String>,
+    /// How many times the grant was stored: a write names the version it read (see
+    /// `GrantStore::put`). 0 for a grant not stored yet.
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl Grant {
@@ -219,8 +223,8 @@ impl GrantService {
     }
 
     /// Persists, then publishes, a grant's new version. Caller holds `write`.
-    async fn save(&self, grant: Grant) -> Result<Grant, GrantError> {
-        self.store.put(&grant).await?;
+    async fn save(&self, mut grant: Grant) -> Result<Grant, GrantError> {
+        grant.version = self.store.put(&grant).await?;
         self.grants.write().unwrap_or_else(|p| p.into_inner()).insert(grant.id.clone(), grant.clone());
         self.changed.notify_one();
         Ok(grant)
@@ -287,6 +291,7 @@ impl GrantService {
             ended_at: None,
             ended_by: None,
             end_reason: None,
+            version: 0,
         };
         if req.break_glass {
             grant.status = GrantStatus::Active;

@@ -15,14 +15,21 @@ pub enum StoreError {
     Io { path: String, source: std::io::Error },
     #[error("grant store {path} is corrupt at line {line}: {why}")]
     Corrupt { path: String, line: usize, why: String },
+    /// The shared store cannot be reached or answered with an error: nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Someone changed the grant since it was read (another instance, another approver).
+    #[error("grant {0} was changed meanwhile; read it again")]
+    Conflict(String),
 }
 
 #[async_trait::async_trait]
 pub trait GrantStore: Send + Sync + 'static {
     /// Every grant, latest version of each.
     async fn load(&self) -> Result<Vec<Grant>, StoreError>;
-    /// Records the new version of a grant durably before returning.
-    async fn put(&self, grant: &Grant) -> Result<(), StoreError>;
+    /// Records the new version of a grant durably before returning, if `grant.version` is
+    /// still the stored one (0: a new grant); returns the version stored now.
+    async fn put(&self, grant: &Grant) -> Result<u64, StoreError>;
 }
 
 /// An append-only JSON Lines file: one full grant record per line, the last line for an id
@@ -107,7 +114,9 @@ impl GrantStore for FileStore {
         Ok(grants)
     }
 
-    async fn put(&self, grant: &Grant) -> Result<(), StoreError> {
+    async fn put(&self, grant: &Grant) -> Result<u64, StoreError> {
+        // One process owns the file: the version only counts changes.
+        let grant = &Grant { version: grant.version + 1, ..grant.clone() };
         let mut slot = self.file.lock().await;
         if slot.is_none() {
             let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| self.io(e))?;
@@ -120,7 +129,7 @@ impl GrantStore for FileStore {
         // NOTE: blocking writes on the runtime: grants change a few times a minute at most.
         file.write_all(&line).map_err(|e| self.io(e))?;
         file.sync_data().map_err(|e| self.io(e))?;
-        Ok(())
+        Ok(grant.version)
     }
 }
 
@@ -136,13 +145,15 @@ impl GrantStore for MemoryStore {
         Ok(self.grants.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
-    async fn put(&self, grant: &Grant) -> Result<(), StoreError> {
+    async fn put(&self, grant: &Grant) -> Result<u64, StoreError> {
         let mut all = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = Grant { version: grant.version + 1, ..grant.clone() };
         match all.iter_mut().find(|g| g.id == grant.id) {
-            Some(g) => *g = grant.clone(),
-            None => all.push(grant.clone()),
+            Some(g) if g.version != grant.version => return Err(StoreError::Conflict(grant.id.clone())),
+            Some(g) => *g = stored,
+            None => all.push(stored),
         }
-        Ok(())
+        Ok(grant.version + 1)
     }
 }
 
@@ -172,6 +183,7 @@ mod tests {
             ended_at: None,
             ended_by: None,
             end_reason: None,
+            version: 0,
         }
     }
 

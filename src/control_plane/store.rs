@@ -1,0 +1,81 @@
+//! Grants in the control-plane database: one row per grant, its latest version.
+//!
+//! `put` is optimistic: the caller names the version it read (`Grant::version`), and the row
+//! is written only if that is still the stored one. Two approvers on two instances deciding
+//! the same pending grant: the second write finds a newer version and gets
+//! [`StoreError::Conflict`] (HTTP 409), never a silent overwrite.
+
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use crate::grants::{Grant, GrantStore, StoreError};
+
+pub struct PgGrantStore {
+    conninfo: String,
+    /// One connection, made on first use and again after it broke. Grants change a few times
+    /// a minute: no pool needed.
+    client: Mutex<Option<Client>>,
+}
+
+impl PgGrantStore {
+    pub fn new(conninfo: &str) -> Self {
+        Self { conninfo: conninfo.to_owned(), client: Mutex::new(None) }
+    }
+
+    fn unavailable(why: String) -> StoreError {
+        StoreError::Unavailable(format!("control plane: {why}"))
+    }
+
+    /// Runs `f` on the connection, connecting first if there is none; a connection that broke
+    /// is dropped, so the next call connects again. Fails closed: no connection, no answer.
+    async fn with_client<T>(&self, f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>) -> Result<T, StoreError> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = Some(super::connect(&self.conninfo).await.map_err(Self::unavailable)?);
+        }
+        let client = slot.as_ref().expect("connected above");
+        let result = f(client).await;
+        if client.is_closed() {
+            *slot = None;
+        }
+        result.map_err(|e| Self::unavailable(crate::conninfo::describe_error(&e)))
+    }
+}
+
+#[async_trait::async_trait]
+impl GrantStore for PgGrantStore {
+    async fn load(&self) -> Result<Vec<Grant>, StoreError> {
+        let rows = self.with_client(async |c| c.query("SELECT version, body::text FROM pglease.grants ORDER BY id", &[]).await).await?;
+        rows.iter()
+            .map(|r| {
+                let version: i64 = r.get(0);
+                let body: String = r.get(1);
+                let mut g: Grant = serde_json::from_str(&body).map_err(|e| Self::unavailable(format!("a stored grant does not read back: {e}")))?;
+                g.version = version as u64;
+                Ok(g)
+            })
+            .collect()
+    }
+
+    async fn put(&self, grant: &Grant) -> Result<u64, StoreError> {
+        let body = serde_json::to_string(grant).expect("grants serialize");
+        let read = grant.version as i64;
+        let written = self
+            .with_client(async |c| {
+                if read == 0 {
+                    c.execute("INSERT INTO pglease.grants (id, version, body) VALUES ($1, 1, $2::text::jsonb) ON CONFLICT (id) DO NOTHING", &[&grant.id, &body]).await
+                } else {
+                    c.execute(
+                        "UPDATE pglease.grants SET version = version + 1, body = $2::text::jsonb, updated_at = now() WHERE id = $1 AND version = $3",
+                        &[&grant.id, &body, &read],
+                    )
+                    .await
+                }
+            })
+            .await?;
+        if written == 0 {
+            return Err(StoreError::Conflict(grant.id.clone()));
+        }
+        Ok(grant.version + 1)
+    }
+}

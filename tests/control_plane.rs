@@ -1,0 +1,110 @@
+//! The control plane's first part against a real Postgres: migrations (from the CLI, and from
+//! several instances at once) and the shared grant store with optimistic concurrency.
+//!
+//! The control-plane database is a database of its own on the test cluster.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pglease::config::Role;
+use pglease::control_plane::{connect, migrations, store::PgGrantStore};
+use pglease::grants::{GrantError, GrantRequest, GrantService, GrantStatus, GrantStore, StoreError};
+use pglease::people::Principal;
+
+/// A fresh, empty control-plane database; its libpq connection string.
+async fn control_plane_db() -> String {
+    let h = common::harness().await;
+    let db = common::fresh_database().await;
+    let c = &h.cluster;
+    format!("host=127.0.0.1 port={} user={} password={} dbname={db} sslmode=verify-full sslrootcert={}", c.port, c.superuser, c.password, c.ca_file.display())
+}
+
+fn person(name: &str, roles: &[Role]) -> Principal {
+    Principal { person: name.into(), roles: roles.iter().copied().collect(), groups: Default::default() }
+}
+
+#[tokio::test]
+async fn migrate_reports_applies_and_then_finds_nothing_to_do() {
+    let dsn = control_plane_db().await;
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pglease"));
+        c.args(["control-plane", "migrate"]).args(args).env("PGLEASE_CONTROL_PLANE", &dsn);
+        c.output().unwrap()
+    };
+    let check = run(&["--check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("would apply V1 grants"));
+    let applied = run(&[]);
+    assert!(applied.status.success() && String::from_utf8_lossy(&applied.stdout).contains("applied V1 grants"), "{}", String::from_utf8_lossy(&applied.stderr));
+    for again in [run(&[]), run(&["--check"])] {
+        assert!(again.status.success() && String::from_utf8_lossy(&again.stdout).contains("up to date"));
+    }
+    // A wrong password is Postgres's own error, with its SQLSTATE.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_pglease"))
+        .args(["control-plane", "migrate", "--dsn", &dsn.replace("password=", "password=wrong")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("28P01"), "{err}");
+}
+
+#[tokio::test]
+async fn instances_migrating_at_once_take_turns() {
+    let dsn = control_plane_db().await;
+    let runs = (0..4).map(|_| {
+        let dsn = dsn.clone();
+        tokio::spawn(async move {
+            let mut client = connect(&dsn).await.unwrap();
+            migrations::migrate(&mut client).await.unwrap().len()
+        })
+    });
+    let applied: Vec<usize> = futures_util::future::join_all(runs).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(applied.iter().sum::<usize>(), 1, "exactly one run applied V1: {applied:?}");
+    let mut client = connect(&dsn).await.unwrap();
+    assert!(migrations::pending(&mut client).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn two_approvers_on_two_instances_cannot_both_decide_a_grant() {
+    let dsn = control_plane_db().await;
+    migrations::migrate(&mut connect(&dsn).await.unwrap()).await.unwrap();
+    let scopes = Arc::new(pglease::scopes::Scopes::from_config(&pglease::demo::demo_scopes()));
+    let open = || {
+        let (dsn, scopes) = (dsn.clone(), scopes.clone());
+        async move {
+            let store: Arc<dyn GrantStore> = Arc::new(PgGrantStore::new(&dsn));
+            GrantService::open(store, scopes, pglease::events::Events::new(), pglease::session::SessionRegistry::new()).await.unwrap()
+        }
+    };
+    let a = open().await;
+    let alice = person("alice", &[Role::Engineer]);
+    let request = GrantRequest { scope: "orders-read".into(), duration: Duration::from_secs(600), reason: "ticket 9".into(), user: None, break_glass: false };
+    let id = a.request(&alice, request).await.unwrap().grant.id;
+    // A second instance starts and sees the pending grant in the shared store.
+    let b = open().await;
+    assert!(b.list(&person("bob", &[Role::Approver]), false).iter().any(|g| g.id == id));
+    let (bob, dave) = (person("bob", &[Role::Approver]), person("dave", &[Role::Approver]));
+    let (first, second) = tokio::join!(a.approve(&bob, &id), b.approve(&dave, &id));
+    let (won, lost) = match (first, second) {
+        (Ok(g), Err(e)) | (Err(e), Ok(g)) => (g, e),
+        other => panic!("exactly one approval must win: {other:?}"),
+    };
+    assert_eq!(won.status, GrantStatus::Active);
+    assert!(matches!(lost, GrantError::Store(StoreError::Conflict(_))), "{lost:?}");
+    // The store holds the winner's decision, once.
+    let stored = PgGrantStore::new(&dsn).load().await.unwrap();
+    let g = stored.iter().find(|g| g.id == id).unwrap();
+    assert_eq!((g.status, g.version, g.decided_by.as_deref()), (GrantStatus::Active, 2, won.decided_by.as_deref()));
+}
+
+#[tokio::test]
+async fn an_unreachable_control_plane_changes_nothing_and_says_so() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = PgGrantStore::new(&format!("host=127.0.0.1 port={port} user=x dbname=x sslmode=disable connect_timeout=2"));
+    assert!(matches!(store.load().await, Err(StoreError::Unavailable(_))));
+    let scopes = Arc::new(pglease::scopes::Scopes::from_config(&pglease::demo::demo_scopes()));
+    let opened = GrantService::open(Arc::new(store), scopes, pglease::events::Events::new(), pglease::session::SessionRegistry::new()).await;
+    assert!(matches!(opened, Err(StoreError::Unavailable(_))), "an instance does not start without its grants");
+}
