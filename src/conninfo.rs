@@ -225,6 +225,23 @@ impl ConnInfo {
     /// Connects with tokio-postgres, honouring `sslmode` and `sslrootcert` as libpq does
     /// (`verify-ca` is checked as `verify-full`, the stricter; `allow` as `prefer`).
     pub async fn connect(&self) -> Result<tokio_postgres::Client, String> {
+        let config = self.tokio_config();
+        match self.verify() {
+            None => {
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| describe_error(&e))?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+            Some(verify) => {
+                let connector = self.rustls(verify)?;
+                let (client, conn) = config.connect(connector).await.map_err(|e| describe_error(&e))?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+        }
+    }
+
+    fn tokio_config(&self) -> tokio_postgres::Config {
         use tokio_postgres::config::SslMode as Tp;
         let mut config = tokio_postgres::Config::new();
         config.host(&self.host).port(self.port);
@@ -243,26 +260,24 @@ impl ConnInfo {
         if let Some(t) = self.connect_timeout {
             config.connect_timeout(std::time::Duration::from_secs(t));
         }
-        let verify = match self.sslmode {
-            SslMode::Disable => {
-                config.ssl_mode(Tp::Disable);
-                let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| describe_error(&e))?;
-                tokio::spawn(conn);
-                return Ok(client);
-            }
-            SslMode::Allow | SslMode::Prefer => {
-                config.ssl_mode(Tp::Prefer);
-                crate::tls::UpstreamVerify::None
-            }
-            SslMode::Require => {
-                config.ssl_mode(Tp::Require);
-                crate::tls::UpstreamVerify::None
-            }
-            SslMode::VerifyCa | SslMode::VerifyFull => {
-                config.ssl_mode(Tp::Require);
-                crate::tls::UpstreamVerify::Full
-            }
-        };
+        config.ssl_mode(match self.sslmode {
+            SslMode::Disable => Tp::Disable,
+            SslMode::Allow | SslMode::Prefer => Tp::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Tp::Require,
+        });
+        config
+    }
+
+    /// How the server's certificate is checked; None without TLS.
+    fn verify(&self) -> Option<crate::tls::UpstreamVerify> {
+        match self.sslmode {
+            SslMode::Disable => None,
+            SslMode::Allow | SslMode::Prefer | SslMode::Require => Some(crate::tls::UpstreamVerify::None),
+            SslMode::VerifyCa | SslMode::VerifyFull => Some(crate::tls::UpstreamVerify::Full),
+        }
+    }
+
+    fn rustls(&self, verify: crate::tls::UpstreamVerify) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
         let root = match (&self.sslrootcert, verify) {
             (Some(p), _) => Some(p.clone()),
             // libpq's default root certificate file.
@@ -270,10 +285,52 @@ impl ConnInfo {
             (None, crate::tls::UpstreamVerify::None) => None,
         };
         let tls = crate::tls::upstream_client_config(verify, root.as_deref()).map_err(|e| format!("sslrootcert: {e}"))?;
-        let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-        let (client, conn) = config.connect(connector).await.map_err(|e| describe_error(&e))?;
-        tokio::spawn(conn);
-        Ok(client)
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone()))
+    }
+}
+
+/// A client whose asynchronous messages (LISTEN notifications) arrive on a channel.
+pub type Listening = (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>);
+
+impl ConnInfo {
+    /// Connects as [`ConnInfo::connect`] does, and hands over every notification the session
+    /// receives. The channel closes when the connection does.
+    pub async fn connect_listening(&self) -> Result<Listening, String> {
+        let config = self.tokio_config();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = match self.verify() {
+            None => {
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| describe_error(&e))?;
+                tokio::spawn(forward(conn, tx));
+                client
+            }
+            Some(verify) => {
+                let connector = self.rustls(verify)?;
+                let (client, conn) = config.connect(connector).await.map_err(|e| describe_error(&e))?;
+                tokio::spawn(forward(conn, tx));
+                client
+            }
+        };
+        Ok((client, rx))
+    }
+}
+
+/// Drives a connection, passing its notifications on until it closes.
+async fn forward<S, T>(mut conn: tokio_postgres::Connection<S, T>, tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if tx.send(n).is_err() {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return,
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pglease::config::Role;
+use pglease::control_plane::watch::{self, WatchOptions};
 use pglease::control_plane::{connect, migrations, store::PgGrantStore};
 use pglease::grants::{GrantError, GrantRequest, GrantService, GrantStatus, GrantStore, StoreError};
 use pglease::people::Principal;
@@ -107,4 +108,70 @@ async fn an_unreachable_control_plane_changes_nothing_and_says_so() {
     let scopes = Arc::new(pglease::scopes::Scopes::from_config(&pglease::demo::demo_scopes()));
     let opened = GrantService::open(Arc::new(store), scopes, pglease::events::Events::new(), pglease::session::SessionRegistry::new()).await;
     assert!(matches!(opened, Err(StoreError::Unavailable(_))), "an instance does not start without its grants");
+}
+
+/// Two instances on one control plane, each with its own session registry and watcher.
+struct Instance {
+    grants: Arc<GrantService>,
+    sessions: Arc<pglease::session::SessionRegistry>,
+}
+
+async fn instance(dsn: &str, options: WatchOptions, shutdown: &tokio_util::sync::CancellationToken) -> Instance {
+    let scopes = Arc::new(pglease::scopes::Scopes::from_config(&pglease::demo::demo_scopes()));
+    let sessions = pglease::session::SessionRegistry::new();
+    let store: Arc<dyn GrantStore> = Arc::new(PgGrantStore::new(dsn));
+    let grants = GrantService::open(store, scopes, pglease::events::Events::new(), sessions.clone()).await.unwrap();
+    grants.set_fresh_until(std::time::Instant::now() + options.stale_after);
+    tokio::spawn(watch::run(dsn.to_owned(), grants.clone(), options, shutdown.clone()));
+    Instance { grants, sessions }
+}
+
+#[tokio::test]
+async fn a_revoke_on_one_instance_ends_sessions_on_the_other_within_a_second() {
+    let dsn = control_plane_db().await;
+    migrations::migrate(&mut connect(&dsn).await.unwrap()).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // The periodic read is slow on purpose: only the notification can be this fast.
+    let options = WatchOptions { reconcile_every: Duration::from_secs(60), stale_after: Duration::from_secs(120) };
+    let (a, b) = (instance(&dsn, options, &shutdown).await, instance(&dsn, options, &shutdown).await);
+    let alice = person("alice", &[Role::Engineer]);
+    let bob = person("bob", &[Role::Approver]);
+    let request = GrantRequest { scope: "orders-read".into(), duration: Duration::from_secs(600), reason: "ticket 11".into(), user: None, break_glass: false };
+    let new = a.grants.request(&alice, request).await.unwrap();
+    let login = new.grant.login.clone();
+    // Approved on B: A learns of it from the notification.
+    b.grants.approve(&bob, &new.grant.id).await.unwrap();
+    let usable = common::eventually(Duration::from_secs(1), || async { a.grants.credential(&login, "shop").map(|_| ()) }).await;
+    assert!(usable.is_some(), "A sees B's approval within a second");
+    // A session of the grant on B; the grant is revoked on A.
+    let identity = a.grants.credential(&login, "shop").unwrap().identity;
+    let registered = b.sessions.register(identity, "127.0.0.1:5".parse().unwrap(), "shop".into());
+    let revoked_at = std::time::Instant::now();
+    a.grants.revoke(&bob, &new.grant.id, "incident over").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(1), registered.handle.killed()).await.expect("B ended the session within a second");
+    assert!(ended.message.contains("incident over"), "{}", ended.message);
+    assert!(b.grants.credential(&login, "shop").is_none());
+    eprintln!("revoke on A ended the session on B after {:?}", revoked_at.elapsed());
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_instance_that_cannot_read_the_control_plane_refuses_logins() {
+    let dsn = control_plane_db().await;
+    migrations::migrate(&mut connect(&dsn).await.unwrap()).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let options = WatchOptions { reconcile_every: Duration::from_millis(100), stale_after: Duration::from_millis(500) };
+    let a = instance(&dsn, options, &shutdown).await;
+    let alice = person("alice", &[Role::Engineer]);
+    let request = GrantRequest { scope: "orders-read".into(), duration: Duration::from_secs(600), reason: "x".into(), user: None, break_glass: false };
+    let new = a.grants.request(&alice, request).await.unwrap();
+    a.grants.approve(&person("bob", &[Role::Approver]), &new.grant.id).await.unwrap();
+    assert!(a.grants.credential(&new.grant.login, "shop").is_some());
+    // The control plane goes away (its database is dropped under the watcher).
+    let h = common::harness().await;
+    let db = dsn.split("dbname=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    h.cluster.execute("postgres", &format!("DROP DATABASE {db} WITH (FORCE)")).await.unwrap();
+    let refused = common::eventually(Duration::from_secs(5), || async { a.grants.credential(&new.grant.login, "shop").is_none().then_some(()) }).await;
+    assert!(refused.is_some(), "logins fail closed once the grants may be stale");
+    shutdown.cancel();
 }

@@ -2,13 +2,14 @@
 //! the team already runs highly available (streaming replication, Patroni, a managed service).
 //! No consensus of pglease's own: the database decides, with optimistic concurrency.
 //!
-//! This first part holds the schema and its migrations ([`migrations`]) and the shared grant
-//! store ([`store::PgGrantStore`]). Instances do not yet use it from `serve`: change
-//! notification and reconciliation come next, and until then a second instance would act on
-//! stale grants.
+//! - [`migrations`]: the schema, created and upgraded by pglease under an advisory lock.
+//! - [`store::PgGrantStore`]: the shared grant store; a write names the version it read.
+//! - [`watch`]: each instance hears of every change (`LISTEN/NOTIFY`), reads the store again
+//!   periodically, and refuses logins once it could not read it for too long.
 
 pub mod migrations;
 pub mod store;
+pub mod watch;
 
 /// Connects to the control-plane database named by a libpq connection string.
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, String> {

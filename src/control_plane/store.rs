@@ -10,6 +10,9 @@ use tokio_postgres::Client;
 
 use crate::grants::{Grant, GrantStore, StoreError};
 
+/// The LISTEN/NOTIFY channel a grant change is announced on (the payload is its id).
+pub const CHANNEL: &str = "pglease_grants";
+
 pub struct PgGrantStore {
     conninfo: String,
     /// One connection, made on first use and again after it broke. Grants change a few times
@@ -62,15 +65,21 @@ impl GrantStore for PgGrantStore {
         let read = grant.version as i64;
         let written = self
             .with_client(async |c| {
-                if read == 0 {
-                    c.execute("INSERT INTO pglease.grants (id, version, body) VALUES ($1, 1, $2::text::jsonb) ON CONFLICT (id) DO NOTHING", &[&grant.id, &body]).await
+                // One statement: the write and its notification commit together (NOTIFY is
+                // sent at commit), so every instance hears of exactly the changes that happened.
+                let sql = if read == 0 {
+                    "WITH w AS (INSERT INTO pglease.grants (id, version, body) VALUES ($1, 1, $2::text::jsonb) ON CONFLICT (id) DO NOTHING RETURNING id)
+                     SELECT pg_notify($3, id) FROM w"
                 } else {
-                    c.execute(
-                        "UPDATE pglease.grants SET version = version + 1, body = $2::text::jsonb, updated_at = now() WHERE id = $1 AND version = $3",
-                        &[&grant.id, &body, &read],
-                    )
-                    .await
-                }
+                    "WITH w AS (UPDATE pglease.grants SET version = version + 1, body = $2::text::jsonb, updated_at = now() WHERE id = $1 AND version = $4 RETURNING id)
+                     SELECT pg_notify($3, id) FROM w"
+                };
+                let rows = if read == 0 {
+                    c.query(sql, &[&grant.id, &body, &CHANNEL]).await?
+                } else {
+                    c.query(sql, &[&grant.id, &body, &CHANNEL, &read]).await?
+                };
+                Ok(rows.len() as u64)
             })
             .await?;
         if written == 0 {

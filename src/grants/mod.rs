@@ -187,6 +187,10 @@ pub struct GrantService {
     events: Events,
     sessions: Arc<SessionRegistry>,
     changed: Notify,
+    /// With a shared store: until when the grants in memory count as current. A login after
+    /// that fails closed (the control plane cannot say whether the grant is live). None: the
+    /// store is this process's own, memory is always current.
+    fresh_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -200,7 +204,16 @@ impl GrantService {
     pub async fn open(store: Arc<dyn GrantStore>, scopes: Arc<Scopes>, events: Events, sessions: Arc<SessionRegistry>) -> Result<Arc<Self>, StoreError> {
         let loaded = store.load().await?;
         let grants = loaded.into_iter().map(|g| (g.id.clone(), g)).collect();
-        Ok(Arc::new(Self { store, grants: RwLock::new(grants), write: tokio::sync::Mutex::new(()), scopes: ArcSwap::new(scopes), events, sessions, changed: Notify::new() }))
+        Ok(Arc::new(Self {
+            store,
+            grants: RwLock::new(grants),
+            write: tokio::sync::Mutex::new(()),
+            scopes: ArcSwap::new(scopes),
+            events,
+            sessions,
+            changed: Notify::new(),
+            fresh_until: std::sync::Mutex::new(None),
+        }))
     }
 
     /// The scopes in force now.
@@ -222,9 +235,71 @@ impl GrantService {
         self.read().get(id).cloned()
     }
 
-    /// Persists, then publishes, a grant's new version. Caller holds `write`.
+    /// The grant to change: from memory, or, with a shared store, as another instance may just
+    /// have made it, from the store.
+    async fn get_for_change(&self, id: &str) -> Result<Grant, GrantError> {
+        if let Some(g) = self.get_raw(id) {
+            return Ok(g);
+        }
+        self.refresh().await?;
+        self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))
+    }
+
+    /// Reads the store again and takes every grant changed elsewhere (another instance):
+    /// a grant that stopped being usable ends its sessions here too. Returns how many changed.
+    pub async fn refresh(&self) -> Result<usize, StoreError> {
+        let stored = self.store.load().await?;
+        let now = SystemTime::now();
+        let mut ended = Vec::new();
+        let mut changed = 0;
+        {
+            let mut grants = self.grants.write().unwrap_or_else(|p| p.into_inner());
+            for g in stored {
+                let newer = grants.get(&g.id).is_none_or(|mine| g.version > mine.version);
+                if !newer {
+                    continue;
+                }
+                if grants.get(&g.id).is_some_and(|mine| mine.is_usable(now)) && !g.is_usable(now) {
+                    ended.push(g.clone());
+                }
+                grants.insert(g.id.clone(), g);
+                changed += 1;
+            }
+        }
+        for g in ended {
+            let why = g.end_reason.clone().unwrap_or_else(|| format!("{:?}", g.status_at(now)).to_lowercase());
+            let by = g.ended_by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
+            self.end_sessions(&g.id, &format!("pglease: grant {} for scope \"{}\" ended{by}: {why}", g.id, g.scope));
+        }
+        if changed > 0 {
+            self.changed.notify_one();
+        }
+        Ok(changed)
+    }
+
+    /// With a shared store: the grants in memory count as current until `until` (the watcher
+    /// moves it on after each successful refresh).
+    pub fn set_fresh_until(&self, until: std::time::Instant) {
+        *self.fresh_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+    }
+
+    fn is_stale(&self) -> bool {
+        self.fresh_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| std::time::Instant::now() > t)
+    }
+
+    /// Persists, then publishes, a grant's new version. Caller holds `write`. A grant changed
+    /// elsewhere meanwhile is a conflict: memory is brought up to date, nothing is written.
     async fn save(&self, mut grant: Grant) -> Result<Grant, GrantError> {
-        grant.version = self.store.put(&grant).await?;
+        grant.version = match self.store.put(&grant).await {
+            Ok(v) => v,
+            Err(StoreError::Conflict(id)) => {
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "cannot read the grant store after a conflict");
+                }
+                return Err(GrantError::Store(StoreError::Conflict(id)));
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.grants.write().unwrap_or_else(|p| p.into_inner()).insert(grant.id.clone(), grant.clone());
         self.changed.notify_one();
         Ok(grant)
@@ -350,7 +425,7 @@ impl GrantService {
     /// approver must differ from the requester (not for `issue`, where they are the same by design).
     async fn activate(&self, who: &Principal, id: &str, check_requester: bool) -> Result<Grant, GrantError> {
         let _w = self.write.lock().await;
-        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        let mut g = self.get_for_change(id).await?;
         self.check_approver(who, &g.scope, &g.user, check_requester.then_some(g.requested_by.as_str()))?;
         if g.status != GrantStatus::Pending {
             return Err(GrantError::Conflict(format!("grant {id} is {}, not pending", g.status_at(SystemTime::now()).as_str())));
@@ -368,7 +443,7 @@ impl GrantService {
 
     pub async fn deny(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
         let _w = self.write.lock().await;
-        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        let mut g = self.get_for_change(id).await?;
         self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by))?;
         if g.status != GrantStatus::Pending {
             return Err(GrantError::Conflict(format!("grant {id} is {}, not pending", g.status_at(SystemTime::now()).as_str())));
@@ -398,7 +473,7 @@ impl GrantService {
     /// to log in.
     pub async fn take_secret(&self, who: &Principal, id: &str) -> Result<NewGrant, GrantError> {
         let _w = self.write.lock().await;
-        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        let mut g = self.get_for_change(id).await?;
         if who.person != g.user {
             // As for a grant the caller may not see: nothing tells it exists.
             return Err(if who.can_read_all() { GrantError::Forbidden("only the grant's user may take its secret".into()) } else { GrantError::NotFound(id.to_owned()) });
@@ -419,7 +494,7 @@ impl GrantService {
             return Err(GrantError::Invalid("a reason is required".into()));
         }
         let _w = self.write.lock().await;
-        let mut g = self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
+        let mut g = self.get_for_change(id).await?;
         if !who.can_approve() && who.person != g.user {
             return Err(GrantError::Forbidden(format!("{} may not revoke grant {id}", who.person)));
         }
@@ -509,6 +584,12 @@ impl GrantService {
 
     /// The grant behind a login, if it may connect to `database` now.
     pub fn credential(&self, login: &str, database: &str) -> Option<Credential> {
+        if self.is_stale() {
+            // Fail closed: whether the grant is still live is not known here now.
+            tracing::warn!(login, "login refused: the control plane has not been reachable; grants may have changed");
+            metrics::counter!("pglease_logins_refused_stale_total").increment(1);
+            return None;
+        }
         let now = SystemTime::now();
         let grants = self.read();
         let g = grants.values().find(|g| g.login == login)?;
