@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{AdminState, api::ApiState};
 use crate::config::Config;
 use crate::events::{Events, JsonlSink};
+use crate::control_plane::watch::WatchOptions;
 use crate::grants::{FileStore, GrantService, GrantStore};
 use crate::people::People;
 use crate::policy::ScopePolicy;
@@ -68,6 +69,8 @@ pub struct App {
     /// The config built from, which a reload compares against.
     config: Config,
     skip_role_check: bool,
+    /// The control plane's connection string (with its password) and how to watch it.
+    control_plane: Option<(String, WatchOptions)>,
 }
 
 pub struct RunningApp {
@@ -115,8 +118,31 @@ impl App {
         }
         let scopes = Arc::new(Scopes::from_config(&config.scopes));
         let sessions = SessionRegistry::new();
-        let store = store.unwrap_or_else(|| Arc::new(FileStore::new(&config.grants.store)));
-        let grants = GrantService::open(store, scopes.clone(), events.clone(), sessions.clone()).await.context("grants.store")?;
+        // With a control plane, grants live there: its schema first (every instance may run
+        // this at once), then the shared store.
+        let control_plane = match &config.control_plane {
+            Some(cp) => {
+                let conninfo = cp.conninfo()?;
+                let mut client = crate::control_plane::connect(&conninfo).await.map_err(|e| anyhow::anyhow!("control_plane.dsn: {e}"))?;
+                for m in crate::control_plane::migrations::migrate(&mut client).await? {
+                    tracing::info!(version = m.version, name = %m.name, "control plane: migration applied");
+                }
+                let options = WatchOptions { reconcile_every: cp.reconcile_every, stale_after: cp.stale_after };
+                Some((conninfo, options))
+            }
+            None => None,
+        };
+        let store = match (store, &control_plane) {
+            (Some(store), _) => store,
+            (None, Some((conninfo, _))) => Arc::new(crate::control_plane::store::PgGrantStore::new(conninfo)) as Arc<dyn GrantStore>,
+            (None, None) => Arc::new(FileStore::new(&config.grants.store)),
+        };
+        let grants = GrantService::open(store, scopes.clone(), events.clone(), sessions.clone())
+            .await
+            .context(if control_plane.is_some() { "control_plane" } else { "grants.store" })?;
+        if let Some((_, options)) = &control_plane {
+            grants.set_fresh_until(std::time::Instant::now() + options.stale_after);
+        }
 
         let served = serve_scopes(config, &secrets.scopes, &upstream, options.skip_role_check).await?;
         let proxy = Proxy::new(config.listen.clone(), tls, upstream, grants.clone())
@@ -148,7 +174,7 @@ impl App {
             }
             None => None,
         };
-        Ok(Self { proxy, grants, admin, events, audit, audit_pg, config: config.clone(), skip_role_check: options.skip_role_check })
+        Ok(Self { proxy, grants, admin, events, audit, audit_pg, config: config.clone(), skip_role_check: options.skip_role_check, control_plane })
     }
 
     /// Starts serving on the given listeners.
@@ -173,6 +199,9 @@ impl App {
             }
         }));
         tasks.push(tokio::spawn(self.grants.clone().run_reaper(shutdown.clone())));
+        if let Some((conninfo, options)) = self.control_plane.take() {
+            tasks.push(tokio::spawn(crate::control_plane::watch::run(conninfo, self.grants.clone(), options, shutdown.clone())));
+        }
         if let Some((dsn, table)) = self.audit_pg.take() {
             let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone() };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(options, shutdown.clone())));

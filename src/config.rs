@@ -47,6 +47,46 @@ pub struct Config {
     /// People who use the admin API, with their roles and the hash of their bearer token.
     #[serde(default)]
     pub people: BTreeMap<String, PersonConfig>,
+    /// A control-plane database shared with other instances; without it grants live in
+    /// `grants.store`, this instance's own file.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneConfig>,
+}
+
+/// Where several instances keep their shared state (see `control_plane`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// libpq connection string of the control-plane database, without its password.
+    pub dsn: String,
+    /// Where the password comes from (at most one of the two; neither for peer or cert login).
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// How often each instance reads every grant again, notifications or not.
+    #[serde(default = "default_reconcile_every", with = "humantime_serde")]
+    pub reconcile_every: Duration,
+    /// Logins are refused once this instance could not read the control plane for this long.
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
+}
+
+fn default_reconcile_every() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_stale_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl ControlPlaneConfig {
+    /// The connection string with the password added (never logged).
+    pub fn conninfo(&self) -> Result<String, ConfigError> {
+        let password = match (&self.password_env, &self.password_file) {
+            (None, None) => return Ok(self.dsn.clone()),
+            (env, file) => read_secret("control_plane", env.as_deref(), file.as_deref())?,
+        };
+        Ok(format!("{} password='{}'", self.dsn, password.replace('\\', "\\\\").replace('\'', "\\'")))
+    }
 }
 
 /// Temporary grants.
@@ -561,6 +601,21 @@ impl Config {
         if u.connect_timeout.is_zero() {
             return Err(ConfigError::invalid("upstream.connect_timeout", "must be more than 0s"));
         }
+        if let Some(cp) = &self.control_plane {
+            let info = crate::conninfo::parse(&cp.dsn).map_err(|e| ConfigError::invalid("control_plane.dsn", e.to_string()))?;
+            if info.password.is_some() {
+                return Err(ConfigError::invalid("control_plane.dsn", "no password here: use control_plane.password_env or password_file"));
+            }
+            if cp.password_env.is_some() && cp.password_file.is_some() {
+                return Err(ConfigError::invalid("control_plane.password_env", "set at most one of password_env and password_file"));
+            }
+            if cp.reconcile_every.is_zero() {
+                return Err(ConfigError::invalid("control_plane.reconcile_every", "must be more than 0s"));
+            }
+            if cp.stale_after <= cp.reconcile_every {
+                return Err(ConfigError::invalid("control_plane.stale_after", "must be longer than reconcile_every"));
+            }
+        }
         for (name, scope) in &self.scopes {
             let key = |k: &str| format!("scopes.{name}.{k}");
             if !valid_name(name) {
@@ -784,6 +839,23 @@ mod tests {
         std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o604)).unwrap();
         let e = c.upstream.password().unwrap_err().to_string();
         assert!(e.contains("upstream.password_file") && e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn control_plane_errors_name_the_key() {
+        let base = include_str!("../config/pglease.toml");
+        for (section, key) in [
+            ("[control_plane]\ndsn = \"host=cp password=x\"\n", "control_plane.dsn"),
+            ("[control_plane]\ndsn = \"host=cp sslmode=sometimes\"\n", "control_plane.dsn"),
+            ("[control_plane]\ndsn = \"host=cp\"\nreconcile_every = \"10s\"\nstale_after = \"5s\"\n", "control_plane.stale_after"),
+            ("[control_plane]\ndsn = \"host=cp\"\npassword_env = \"A\"\npassword_file = \"/b\"\n", "control_plane.password_env"),
+            ("[control_plane]\ndsn = \"host=cp\"\nsurprise = 1\n", "surprise"),
+        ] {
+            let e = Config::parse(&format!("{base}\n{section}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{section}: {e}");
+        }
+        let ok = Config::parse(&format!("{base}\n[control_plane]\ndsn = \"host=cp dbname=pglease\"\n")).unwrap();
+        assert_eq!(ok.control_plane.unwrap().stale_after, std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -234,6 +234,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         audit: crate::config::AuditConfig { path: audit_log.clone(), anchor: Some(work.join("audit.anchor")), ..Default::default() },
         scopes: demo_scopes(),
         people: BTreeMap::new(),
+            control_plane: None,
     };
     let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();
     let mut people = People::default();

@@ -175,3 +175,39 @@ async fn an_instance_that_cannot_read_the_control_plane_refuses_logins() {
     assert!(refused.is_some(), "logins fail closed once the grants may be stale");
     shutdown.cancel();
 }
+
+/// Two whole pglease instances (proxy and admin API) on one control plane, as behind a load
+/// balancer: a grant issued on one is taken and used on the other, and revoked on the first,
+/// which ends the session on the second at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_grants_and_a_revoke_reaches_both() {
+    use common::grants::{ALICE, BOB, EnvOptions, GrantsEnv};
+    let env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let (b_proxy, b_admin, b_running) = env.another_instance().await;
+    let api = |url: String, token: &'static str, path: String| {
+        let client = pglease::cli::ApiClient::new(&url, Some(token.to_owned()));
+        tokio::task::spawn_blocking(move || client.post(&path, serde_json::json!({})))
+    };
+    // Issued on A…
+    let g = env.api(Some(BOB), "POST", "/grants/issue", serde_json::json!({"user": "alice", "scope": "read", "duration": "30m", "reason": "two instances"})).await.unwrap();
+    let id = g["id"].as_str().unwrap().to_owned();
+    // …its secret taken on B, and used through B's proxy.
+    let taken = api(b_admin.clone(), ALICE, format!("/grants/{id}/secret")).await.unwrap().unwrap();
+    let (login, password) = (taken["login"].as_str().unwrap().to_owned(), taken["password"].as_str().unwrap().to_owned());
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(b_proxy.port()).user(&login).password(&password).dbname(&env.database).ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = config.connect(common::tls_connector()).await.expect("login through B");
+    let ended = tokio::spawn(connection);
+    assert_eq!(client.query("SELECT id FROM t", &[]).await.unwrap().len(), 2);
+    // Revoked on A: the session on B ends.
+    let revoked_at = std::time::Instant::now();
+    env.api(Some(BOB), "POST", &format!("/grants/{id}/revoke"), serde_json::json!({"reason": "done"})).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(1), ended).await.expect("B ended the session within a second").unwrap();
+    let e = end.expect_err("the session ended with an error");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    eprintln!("revoke on A ended the session on B after {:?}", revoked_at.elapsed());
+    // And B refuses the login from now on, as A does.
+    let refused = config.connect(common::tls_connector()).await.err().expect("login refused");
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("28P01"), "{refused:?}");
+    b_running.stop().await;
+}

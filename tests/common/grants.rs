@@ -40,11 +40,13 @@ pub struct EnvOptions {
     pub audit_pg: bool,
     /// The `app` scope reaches a second database, `<db>_2`, with its own `public.t`.
     pub second_database: bool,
+    /// Grants live in a control-plane database, `<db>_cp`, so that more instances can share them.
+    pub control_plane: bool,
 }
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { warn_before: vec![], failures_before_delay: 100, audit_pg: false, second_database: false }
+        Self { warn_before: vec![], failures_before_delay: 100, audit_pg: false, second_database: false, control_plane: false }
     }
 }
 
@@ -188,6 +190,18 @@ impl GrantsEnv {
             },
             scopes,
             people: BTreeMap::new(),
+            control_plane: options.control_plane.then(|| ControlPlaneConfig {
+                dsn: format!(
+                    "host=127.0.0.1 port={} user={} dbname={database}_cp sslmode=verify-full sslrootcert={}",
+                    h.cluster.port,
+                    h.cluster.superuser,
+                    h.cluster.ca_file.display()
+                ),
+                password_env: None,
+                password_file: Some(dir.path().join("control-plane.password")),
+                reconcile_every: Duration::from_secs(5),
+                stale_after: Duration::from_secs(30),
+            }),
             audit: AuditConfig {
                 path: dir.path().join("audit.jsonl"),
                 anchor: Some(dir.path().join("audit.anchor")),
@@ -195,6 +209,12 @@ impl GrantsEnv {
                 ..AuditConfig::default()
             },
         };
+        if options.control_plane {
+            h.cluster.execute("postgres", &format!("CREATE DATABASE {database}_cp")).await.unwrap();
+            let pw = dir.path().join("control-plane.password");
+            std::fs::write(&pw, format!("{}\n", h.cluster.password)).unwrap();
+            std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
         if options.audit_pg {
             h.cluster.execute("postgres", &format!("CREATE DATABASE {database}_audit")).await.unwrap();
             h.cluster.execute(&format!("{database}_audit"), "CREATE SCHEMA audit").await.unwrap();
@@ -229,6 +249,16 @@ impl GrantsEnv {
         self.proxy_addr = running.proxy_addr;
         self.admin_url = format!("http://{}", running.admin_addr);
         self.running = Some(running);
+    }
+
+    /// One more instance on the same config (and control plane), on ports of its own:
+    /// (proxy address, admin URL, the running app).
+    pub async fn another_instance(&self) -> (SocketAddr, String, RunningApp) {
+        let app = self.build().await.expect("second instance builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = app.start(listener, admin).unwrap();
+        (running.proxy_addr, format!("http://{}", running.admin_addr), running)
     }
 
     pub async fn build(&self) -> anyhow::Result<App> {
