@@ -77,21 +77,29 @@ pub enum ConnInfoError {
 pub fn parse(s: &str) -> Result<ConnInfo, ConnInfoError> {
     let s = s.trim();
     let pairs = if s.starts_with("postgresql://") || s.starts_with("postgres://") { url_pairs(s)? } else { keyword_pairs(s)? };
+    // libpq's environment defaults, for the keys the string does not set.
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut info = ConnInfo {
-        host: "localhost".into(),
+        host: env("PGHOST").unwrap_or_else(|| "localhost".into()),
         port: 5432,
-        user: None,
+        user: env("PGUSER"),
         password: None,
-        dbname: None,
+        dbname: env("PGDATABASE"),
         sslmode: SslMode::Prefer,
-        sslrootcert: None,
+        sslrootcert: env("PGSSLROOTCERT").map(PathBuf::from),
         application_name: None,
         connect_timeout: None,
     };
+    if let Some(port) = env("PGPORT") {
+        info.port = port.parse().map_err(|_| ConnInfoError::Value { key: "port".into(), why: "PGPORT is not a port number".into() })?;
+    }
+    if let Some(mode) = env("PGSSLMODE") {
+        info.sslmode = SslMode::parse(&mode).ok_or_else(|| ConnInfoError::Value { key: "sslmode".into(), why: "PGSSLMODE is not a libpq sslmode".into() })?;
+    }
     for (key, value) in pairs {
         let bad = |why: &str| ConnInfoError::Value { key: key.clone(), why: why.into() };
         match key.as_str() {
-            "host" | "hostaddr" => info.host = value,
+            "host" => info.host = value,
             "port" => info.port = value.parse().map_err(|_| bad("not a port number"))?,
             "user" => info.user = Some(value),
             "password" => info.password = Some(value),
@@ -188,8 +196,10 @@ fn url_pairs(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     if !db.is_empty() {
         out.push(("dbname".to_owned(), decode(db)?));
     }
-    for (k, v) in url.query_pairs() {
-        out.push((k.into_owned(), v.into_owned()));
+    // Not `query_pairs`: that reads `+` as a space (HTML forms); libpq does not.
+    for pair in url.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| ConnInfoError::Syntax(format!("query parameter without a value: {}", decode(pair).unwrap_or_default())))?;
+        out.push((decode(k)?, decode(v)?));
     }
     Ok(out)
 }
@@ -200,7 +210,7 @@ fn percent_decode(s: &str) -> Result<String, &'static str> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or("truncated percent escape")?;
+            let hex = s.get(i + 1..i + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit())).ok_or("invalid percent escape")?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| "invalid percent escape")?);
             i += 3;
         } else {
@@ -268,21 +278,26 @@ impl ConnInfo {
         config
     }
 
-    /// How the server's certificate is checked; None without TLS.
-    fn verify(&self) -> Option<crate::tls::UpstreamVerify> {
+    /// How the server's certificate is checked; None without TLS. As libpq: `require` with a
+    /// root certificate named checks the chain (pglease checks the name too, the stricter).
+    pub fn verify(&self) -> Option<crate::tls::UpstreamVerify> {
         match self.sslmode {
             SslMode::Disable => None,
+            SslMode::Require if self.sslrootcert.is_some() => Some(crate::tls::UpstreamVerify::Full),
             SslMode::Allow | SslMode::Prefer | SslMode::Require => Some(crate::tls::UpstreamVerify::None),
             SslMode::VerifyCa | SslMode::VerifyFull => Some(crate::tls::UpstreamVerify::Full),
         }
     }
 
+    /// The root certificate file a verifying connection uses: `sslrootcert`, or libpq's default.
+    pub fn root_cert(&self) -> Option<PathBuf> {
+        self.sslrootcert.clone().or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt")))
+    }
+
     fn rustls(&self, verify: crate::tls::UpstreamVerify) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
-        let root = match (&self.sslrootcert, verify) {
-            (Some(p), _) => Some(p.clone()),
-            // libpq's default root certificate file.
-            (None, crate::tls::UpstreamVerify::Full) => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt")),
-            (None, crate::tls::UpstreamVerify::None) => None,
+        let root = match verify {
+            crate::tls::UpstreamVerify::Full => self.root_cert(),
+            crate::tls::UpstreamVerify::None => None,
         };
         let tls = crate::tls::upstream_client_config(verify, root.as_deref()).map_err(|e| format!("sslrootcert: {e}"))?;
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone()))
@@ -371,13 +386,15 @@ mod tests {
         let c = parse(r"host = /var/run/postgresql password='it\'s a secret' dbname=a\ b").unwrap();
         assert_eq!((c.host.as_str(), c.password.as_deref(), c.dbname.as_deref()), ("/var/run/postgresql", Some("it's a secret"), Some("a b")));
         assert_eq!((c.port, c.sslmode), (5432, SslMode::Prefer));
-        let u = parse("postgres://us%40er:p%2Fw@[::1]/d%20b").unwrap();
+        let u = parse("postgres://us%40er:p%2Fw@[::1]/d%20b?application_name=a+b").unwrap();
+        assert_eq!(u.application_name.as_deref(), Some("a+b"), "+ is not a space in libpq URLs");
         assert_eq!((u.user.as_deref(), u.password.as_deref(), u.host.as_str(), u.dbname.as_deref()), (Some("us@er"), Some("p/w"), "::1", Some("d b")));
         assert_eq!(parse("").unwrap().host, "localhost");
     }
 
     #[test]
     fn errors_name_the_key() {
+        assert!(parse("postgresql://h/d%+f").is_err());
         for (s, named) in [("port=x", "port"), ("sslmode=maybe", "sslmode"), ("gssencmode=disable", "gssencmode"), ("host", "host"), ("password='x", "password")] {
             let e = parse(s).unwrap_err().to_string();
             assert!(e.contains(named), "{s}: {e}");

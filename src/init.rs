@@ -62,6 +62,20 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
     let user = info.user.clone().ok_or_else(|| InitError::Upstream("name the role pglease logs in as (user=… or postgresql://USER@…)".into()))?;
     let password = info.password_or_env().ok_or_else(|| InitError::Upstream("no password: set PGPASSWORD, or password=… in the connection string".into()))?;
     let database = info.database().unwrap_or(&user).to_owned();
+    // Names go into TOML comments and SQL; a control character has no business in them.
+    for (key, value) in [("user", &user), ("dbname", &database), ("host", &info.host)] {
+        if value.chars().any(char::is_control) {
+            return Err(InitError::Upstream(format!("{key} holds a control character")));
+        }
+    }
+    // A verifying connection needs its CA in the config too; libpq's default file will do.
+    let upstream_ca = match info.verify() {
+        Some(crate::tls::UpstreamVerify::Full) => match info.root_cert().filter(|p| p.exists()) {
+            Some(ca) => Some(absolute(&ca)),
+            None => return Err(InitError::Upstream(format!("sslmode={} needs sslrootcert=<the CA of the upstream's certificate>", info.sslmode.as_str()))),
+        },
+        _ => None,
+    };
     let dir = absolute(&o.dir);
     let config_path = dir.join("pglease.toml");
     if config_path.exists() && !o.force {
@@ -76,16 +90,29 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
         .get::<_, String>(0);
     drop(client);
 
+    // Everything is created with its final mode (no window in which a secret is readable),
+    // in directories only the owner may enter, and never through a symlink someone left.
     let write = |path: &Path, text: &str, secret: bool| -> Result<(), InitError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let err = |source| InitError::Write { path: path.to_owned(), source };
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(err)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(err)?;
         }
-        std::fs::write(path, text).map_err(err)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(err)?;
         if secret {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+            // An existing file keeps its old mode through open(2): set it.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         }
-        Ok(())
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)
     };
     let state = absolute(&o.state_dir.clone().unwrap_or_else(|| dir.join("state")));
     let names: Vec<&str> = o.names.iter().map(String::as_str).collect();
@@ -119,10 +146,14 @@ pub async fn init(o: &InitOptions) -> Result<Initialized, InitError> {
         admin_hash: &admin_hash,
         engineer: &o.engineer,
         engineer_hash: &engineer_hash,
+        upstream_ca: upstream_ca.as_deref(),
     });
     // What was written must load: the same checks as `serve --check`.
     let config = crate::config::Config::parse(&text).map_err(|e| InitError::Upstream(format!("the generated configuration does not load: {e}")))?;
-    std::fs::create_dir_all(&state).map_err(|source| InitError::Write { path: state.clone(), source })?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&state).map_err(|source| InitError::Write { path: state.clone(), source })?;
+    }
     write(&config_path, &text, true)?;
 
     let scope = &config.scopes[STARTER_SCOPE];
@@ -148,20 +179,20 @@ struct ConfigParts<'a> {
     admin_hash: &'a str,
     engineer: &'a str,
     engineer_hash: &'a str,
+    upstream_ca: Option<&'a Path>,
 }
 
 fn config_text(p: &ConfigParts<'_>) -> String {
     let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
     let path = |p: &Path| q(&p.display().to_string());
-    let tls = match p.info.sslmode {
-        SslMode::Disable => "disable",
-        SslMode::Allow | SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa | SslMode::VerifyFull => "verify-full",
+    let tls = match (p.info.sslmode, p.upstream_ca) {
+        (SslMode::Disable, _) => "disable",
+        (_, Some(_)) => "verify-full",
+        (SslMode::Allow | SslMode::Prefer, None) => "prefer",
+        (_, None) => "require",
     };
-    let ca = match &p.info.sslrootcert {
-        Some(ca) => format!("ca_file = {}\n", path(&absolute(ca))),
-        None if tls == "verify-full" => "# ca_file: the CA that signed the upstream's certificate (required for verify-full)\n".to_owned(),
+    let ca = match p.upstream_ca {
+        Some(ca) => format!("ca_file = {}\n", path(ca)),
         None => String::new(),
     };
     format!(
@@ -195,7 +226,7 @@ events_log = {events}
 path = {audit}
 anchor = {anchor}
 
-# A starter scope: read-only on the public schema of {database}. Its role is created by
+# A starter scope: read-only on the public schema of the database below. Its role is created by
 # scopes.sql; `pglease scope sql {scope} --config <this file>` prints that SQL again.
 [scopes.{scope}]
 description = "read-only access to schema public"
@@ -232,7 +263,6 @@ token_sha256 = "{engineer_hash}"
         events = path(&p.state.join("events.jsonl")),
         audit = path(&p.state.join("audit.jsonl")),
         anchor = path(&p.state.join("audit.anchor")),
-        database = p.database,
         database_q = q(p.database),
         scope = STARTER_SCOPE,
         role = q(STARTER_ROLE),

@@ -324,8 +324,8 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
         /// libpq connection string (key=value or URL) of the upstream, as the role pglease logs
-        /// in as; its password from password=… or PGPASSWORD.
-        #[arg(long)]
+        /// in as; its password from password=… or PGPASSWORD (better: out of the command line).
+        #[arg(long, env = "PGLEASE_UPSTREAM")]
         upstream: String,
         /// Where clients will connect.
         #[arg(long, default_value = "127.0.0.1:6432")]
@@ -402,7 +402,13 @@ fn init_tracing(level: &str, format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+    // Commands that only print (to a terminal or a pipe), not the ones that talk to Postgres
+    // over sockets, where SIGPIPE must stay ignored.
+    let prints_only = matches!(
+        cli.command,
+        Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Completions { .. } | Command::Man { .. }
+    ) || matches!(&cli.command, Command::Audit { command } if !matches!(command, AuditCommand::Replay { target: Some(_), dry_run: false, .. }));
+    if prints_only {
         // A command whose output goes to `| head` ends quietly when the reader leaves, as
         // cat does; Rust ignores SIGPIPE, and println! would panic on the closed pipe. The
         // server commands keep ignoring it: their sockets report EPIPE as an error.
@@ -786,7 +792,7 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
                 println!("  {engineer}: {}", done.engineer_token);
                 println!();
                 println!("Next:");
-                println!("  psql '{}' -f {}", upstream.replace('\'', "'\\''"), shown(&done.scopes_sql));
+                println!("  psql \"$PGLEASE_UPSTREAM\" -f {}   (the connection string above, as a role that may create roles)", shown(&done.scopes_sql));
                 println!("  pglease serve --config {} --check", shown(&done.config));
                 println!("  pglease serve --config {}", shown(&done.config));
                 Ok(())

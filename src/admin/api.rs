@@ -68,7 +68,7 @@ impl From<GrantError> for ApiError {
             GrantError::Conflict(_) | GrantError::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             GrantError::Store(inner) => {
                 tracing::error!(error = %inner, "grant store failure");
-                return ApiError(StatusCode::SERVICE_UNAVAILABLE, "the grant store cannot be written; nothing was changed".into());
+                return ApiError(StatusCode::SERVICE_UNAVAILABLE, "the grant store cannot be reached; the change may not have been recorded (read the grant again)".into());
             }
         };
         ApiError(status, e.to_string())

@@ -10,6 +10,9 @@ use tokio_postgres::Client;
 
 use crate::grants::{Grant, GrantStore, StoreError};
 
+/// The longest a read or write of the control plane may take.
+const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The LISTEN/NOTIFY channel a grant change is announced on (the payload is its id).
 pub const CHANNEL: &str = "pglease_grants";
 
@@ -37,7 +40,16 @@ impl PgGrantStore {
             *slot = Some(super::connect(&self.conninfo).await.map_err(Self::unavailable)?);
         }
         let client = slot.as_ref().expect("connected above");
-        let result = f(client).await;
+        // Bounded: a stalled control plane must not hold the store (and the grant service's
+        // write lock) forever. The connection is dropped then; its statement may still commit,
+        // which the next read shows.
+        let result = match tokio::time::timeout(QUERY_TIMEOUT, f(client)).await {
+            Ok(r) => r,
+            Err(_) => {
+                *slot = None;
+                return Err(Self::unavailable(format!("no answer within {QUERY_TIMEOUT:?}")));
+            }
+        };
         if client.is_closed() {
             *slot = None;
         }
@@ -58,6 +70,10 @@ impl GrantStore for PgGrantStore {
                 Ok(g)
             })
             .collect()
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn put(&self, grant: &Grant) -> Result<u64, StoreError> {

@@ -204,6 +204,9 @@ impl GrantService {
     pub async fn open(store: Arc<dyn GrantStore>, scopes: Arc<Scopes>, events: Events, sessions: Arc<SessionRegistry>) -> Result<Arc<Self>, StoreError> {
         let loaded = store.load().await?;
         let grants = loaded.into_iter().map(|g| (g.id.clone(), g)).collect();
+        // A shared store's grants are current as of now; the watcher keeps them so. Until it
+        // first succeeds, they count as current for a short while only.
+        let fresh_until = store.shared().then(|| std::time::Instant::now() + Duration::from_secs(30));
         Ok(Arc::new(Self {
             store,
             grants: RwLock::new(grants),
@@ -212,7 +215,7 @@ impl GrantService {
             events,
             sessions,
             changed: Notify::new(),
-            fresh_until: std::sync::Mutex::new(None),
+            fresh_until: std::sync::Mutex::new(fresh_until),
         }))
     }
 
@@ -240,6 +243,9 @@ impl GrantService {
     async fn get_for_change(&self, id: &str) -> Result<Grant, GrantError> {
         if let Some(g) = self.get_raw(id) {
             return Ok(g);
+        }
+        if !self.store.shared() {
+            return Err(GrantError::NotFound(id.to_owned()));
         }
         self.refresh().await?;
         self.get_raw(id).ok_or_else(|| GrantError::NotFound(id.to_owned()))
@@ -300,7 +306,14 @@ impl GrantService {
             }
             Err(e) => return Err(e.into()),
         };
-        self.grants.write().unwrap_or_else(|p| p.into_inner()).insert(grant.id.clone(), grant.clone());
+        {
+            // A refresh may already have brought a newer version (a change made elsewhere
+            // right after this one): never put an older one back.
+            let mut grants = self.grants.write().unwrap_or_else(|p| p.into_inner());
+            if grants.get(&grant.id).is_none_or(|mine| mine.version <= grant.version) {
+                grants.insert(grant.id.clone(), grant.clone());
+            }
+        }
         self.changed.notify_one();
         Ok(grant)
     }
@@ -478,8 +491,8 @@ impl GrantService {
             // As for a grant the caller may not see: nothing tells it exists.
             return Err(if who.can_read_all() { GrantError::Forbidden("only the grant's user may take its secret".into()) } else { GrantError::NotFound(id.to_owned()) });
         }
-        if matches!(g.status_at(SystemTime::now()), GrantStatus::Denied | GrantStatus::Expired | GrantStatus::Revoked) {
-            return Err(GrantError::Invalid(format!("grant {id} has ended")));
+        if !matches!(g.status_at(SystemTime::now()), GrantStatus::Pending | GrantStatus::Active) {
+            return Err(GrantError::Conflict(format!("grant {id} has ended")));
         }
         let secret = random_hex(16);
         g.verifier = ScramVerifier::from_password(&secret).to_text();

@@ -30,6 +30,10 @@ pub trait GrantStore: Send + Sync + 'static {
     /// Records the new version of a grant durably before returning, if `grant.version` is
     /// still the stored one (0: a new grant); returns the version stored now.
     async fn put(&self, grant: &Grant) -> Result<u64, StoreError>;
+    /// Whether other processes write to it too (then memory is refreshed from it).
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// An append-only JSON Lines file: one full grant record per line, the last line for an id
@@ -110,6 +114,8 @@ impl GrantStore for FileStore {
         // Keep the log short, and drop a torn tail for good.
         if complete < text.len() || records > 2 * grants.len() + 100 {
             self.compact(&grants)?;
+            // The append handle, if any, points at the file the rename replaced.
+            *self.file.lock().await = None;
         }
         Ok(grants)
     }
@@ -218,5 +224,21 @@ mod tests {
         store.put(&grant("g2", GrantStatus::Pending)).await.unwrap();
         let e = FileStore::new(&path).load().await.unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_write_after_a_compacting_load_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.jsonl");
+        let store = FileStore::new(&path);
+        // Enough versions of one grant that the next load compacts the file.
+        for _ in 0..120 {
+            store.put(&grant("g1", GrantStatus::Pending)).await.unwrap();
+        }
+        assert_eq!(store.load().await.unwrap().len(), 1);
+        store.put(&grant("g1", GrantStatus::Revoked)).await.unwrap();
+        // A fresh process reads what was written after the compaction.
+        let reread = FileStore::new(&path).load().await.unwrap();
+        assert_eq!(reread[0].status, GrantStatus::Revoked);
     }
 }
