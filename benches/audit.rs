@@ -86,6 +86,7 @@ fn main() {
             audit: AuditConfig { path: dir.path().join(format!("audit-{:?}.jsonl", durability)), durability, ..AuditConfig::default() },
             scopes: scopes.clone(),
             people: BTreeMap::new(),
+            control_plane: None,
         };
         let (login, secret, running) = rt.block_on(async {
             let mut people = People::default();

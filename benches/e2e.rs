@@ -256,6 +256,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
         audit: AuditConfig { path: dir.join(format!("audit-{tag}.jsonl")), durability, ..AuditConfig::default() },
         scopes: scopes.clone(),
         people: BTreeMap::new(),
+            control_plane: None,
     }
 }
 
