@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{AdminState, api::ApiState};
 use crate::config::Config;
 use crate::events::{Events, JsonlSink};
+use crate::control_plane::fleet::Fleet;
 use crate::control_plane::watch::WatchOptions;
 use crate::grants::{FileStore, GrantService, GrantStore};
 use crate::people::People;
@@ -162,6 +163,7 @@ impl App {
             proxy_host: config.listen.addr.ip().to_string(),
             proxy_port: config.listen.addr.port(),
             client_ca: config.listen.tls_ca.clone(),
+            fleet: std::sync::OnceLock::new(),
         });
         let admin = AdminState { metrics, sessions, api: Some(api) };
         let audit_pg = match &config.audit.postgres {
@@ -200,10 +202,27 @@ impl App {
         }));
         tasks.push(tokio::spawn(self.grants.clone().run_reaper(shutdown.clone())));
         if let Some((conninfo, options)) = self.control_plane.take() {
-            tasks.push(tokio::spawn(crate::control_plane::watch::run(conninfo, self.grants.clone(), options, shutdown.clone())));
+            let instance = self.config.control_plane.as_ref().and_then(|cp| cp.instance_id.clone()).unwrap_or_else(|| crate::control_plane::default_instance_id(proxy_addr.port()));
+            let fleet = Arc::new(Fleet::new(
+                &conninfo,
+                instance.clone(),
+                proxy_addr.to_string(),
+                format!("http://{admin_addr}"),
+                self.proxy.sessions.clone(),
+                self.proxy.cancels.clone(),
+            ));
+            self.proxy.set_fleet(fleet.clone());
+            if let Some(api) = &self.admin.api {
+                api.set_fleet(fleet.clone());
+            }
+            tasks.push(tokio::spawn(fleet.clone().run_publisher(shutdown.clone())));
+            tasks.push(tokio::spawn(crate::control_plane::watch::run(conninfo.clone(), self.grants.clone(), Some(fleet), options, shutdown.clone())));
+            // Every instance's audit chain, next to the others in the control plane.
+            let sink = crate::audit::pgsink::PgSinkOptions { dsn: conninfo, table: "pglease.audit".into(), log: self.audit.path.clone(), instance: Some(instance) };
+            tasks.push(tokio::spawn(crate::audit::pgsink::run(sink, shutdown.clone())));
         }
         if let Some((dsn, table)) = self.audit_pg.take() {
-            let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone() };
+            let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone(), instance: None };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(options, shutdown.clone())));
         }
         let reloader = crate::reload::Reloader::new(self.proxy.clone(), self.grants.clone(), self.admin.api.clone(), self.events.clone(), self.skip_role_check, self.config);

@@ -59,6 +59,9 @@ pub struct Config {
 pub struct ControlPlaneConfig {
     /// libpq connection string of the control-plane database, without its password.
     pub dsn: String,
+    /// This instance's name in the fleet (sessions, audit chains, events); unique per instance.
+    /// Default: this host's name and the proxy's port, `db-proxy-1:6432`.
+    pub instance_id: Option<String>,
     /// Where the password comes from (at most one of the two; neither for peer or cert login).
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -614,6 +617,11 @@ impl Config {
             }
             if cp.stale_after <= cp.reconcile_every {
                 return Err(ConfigError::invalid("control_plane.stale_after", "must be longer than reconcile_every"));
+            }
+            if let Some(id) = &cp.instance_id
+                && (id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_control() || c.is_whitespace()))
+            {
+                return Err(ConfigError::invalid("control_plane.instance_id", "1 to 200 characters, no spaces or control characters"));
             }
         }
         for (name, scope) in &self.scopes {

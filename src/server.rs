@@ -98,6 +98,8 @@ pub struct Proxy {
     hooks: Arc<dyn SessionHooks>,
     pub cancels: Arc<CancelRegistry>,
     pub sessions: Arc<SessionRegistry>,
+    /// With a control plane: where a cancel request for another instance's session goes.
+    fleet: std::sync::OnceLock<Arc<crate::control_plane::fleet::Fleet>>,
     /// Keys the mock SCRAM salts of unknown logins; random per process.
     mock_secret: [u8; 32],
 }
@@ -125,7 +127,33 @@ impl Proxy {
             hooks: Arc::new(PassThrough),
             cancels: CancelRegistry::new(),
             sessions: SessionRegistry::new(),
+            fleet: std::sync::OnceLock::new(),
             mock_secret,
+        }
+    }
+
+    /// Joins a fleet: cancel requests for sessions of other instances are passed on to them.
+    pub fn set_fleet(&self, fleet: Arc<crate::control_plane::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Cancels the statement of the session `pid`/`secret` name, on this instance or, through
+    /// the control plane, on the one that has it; reports whether the request went anywhere.
+    async fn cancel(&self, pid: i32, secret: &[u8]) -> bool {
+        if self.cancels.cancel(pid, secret).await {
+            return true;
+        }
+        let Some(fleet) = self.fleet.get() else { return false };
+        match fleet.forward_cancel(pid, secret).await {
+            Ok(forwarded) => {
+                metrics::counter!("pglease_cancel_requests_total", "result" => if forwarded { "routed" } else { "unknown" }).increment(1);
+                forwarded
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not pass a cancel request on through the control plane");
+                metrics::counter!("pglease_cancel_requests_total", "result" => "failed").increment(1);
+                false
+            }
         }
     }
 
@@ -329,7 +357,7 @@ impl Proxy {
         let answer = async {
             match handshake::negotiate(tcp, &state.tls).await {
                 Ok(Handshake::Cancel(request)) => {
-                    self.cancels.cancel(request.pid, &request.secret).await;
+                    self.cancel(request.pid, &request.secret).await;
                     request.close().await;
                 }
                 Ok(Handshake::Startup(mut s)) => {
@@ -345,7 +373,7 @@ impl Proxy {
     async fn setup(&self, state: &ProxyState, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
         let startup = match handshake::negotiate(tcp, &state.tls).await? {
             Handshake::Cancel(request) => {
-                let forwarded = self.cancels.cancel(request.pid, &request.secret).await;
+                let forwarded = self.cancel(request.pid, &request.secret).await;
                 self.events.emit(Event::CancelRequest { pid: request.pid, client: addr.to_string(), forwarded });
                 request.close().await;
                 return Ok(None);
@@ -372,6 +400,11 @@ impl Proxy {
         let delay = self.throttle.delay(addr.ip(), state.grant_settings.failures_before_delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        // Fail closed, and say so: no login is decided on grants that may be out of date.
+        if let Some(why) = self.credentials.unavailable() {
+            metrics::counter!("pglease_logins_refused_stale_total").increment(1);
+            return handshake::refuse(&mut stream, ClientError::fatal(sqlstate::CANNOT_CONNECT_NOW, why)).await;
         }
         let mut reader = FramedReader::new(stream, handshake::auth_limits());
         let identity = match handshake::authenticate(&mut reader, &params, self.credentials.as_ref(), &channel, &self.mock_secret).await {
@@ -435,7 +468,7 @@ impl Proxy {
             }
         };
 
-        let registered = self.sessions.register(identity.clone(), addr, params.database.clone());
+        let registered = self.sessions.register(identity.clone(), addr, params.database.clone(), upstream.key.pid);
         // A reload that changed this scope while the session was starting ends the sessions it
         // finds registered; this one may have registered just after, under the old rules.
         if let Some(scope) = &identity.scope

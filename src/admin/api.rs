@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
+use crate::control_plane::fleet::{Fleet, FleetSession, KillError};
 use crate::events::{Event, Events};
 use crate::error::{ClientError, sqlstate};
 use crate::grants::{GrantError, GrantRequest, GrantService, GrantView, NewGrant, StoreError};
@@ -32,6 +33,14 @@ pub struct ApiState {
     /// The CA clients verify the proxy's certificate with (`listen.tls_ca`), if known: the psql
     /// line then says `sslmode=verify-full sslrootcert=…`.
     pub client_ca: Option<std::path::PathBuf>,
+    /// The fleet this instance is part of, with a control plane (set once it listens).
+    pub fleet: std::sync::OnceLock<Arc<Fleet>>,
+}
+
+impl ApiState {
+    pub fn set_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
 }
 
 pub fn router(state: Arc<ApiState>) -> Router<super::AdminState> {
@@ -206,9 +215,11 @@ async fn show_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Pat
     Ok(Json(state.grants.show(&who, &id)?))
 }
 
-/// A live session as `session list` shows it.
+/// A live session as `session list` shows it (`instance` with a control plane).
 #[derive(Serialize, Deserialize)]
 pub struct SessionView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub id: u64,
     pub user: String,
     pub login: String,
@@ -220,14 +231,42 @@ pub struct SessionView {
     pub statements: u64,
 }
 
+impl From<FleetSession> for SessionView {
+    fn from(s: FleetSession) -> Self {
+        Self {
+            instance: Some(s.instance),
+            id: s.id,
+            user: s.user,
+            login: s.login,
+            grant: s.grant,
+            scope: s.scope,
+            database: s.database,
+            client: s.client,
+            since: s.since,
+            statements: s.statements,
+        }
+    }
+}
+
+fn control_plane_down(e: String) -> ApiError {
+    tracing::error!(error = %e, "control plane failure");
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, "the control plane cannot be reached, so the fleet's sessions are not known here now; try again".into())
+}
+
+/// Every live session: this instance's, and with a control plane the whole fleet's.
 async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller) -> Result<Json<Vec<SessionView>>, ApiError> {
     require(&who, who.can_read_all(), "list sessions")?;
+    if let Some(fleet) = state.fleet.get() {
+        let all = fleet.list().await.map_err(control_plane_down)?;
+        return Ok(Json(all.into_iter().map(SessionView::from).collect()));
+    }
     Ok(Json(
         state
             .sessions
             .list()
             .iter()
             .map(|h| SessionView {
+                instance: None,
                 id: h.id,
                 user: h.identity.person.clone(),
                 login: h.identity.login.clone(),
@@ -242,12 +281,32 @@ async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller) 
     ))
 }
 
-async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<u64>) -> Result<Json<serde_json::Value>, ApiError> {
+#[derive(Deserialize)]
+pub struct KillQuery {
+    /// The instance the session is on, when its number alone is ambiguous in the fleet.
+    pub instance: Option<String>,
+}
+
+/// Ends a session; with a control plane, on whichever instance has it.
+async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<u64>, Query(q): Query<KillQuery>) -> Result<Json<serde_json::Value>, ApiError> {
     require(&who, who.has(Role::Approver), "kill sessions")?;
-    let handle = state.sessions.get(id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))?;
-    handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {}", who.person)));
+    let instance = match state.fleet.get() {
+        Some(fleet) => Some(fleet.kill(id, q.instance.as_deref(), &who.person).await.map_err(|e| match e {
+            KillError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            KillError::Ambiguous { .. } => ApiError(StatusCode::CONFLICT, e.to_string()),
+            KillError::Unavailable(why) => control_plane_down(why),
+        })?),
+        None => {
+            let handle = state.sessions.get(id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no live session {id}")))?;
+            handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {}", who.person)));
+            None
+        }
+    };
     state.events.emit(Event::SessionKilled { session: id, by: who.person.clone() });
-    Ok(Json(serde_json::json!({ "killed": id })))
+    Ok(Json(match instance {
+        Some(instance) => serde_json::json!({ "killed": id, "instance": instance }),
+        None => serde_json::json!({ "killed": id }),
+    }))
 }
 
 async fn list_scopes(State(state): State<Arc<ApiState>>, Caller(_who): Caller) -> Json<Vec<crate::scopes::Scope>> {

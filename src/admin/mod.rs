@@ -1,11 +1,14 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz`, and the JSON API
-//! for grants, sessions and scopes under `/api` ([`api`]).
+//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process is
+//! up; what it knows of its control plane), `/readyz` (it can take logins now: a load balancer
+//! drains it while this is 503), and the JSON API for grants, sessions and scopes under `/api`
+//! ([`api`]).
 
 pub mod api;
 
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -43,6 +46,10 @@ fn describe_metrics() {
     describe_counter!("pglease_cancel_requests_total", "cancel requests, by result");
     describe_histogram!("pglease_query_duration_seconds", "time from a query or Sync to its ReadyForQuery");
     describe_histogram!("pglease_handshake_duration_seconds", "time from accept to the session's first ReadyForQuery");
+    describe_gauge!("pglease_control_plane_up", "1 while the control plane's change feed is live and its grants were read, else 0");
+    describe_counter!("pglease_control_plane_reconnects_total", "times the control plane's change feed was lost");
+    describe_counter!("pglease_control_plane_failures_total", "failed control-plane writes, by what was written");
+    describe_counter!("pglease_logins_refused_stale_total", "logins refused because this instance could not tell whether grants are current");
 }
 
 #[derive(Clone)]
@@ -54,7 +61,7 @@ pub struct AdminState {
 }
 
 pub fn router(state: AdminState) -> Router {
-    let mut router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz));
+    let mut router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).route("/readyz", get(readyz));
     if let Some(api) = &state.api {
         router = router.nest("/api", api::router(api.clone()));
     }
@@ -65,8 +72,32 @@ async fn metrics(State(state): State<AdminState>) -> String {
     state.metrics.render()
 }
 
+/// The control plane as this instance sees it: `None` without one, else whether its grants
+/// are current.
+fn control_plane(state: &AdminState) -> Option<bool> {
+    let api = state.api.as_ref()?;
+    api.fleet.get()?;
+    Some(!api.grants.is_stale())
+}
+
 async fn healthz(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "sessions": state.sessions.len() }))
+    let mut body = serde_json::json!({ "status": "ok", "sessions": state.sessions.len() });
+    if let Some(up) = control_plane(&state) {
+        body["control_plane"] = serde_json::json!(if up { "up" } else { "unreachable" });
+        if let Some(fleet) = state.api.as_ref().and_then(|a| a.fleet.get()) {
+            body["instance"] = serde_json::json!(fleet.instance);
+        }
+    }
+    Json(body)
+}
+
+/// 200 while this instance takes logins; 503 while it refuses them because it cannot tell
+/// whether grants are current, so a load balancer sends clients elsewhere.
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
+    match control_plane(&state) {
+        Some(false) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "ready": false, "why": "the control plane cannot be reached; new logins are refused" }))),
+        _ => (StatusCode::OK, Json(serde_json::json!({ "ready": true }))),
+    }
 }
 
 /// Serves the admin API until `shutdown` fires.

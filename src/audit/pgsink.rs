@@ -20,6 +20,9 @@ pub struct PgSinkOptions {
     pub table: String,
     /// The file log to follow.
     pub log: PathBuf,
+    /// With a control plane: this instance's id. Records then go to the control plane's
+    /// `pglease.audit`, keyed by (instance, seq), next to every other instance's.
+    pub instance: Option<String>,
 }
 
 const BATCH: usize = 1000;

@@ -40,6 +40,12 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// The credential for `login` connecting to `database`, or `None` when that login may not
     /// connect there now. The caller answers both cases alike, so a client cannot tell them apart.
     async fn lookup(&self, login: &str, database: &str) -> Option<Credential>;
+
+    /// Why no login can be decided now (the same for every login, so saying it reveals
+    /// nothing about any); `None` when logins are decided normally.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A fixed set of logins, for tests and for the demo's single session-long login.

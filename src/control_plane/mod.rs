@@ -6,7 +6,11 @@
 //! - [`store::PgGrantStore`]: the shared grant store; a write names the version it read.
 //! - [`watch`]: each instance hears of every change (`LISTEN/NOTIFY`), reads the store again
 //!   periodically, and refuses logins once it could not read it for too long.
+//! - [`fleet`]: instances announce themselves and their live sessions; a kill or a cancel
+//!   request for a session on another instance reaches it through the control plane.
 
+pub mod conn;
+pub mod fleet;
 pub mod migrations;
 pub mod store;
 pub mod watch;
@@ -15,4 +19,17 @@ pub mod watch;
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, String> {
     let info = crate::conninfo::parse(conninfo).map_err(|e| e.to_string())?;
     info.connect().await
+}
+
+/// This instance's id when the config names none: the host's name and the proxy's port.
+pub fn default_instance_id(proxy_port: u16) -> String {
+    format!("{}:{proxy_port}", hostname())
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 { String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]).into_owned() } else { String::new() };
+    if name.is_empty() { "localhost".to_owned() } else { name }
 }

@@ -5,55 +5,29 @@
 //! the same pending grant: the second write finds a newer version and gets
 //! [`StoreError::Conflict`] (HTTP 409), never a silent overwrite.
 
-use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
+use super::conn::Conn;
 use crate::grants::{Grant, GrantStore, StoreError};
-
-/// The longest a read or write of the control plane may take.
-const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The LISTEN/NOTIFY channel a grant change is announced on (the payload is its id).
 pub const CHANNEL: &str = "pglease_grants";
 
 pub struct PgGrantStore {
-    conninfo: String,
-    /// One connection, made on first use and again after it broke. Grants change a few times
-    /// a minute: no pool needed.
-    client: Mutex<Option<Client>>,
+    conn: Conn,
 }
 
 impl PgGrantStore {
     pub fn new(conninfo: &str) -> Self {
-        Self { conninfo: conninfo.to_owned(), client: Mutex::new(None) }
+        Self { conn: Conn::new(conninfo) }
+    }
+
+    async fn with_client<T>(&self, f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>) -> Result<T, StoreError> {
+        self.conn.with(f).await.map_err(Self::unavailable)
     }
 
     fn unavailable(why: String) -> StoreError {
         StoreError::Unavailable(format!("control plane: {why}"))
-    }
-
-    /// Runs `f` on the connection, connecting first if there is none; a connection that broke
-    /// is dropped, so the next call connects again. Fails closed: no connection, no answer.
-    async fn with_client<T>(&self, f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>) -> Result<T, StoreError> {
-        let mut slot = self.client.lock().await;
-        if slot.as_ref().is_none_or(Client::is_closed) {
-            *slot = Some(super::connect(&self.conninfo).await.map_err(Self::unavailable)?);
-        }
-        let client = slot.as_ref().expect("connected above");
-        // Bounded: a stalled control plane must not hold the store (and the grant service's
-        // write lock) forever. The connection is dropped then; its statement may still commit,
-        // which the next read shows.
-        let result = match tokio::time::timeout(QUERY_TIMEOUT, f(client)).await {
-            Ok(r) => r,
-            Err(_) => {
-                *slot = None;
-                return Err(Self::unavailable(format!("no answer within {QUERY_TIMEOUT:?}")));
-            }
-        };
-        if client.is_closed() {
-            *slot = None;
-        }
-        result.map_err(|e| Self::unavailable(crate::conninfo::describe_error(&e)))
     }
 }
 

@@ -4,14 +4,19 @@
 //! connection or a restart never leaves a revoked or expired grant usable here for long.
 //!
 //! Fail closed: each successful read moves the instance's "fresh until" mark `stale_after`
-//! ahead. While the control plane cannot be read, the mark passes and new logins are refused;
-//! sessions already running keep their own deadline (expiry does not need the control plane).
+//! ahead, and losing the change feed sets it to now: an instance that would not hear of a
+//! revoke refuses new logins until it hears again. Sessions already running keep their own
+//! deadline (expiry does not need the control plane).
+//!
+//! The same connection carries the fleet's requests to end a session or cancel a statement
+//! here ([`super::fleet`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::fleet::{CANCEL_CHANNEL, Fleet, KILL_CHANNEL};
 use super::store::CHANNEL;
 use crate::grants::GrantService;
 
@@ -25,43 +30,64 @@ pub struct WatchOptions {
 }
 
 /// Runs until `shutdown`: LISTEN for changes, read the store on each, and on a timer.
-pub async fn run(conninfo: String, grants: Arc<GrantService>, options: WatchOptions, shutdown: CancellationToken) {
+pub async fn run(conninfo: String, grants: Arc<GrantService>, fleet: Option<Arc<Fleet>>, options: WatchOptions, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match watch_once(&conninfo, &grants, options, &shutdown).await {
+        let mut heard = false;
+        match watch_once(&conninfo, &grants, fleet.as_deref(), options, &shutdown, &mut heard).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "control plane: lost the change feed; reconnecting");
+                // Without the feed a revoke elsewhere would go unheard: no new logins until
+                // the feed is back and the store read again.
+                grants.set_fresh_until(Instant::now());
+                metrics::gauge!("pglease_control_plane_up").set(0.0);
+                tracing::warn!(error = %e, "control plane: lost the change feed; new logins are refused until it is back");
                 metrics::counter!("pglease_control_plane_reconnects_total").increment(1);
             }
+        }
+        if heard {
+            backoff = Duration::from_millis(200);
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
 /// One connection's worth of watching; `Ok` only on shutdown.
-async fn watch_once(conninfo: &str, grants: &GrantService, options: WatchOptions, shutdown: &CancellationToken) -> Result<(), String> {
+async fn watch_once(conninfo: &str, grants: &GrantService, fleet: Option<&Fleet>, options: WatchOptions, shutdown: &CancellationToken, heard: &mut bool) -> Result<(), String> {
     let info = crate::conninfo::parse(conninfo).map_err(|e| e.to_string())?;
-    let (client, mut notifications) = info.connect_listening().await?;
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(|e| crate::conninfo::describe_error(&e))?;
+    let (client, mut notifications) = tokio::time::timeout(super::conn::QUERY_TIMEOUT, info.connect_listening()).await.map_err(|_| "no connection within 10s".to_owned())??;
+    let listen = format!("SET application_name = 'pglease watch'; LISTEN {CHANNEL}; LISTEN {KILL_CHANNEL}; LISTEN {CANCEL_CHANNEL}");
+    client.batch_execute(&listen).await.map_err(|e| crate::conninfo::describe_error(&e))?;
     // Anything that changed before LISTEN took effect is in this read.
     reconcile(grants, options).await?;
+    *heard = true;
     let mut tick = tokio::time::interval(options.reconcile_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             note = notifications.recv() => {
-                if note.is_none() {
+                let Some(first) = note else {
                     return Err("the control plane closed the connection".into());
+                };
+                // Several grant changes at once are one read.
+                let mut grants_changed = false;
+                let mut next = Some(first);
+                while let Some(n) = next {
+                    match (n.channel(), fleet) {
+                        (CHANNEL, _) => grants_changed = true,
+                        (channel, Some(fleet)) => fleet.on_notification(channel, n.payload()).await,
+                        _ => {}
+                    }
+                    next = notifications.try_recv().ok();
                 }
-                // Several changes at once are one read.
-                while notifications.try_recv().is_ok() {}
-                reconcile(grants, options).await?;
+                if grants_changed {
+                    reconcile(grants, options).await?;
+                }
             }
             _ = tick.tick() => {
                 if client.is_closed() {
@@ -77,6 +103,7 @@ async fn reconcile(grants: &GrantService, options: WatchOptions) -> Result<(), S
     let read_at = Instant::now();
     let changed = grants.refresh().await.map_err(|e| e.to_string())?;
     grants.set_fresh_until(read_at + options.stale_after);
+    metrics::gauge!("pglease_control_plane_up").set(1.0);
     if changed > 0 {
         tracing::debug!(changed, "control plane: grants changed elsewhere");
     }

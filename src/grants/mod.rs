@@ -289,7 +289,8 @@ impl GrantService {
         *self.fresh_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
     }
 
-    fn is_stale(&self) -> bool {
+    /// Whether this instance's grants may be out of date (a control plane it cannot read).
+    pub fn is_stale(&self) -> bool {
         self.fresh_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| std::time::Instant::now() > t)
     }
 
@@ -629,5 +630,13 @@ impl GrantService {
 impl CredentialSource for GrantService {
     async fn lookup(&self, login: &str, database: &str) -> Option<Credential> {
         self.credential(login, database)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.is_stale().then(|| {
+            "pglease: this instance cannot reach its control plane now, so it cannot tell whether grants are still valid; \
+             it takes no new logins until it can (try again shortly, or through another instance)"
+                .to_owned()
+        })
     }
 }

@@ -18,6 +18,8 @@ pub struct SessionHandle {
     pub identity: Identity,
     pub client_addr: SocketAddr,
     pub database: String,
+    /// The upstream backend's pid (where a cancel request for this session goes).
+    pub backend_pid: i32,
     pub started_at: SystemTime,
     statements: AtomicU64,
     kill: CancellationToken,
@@ -59,6 +61,8 @@ impl SessionHandle {
 pub struct SessionRegistry {
     sessions: DashMap<u64, Arc<SessionHandle>>,
     next_id: AtomicU64,
+    /// Woken when a session starts or ends (one waiter: the fleet publisher).
+    changed: tokio::sync::Notify,
 }
 
 /// Removes the session from the registry when dropped.
@@ -70,6 +74,7 @@ pub struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.sessions.remove(&self.handle.id);
+        self.registry.changed.notify_one();
     }
 }
 
@@ -78,20 +83,28 @@ impl SessionRegistry {
         Arc::new(Self::default())
     }
 
-    pub fn register(self: &Arc<Self>, identity: Identity, client_addr: SocketAddr, database: String) -> Registered {
+    pub fn register(self: &Arc<Self>, identity: Identity, client_addr: SocketAddr, database: String, backend_pid: i32) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let handle = Arc::new(SessionHandle {
             id,
             identity,
             client_addr,
             database,
+            backend_pid,
             started_at: SystemTime::now(),
             statements: AtomicU64::new(0),
             kill: CancellationToken::new(),
             reason: Mutex::new(None),
         });
         self.sessions.insert(id, handle.clone());
+        self.changed.notify_one();
         Registered { registry: self.clone(), handle }
+    }
+
+    /// Resolves at the next session start or end, or at once if one happened since the last
+    /// call. For one waiter.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     pub fn list(&self) -> Vec<Arc<SessionHandle>> {

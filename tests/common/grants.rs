@@ -199,6 +199,7 @@ impl GrantsEnv {
                 ),
                 password_env: None,
                 password_file: Some(dir.path().join("control-plane.password")),
+                instance_id: None,
                 reconcile_every: Duration::from_secs(5),
                 stale_after: Duration::from_secs(30),
             }),

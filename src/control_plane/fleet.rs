@@ -1,0 +1,341 @@
+//! The fleet: every instance announces itself in `pglease.instances` (a heartbeat) and keeps
+//! its live sessions in `pglease.sessions`, so `session list` on any instance shows them all.
+//!
+//! Ending a session, or cancelling its statement, may be asked of any instance (a load balancer
+//! sends a `CancelRequest` wherever it likes). The instance that has the session is found in
+//! `pglease.sessions` and told with a `NOTIFY` on the control plane: the channel between
+//! instances is the control plane's own authenticated connection, nothing else listens.
+//! The instance that receives it checks the request itself (a cancel key is compared in
+//! constant time there), so a forged or stale key is still dropped silently.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::Conn;
+use crate::cancel::CancelRegistry;
+use crate::error::{ClientError, sqlstate};
+use crate::session::SessionRegistry;
+
+/// A session to end on another instance: `{"instance", "session", "by"}`.
+pub const KILL_CHANNEL: &str = "pglease_kill";
+/// A cancel request for a session on another instance: `{"instance", "pid", "secret"}`.
+pub const CANCEL_CHANNEL: &str = "pglease_cancel";
+
+/// How often an instance refreshes its row and its sessions' (and at once after a session
+/// starts or ends).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// An instance silent this long is gone: its sessions are no longer shown or routed to.
+pub const GONE_AFTER: Duration = Duration::from_secs(15);
+/// The rows of an instance silent this long are removed.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// A session anywhere in the fleet, as `session list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetSession {
+    pub instance: String,
+    pub id: u64,
+    pub user: String,
+    pub login: String,
+    pub grant: Option<String>,
+    pub scope: Option<String>,
+    pub database: String,
+    pub client: String,
+    pub since: String,
+    pub statements: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KillError {
+    #[error("no live session {0}")]
+    NotFound(u64),
+    #[error("session {id} exists on several instances ({}): name one", instances.join(", "))]
+    Ambiguous { id: u64, instances: Vec<String> },
+    #[error("control plane: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct KillNote {
+    instance: String,
+    session: u64,
+    by: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CancelNote {
+    instance: String,
+    pid: i32,
+    /// The key's secret as the client sent it.
+    secret: Vec<u8>,
+}
+
+/// This instance's place in the fleet.
+pub struct Fleet {
+    pub instance: String,
+    /// Where clients and operators reach this instance (shown in `pglease.instances`).
+    proxy: String,
+    admin: String,
+    started_at: SystemTime,
+    conn: Conn,
+    sessions: Arc<SessionRegistry>,
+    cancels: Arc<CancelRegistry>,
+}
+
+fn interval(d: Duration) -> String {
+    format!("{} milliseconds", d.as_millis())
+}
+
+impl Fleet {
+    pub fn new(conninfo: &str, instance: String, proxy: String, admin: String, sessions: Arc<SessionRegistry>, cancels: Arc<CancelRegistry>) -> Self {
+        Self { instance, proxy, admin, started_at: SystemTime::now(), conn: Conn::new(conninfo), sessions, cancels }
+    }
+
+    /// Writes this instance's heartbeat and replaces its published sessions with the live ones.
+    pub async fn publish(&self) -> Result<(), String> {
+        let live: Vec<serde_json::Value> = self
+            .sessions
+            .list()
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "id": h.id, "person": h.identity.person, "login": h.identity.login, "grant_id": h.identity.grant_id,
+                    "scope": h.identity.scope, "database": h.database, "client": h.client_addr.to_string(),
+                    "started_at": crate::time::rfc3339(h.started_at), "statements": h.statements(), "backend_pid": h.backend_pid,
+                })
+            })
+            .collect();
+        let ids: Vec<i64> = live.iter().map(|s| s["id"].as_i64().unwrap_or_default()).collect();
+        let live = serde_json::Value::Array(live).to_string();
+        let started = crate::time::rfc3339(self.started_at);
+        let version = env!("CARGO_PKG_VERSION");
+        self.conn
+            .with(async |c| {
+                // One statement, one round trip. The sessions' foreign key is checked at its end,
+                // after the instance row is in.
+                c.execute(
+                    "WITH i AS (
+                         INSERT INTO pglease.instances AS i (id, proxy, admin, version, started_at, heartbeat_at)
+                         VALUES ($1, $2, $3, $4, $5::text::timestamptz, now())
+                         ON CONFLICT (id) DO UPDATE SET proxy = excluded.proxy, admin = excluded.admin, version = excluded.version,
+                             started_at = excluded.started_at, heartbeat_at = now()
+                         RETURNING id),
+                     gone AS (DELETE FROM pglease.sessions WHERE instance = $1 AND id <> ALL($6::bigint[]))
+                     INSERT INTO pglease.sessions AS s (instance, id, person, login, grant_id, scope, database, client, started_at, statements, backend_pid)
+                     SELECT $1, r.id, r.person, r.login, r.grant_id, r.scope, r.database, r.client, r.started_at, r.statements, r.backend_pid
+                     FROM jsonb_to_recordset($7::text::jsonb) AS r(id bigint, person text, login text, grant_id text, scope text, database text,
+                          client text, started_at timestamptz, statements bigint, backend_pid integer)
+                     ON CONFLICT (instance, id) DO UPDATE SET statements = excluded.statements, backend_pid = excluded.backend_pid",
+                    &[&self.instance, &self.proxy, &self.admin, &version, &started, &ids, &live],
+                )
+                .await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Removes instances silent for an hour (their sessions go with them).
+    async fn forget_the_gone(&self) -> Result<u64, String> {
+        let forget = interval(FORGET_AFTER);
+        self.conn.with(async |c| c.execute("DELETE FROM pglease.instances WHERE heartbeat_at < now() - $1::text::interval", &[&forget]).await).await
+    }
+
+    /// Takes this instance out of the fleet (on a clean stop).
+    async fn leave(&self) -> Result<u64, String> {
+        self.conn.with(async |c| c.execute("DELETE FROM pglease.instances WHERE id = $1", &[&self.instance]).await).await
+    }
+
+    /// Every live session in the fleet: this instance's as they are now, the others' as last
+    /// published (at most [`HEARTBEAT`] old).
+    pub async fn list(&self) -> Result<Vec<FleetSession>, String> {
+        let gone = interval(GONE_AFTER);
+        let rows = self
+            .conn
+            .with(async |c| {
+                c.query(
+                    "SELECT s.instance, s.id, s.person, s.login, s.grant_id, s.scope, s.database, s.client,
+                            to_char(s.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), s.statements
+                     FROM pglease.sessions s JOIN pglease.instances i ON i.id = s.instance
+                     WHERE s.instance <> $1 AND i.heartbeat_at > now() - $2::text::interval",
+                    &[&self.instance, &gone],
+                )
+                .await
+            })
+            .await?;
+        let mut all: Vec<FleetSession> = self.local();
+        all.extend(rows.iter().map(|r| FleetSession {
+            instance: r.get(0),
+            id: r.get::<_, i64>(1) as u64,
+            user: r.get(2),
+            login: r.get(3),
+            grant: r.get(4),
+            scope: r.get(5),
+            database: r.get(6),
+            client: r.get(7),
+            since: r.get(8),
+            statements: r.get::<_, i64>(9) as u64,
+        }));
+        all.sort_by(|a, b| (&a.since, &a.instance, a.id).cmp(&(&b.since, &b.instance, b.id)));
+        Ok(all)
+    }
+
+    /// This instance's sessions, as the fleet shows them.
+    pub fn local(&self) -> Vec<FleetSession> {
+        self.sessions
+            .list()
+            .iter()
+            .map(|h| FleetSession {
+                instance: self.instance.clone(),
+                id: h.id,
+                user: h.identity.person.clone(),
+                login: h.identity.login.clone(),
+                grant: h.identity.grant_id.clone(),
+                scope: h.identity.scope.clone(),
+                database: h.database.clone(),
+                client: h.client_addr.to_string(),
+                since: crate::time::rfc3339(h.started_at),
+                statements: h.statements(),
+            })
+            .collect()
+    }
+
+    /// Ends session `id` wherever it is (on `instance`, when given); returns the instance it
+    /// was on. A session on another instance is ended there when its `NOTIFY` arrives.
+    pub async fn kill(&self, id: u64, instance: Option<&str>, by: &str) -> Result<String, KillError> {
+        let gone = interval(GONE_AFTER);
+        let local = instance.is_none_or(|i| i == self.instance) && self.sessions.get(id).is_some();
+        let elsewhere: Vec<String> = if instance == Some(self.instance.as_str()) {
+            Vec::new()
+        } else {
+            let rows = self
+                .conn
+                .with(async |c| {
+                    c.query(
+                        "SELECT s.instance FROM pglease.sessions s JOIN pglease.instances i ON i.id = s.instance
+                         WHERE s.id = $1 AND s.instance <> $2 AND ($3::text IS NULL OR s.instance = $3) AND i.heartbeat_at > now() - $4::text::interval
+                         ORDER BY 1",
+                        &[&(id as i64), &self.instance, &instance, &gone],
+                    )
+                    .await
+                })
+                .await
+                .map_err(KillError::Unavailable)?;
+            rows.iter().map(|r| r.get(0)).collect()
+        };
+        match (local, elsewhere.as_slice()) {
+            (false, []) => Err(KillError::NotFound(id)),
+            (true, []) => {
+                self.kill_local(id, by);
+                Ok(self.instance.clone())
+            }
+            (false, [there]) => {
+                let note = serde_json::to_string(&KillNote { instance: there.clone(), session: id, by: by.to_owned() }).expect("serializes");
+                self.conn.with(async |c| c.execute("SELECT pg_notify($1, $2)", &[&KILL_CHANNEL, &note]).await).await.map_err(KillError::Unavailable)?;
+                Ok(there.clone())
+            }
+            (_, many) => {
+                let mut instances: Vec<String> = many.to_vec();
+                if local {
+                    instances.insert(0, self.instance.clone());
+                }
+                Err(KillError::Ambiguous { id, instances })
+            }
+        }
+    }
+
+    fn kill_local(&self, id: u64, by: &str) -> bool {
+        match self.sessions.get(id) {
+            Some(handle) => {
+                handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {by}")));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Passes a cancel request this instance has no session for to the instance whose session
+    /// has that backend pid, if there is one; reports whether it did.
+    pub async fn forward_cancel(&self, pid: i32, secret: &[u8]) -> Result<bool, String> {
+        let secret = serde_json::to_string(secret).expect("bytes serialize");
+        let gone = interval(GONE_AFTER);
+        let sent = self
+            .conn
+            .with(async |c| {
+                c.query(
+                    "SELECT pg_notify($1, json_build_object('instance', s.instance, 'pid', s.backend_pid, 'secret', $2::text::json)::text)
+                     FROM pglease.sessions s JOIN pglease.instances i ON i.id = s.instance
+                     WHERE s.backend_pid = $3 AND s.instance <> $4 AND i.heartbeat_at > now() - $5::text::interval",
+                    &[&CANCEL_CHANNEL, &secret, &pid, &self.instance, &gone],
+                )
+                .await
+            })
+            .await?;
+        Ok(!sent.is_empty())
+    }
+
+    /// Acts on a notification from another instance, if it is meant for this one.
+    pub async fn on_notification(&self, channel: &str, payload: &str) {
+        match channel {
+            KILL_CHANNEL => {
+                let Ok(note) = serde_json::from_str::<KillNote>(payload) else {
+                    tracing::warn!(channel, "control plane: an unreadable notification; ignored");
+                    return;
+                };
+                if note.instance == self.instance && !self.kill_local(note.session, &note.by) {
+                    tracing::info!(session = note.session, "control plane: asked to end a session that has already ended");
+                }
+            }
+            CANCEL_CHANNEL => {
+                let Ok(note) = serde_json::from_str::<CancelNote>(payload) else {
+                    tracing::warn!(channel, "control plane: an unreadable notification; ignored");
+                    return;
+                };
+                if note.instance == self.instance {
+                    // Checked here like a cancel that arrived directly: a wrong key does nothing.
+                    self.cancels.cancel(note.pid, &note.secret).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps this instance's row and sessions current until `shutdown`, then leaves the fleet.
+    pub async fn run_publisher(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut last_forget = std::time::Instant::now() - FORGET_AFTER;
+        let mut failing = false;
+        loop {
+            match self.publish().await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("control plane: sessions published again");
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "control plane: cannot publish this instance's sessions; retrying");
+                    }
+                    failing = true;
+                    metrics::counter!("pglease_control_plane_failures_total", "what" => "publish").increment(1);
+                }
+            }
+            if last_forget.elapsed() > Duration::from_secs(60) {
+                last_forget = std::time::Instant::now();
+                let _ = self.forget_the_gone().await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = self.sessions.changed() => {
+                    // Sessions that start or end together are one write.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), self.leave()).await.unwrap_or_else(|_| Err("timed out".into())) {
+            tracing::warn!(error = %e, "control plane: could not take this instance out of the fleet; it drops out in {GONE_AFTER:?}");
+        }
+    }
+}

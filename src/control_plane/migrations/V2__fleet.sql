@@ -1,0 +1,55 @@
+-- pglease control plane, version 2: the fleet. Each instance announces itself (and keeps
+-- announcing: a heartbeat), publishes its live sessions, and copies its audit chain here.
+
+-- One row per instance that ever ran; `heartbeat_at` tells the live ones.
+CREATE TABLE pglease.instances (
+    id            text PRIMARY KEY,
+    proxy         text NOT NULL,
+    admin         text NOT NULL,
+    version       text NOT NULL,
+    started_at    timestamptz NOT NULL,
+    heartbeat_at  timestamptz NOT NULL
+);
+
+-- The live sessions of every instance, as `session list` shows them. An instance replaces its
+-- own rows; the rows of an instance whose heartbeat stopped are not shown, and are removed.
+CREATE TABLE pglease.sessions (
+    instance     text NOT NULL REFERENCES pglease.instances (id) ON DELETE CASCADE,
+    id           bigint NOT NULL,
+    person       text NOT NULL,
+    login        text NOT NULL,
+    grant_id     text,
+    scope        text,
+    database     text NOT NULL,
+    client       text NOT NULL,
+    started_at   timestamptz NOT NULL,
+    statements   bigint NOT NULL,
+    -- The upstream backend's pid: where a cancel request for it is forwarded.
+    backend_pid  integer NOT NULL,
+    PRIMARY KEY (instance, id)
+);
+CREATE INDEX sessions_backend_pid ON pglease.sessions (backend_pid);
+
+-- Every instance's audit records, copied from its file log (the file stays the source of
+-- truth). Each instance has a hash chain and a sequence of its own.
+CREATE TABLE pglease.audit (
+    instance  text NOT NULL,
+    seq       bigint NOT NULL,
+    at        timestamptz NOT NULL,
+    kind      text NOT NULL,
+    session   bigint,
+    hash      text NOT NULL,
+    prev      text NOT NULL,
+    record    jsonb NOT NULL,
+    PRIMARY KEY (instance, seq)
+);
+
+-- Grant lifecycle events (requested, approved, session opened…) from every instance.
+CREATE TABLE pglease.events (
+    id        bigserial PRIMARY KEY,
+    instance  text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    kind      text NOT NULL,
+    body      jsonb NOT NULL
+);
+CREATE INDEX events_at ON pglease.events (at);
