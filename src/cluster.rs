@@ -254,6 +254,12 @@ impl Cluster {
     /// once the server accepts connections.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
+        self.start_again()
+    }
+
+    /// Starts a [stopped](Self::stop) server again on the same port; returns once it accepts
+    /// connections.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.spawn_server()?;
         self.wait_ready()
     }

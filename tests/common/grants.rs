@@ -42,11 +42,38 @@ pub struct EnvOptions {
     pub second_database: bool,
     /// Grants live in a control-plane database, `<db>_cp`, so that more instances can share them.
     pub control_plane: bool,
+    /// …on this cluster instead of the test cluster (which it must not share: tests stop it).
+    pub control_plane_cluster: Option<ControlPlaneAt>,
+    /// `control_plane.reconcile_every` and `stale_after` (5 s and 30 s by default).
+    pub control_plane_timing: Option<(Duration, Duration)>,
+}
+
+/// Where a control-plane cluster of a test's own listens.
+#[derive(Clone)]
+pub struct ControlPlaneAt {
+    pub port: u16,
+    pub superuser: String,
+    pub password: String,
+    pub ca_file: PathBuf,
+}
+
+impl ControlPlaneAt {
+    pub fn of(cluster: &pglease::cluster::Cluster) -> Self {
+        Self { port: cluster.port, superuser: cluster.superuser.clone(), password: cluster.password.clone(), ca_file: cluster.ca_file.clone() }
+    }
 }
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { warn_before: vec![], failures_before_delay: 100, audit_pg: false, second_database: false, control_plane: false }
+        Self {
+            warn_before: vec![],
+            failures_before_delay: 100,
+            audit_pg: false,
+            second_database: false,
+            control_plane: false,
+            control_plane_cluster: None,
+            control_plane_timing: None,
+        }
     }
 }
 
@@ -152,6 +179,7 @@ impl GrantsEnv {
             }
         }
 
+        let cp = options.control_plane_cluster.clone().unwrap_or_else(|| ControlPlaneAt::of(&h.cluster));
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
@@ -192,16 +220,16 @@ impl GrantsEnv {
             people: BTreeMap::new(),
             control_plane: options.control_plane.then(|| ControlPlaneConfig {
                 dsn: format!(
-                    "host=127.0.0.1 port={} user={} dbname={database}_cp sslmode=verify-full sslrootcert={}",
-                    h.cluster.port,
-                    h.cluster.superuser,
-                    h.cluster.ca_file.display()
+                    "host=127.0.0.1 port={} user={} dbname={database}_cp sslmode=verify-full sslrootcert={} connect_timeout=2",
+                    cp.port,
+                    cp.superuser,
+                    cp.ca_file.display()
                 ),
                 password_env: None,
                 password_file: Some(dir.path().join("control-plane.password")),
                 instance_id: None,
-                reconcile_every: Duration::from_secs(5),
-                stale_after: Duration::from_secs(30),
+                reconcile_every: options.control_plane_timing.map_or(Duration::from_secs(5), |t| t.0),
+                stale_after: options.control_plane_timing.map_or(Duration::from_secs(30), |t| t.1),
             }),
             audit: AuditConfig {
                 path: dir.path().join("audit.jsonl"),
@@ -211,9 +239,14 @@ impl GrantsEnv {
             },
         };
         if options.control_plane {
-            h.cluster.execute("postgres", &format!("CREATE DATABASE {database}_cp")).await.unwrap();
+            let password = cp.password.clone();
+            let mut admin = tokio_postgres::Config::new();
+            admin.host("127.0.0.1").port(cp.port).user(&cp.superuser).password(&password).dbname("postgres");
+            let (client, conn) = admin.connect(super::tls_connector_trusting(&cp.ca_file)).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(&format!("CREATE DATABASE {database}_cp")).await.unwrap();
             let pw = dir.path().join("control-plane.password");
-            std::fs::write(&pw, format!("{}\n", h.cluster.password)).unwrap();
+            std::fs::write(&pw, format!("{password}\n")).unwrap();
             std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         }
         if options.audit_pg {

@@ -1,0 +1,213 @@
+//! Three whole pglease instances (proxy and admin API each) on one control plane, as behind a
+//! TCP load balancer: grants, sessions, kills, revokes and cancel requests work whichever
+//! instance they reach. And what happens when the control plane goes away and comes back.
+//!
+//! Times are measured and printed (the closing note of the issue quotes them); the assertions
+//! hold them to generous bounds only.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::grants::{ALICE, BOB, CAROL, ControlPlaneAt, EnvOptions, GrantsEnv};
+use tokio_postgres::tls::MakeTlsConnect;
+use pglease::app::RunningApp;
+use serde_json::json;
+use tokio_postgres::Client;
+
+/// One instance as a client sees it.
+struct Instance {
+    proxy: SocketAddr,
+    admin: String,
+}
+
+/// `n` instances on one control plane: the env's own, and `n - 1` more.
+async fn fleet(env: &GrantsEnv, n: usize) -> (Vec<Instance>, Vec<RunningApp>) {
+    let mut instances = vec![Instance { proxy: env.proxy_addr, admin: env.admin_url.clone() }];
+    let mut running = Vec::new();
+    for _ in 1..n {
+        let (proxy, admin, r) = env.another_instance().await;
+        instances.push(Instance { proxy, admin });
+        running.push(r);
+    }
+    (instances, running)
+}
+
+/// TLS for a cancel request sent on a connection of its own, as libpq does.
+fn tls() -> <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio::net::TcpStream>>::TlsConnect {
+    MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut common::tls_connector(), "localhost").unwrap()
+}
+
+/// Calls an instance's admin API as the holder of `token`.
+async fn api(admin: &str, token: &str, method: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+    let client = pglease::cli::ApiClient::new(admin, Some(token.to_owned()));
+    let (method, path) = (method.to_owned(), path.to_owned());
+    tokio::task::spawn_blocking(move || if method == "GET" { client.get(&path) } else { client.post(&path, body) }).await.unwrap().map_err(|e| e.to_string())
+}
+
+/// A session through `proxy`, and the task driving its connection (it ends with the session).
+async fn connect(proxy: SocketAddr, login: &str, password: &str, database: &str) -> Result<(Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>), tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(proxy.port()).user(login).password(password).dbname(database).ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = config.connect(common::tls_connector()).await?;
+    Ok((client, tokio::spawn(connection)))
+}
+
+/// Alice requests a grant on `on`, Bob approves it there; (id, login, password, approved at).
+async fn approved_grant(on: &Instance, scope: &str) -> (String, String, String, Instant) {
+    let g = api(&on.admin, ALICE, "POST", "/grants", json!({"scope": scope, "duration": "30m", "reason": "fleet test"})).await.unwrap();
+    let (id, login, password) = (g["id"].as_str().unwrap().to_owned(), g["login"].as_str().unwrap().to_owned(), g["password"].as_str().unwrap().to_owned());
+    api(&on.admin, BOB, "POST", &format!("/grants/{id}/approve"), json!({})).await.unwrap();
+    (id, login, password, Instant::now())
+}
+
+/// The ended session's error: how a killed session looks to its client.
+async fn ended(task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>, within: Duration) -> tokio_postgres::Error {
+    tokio::time::timeout(within, task).await.expect("the session ended in time").unwrap().expect_err("it ended with an error")
+}
+
+/// The server's message of an error.
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string())
+}
+
+/// Waits until `pg_sleep` runs upstream for `login`'s backend role's session.
+async fn running_sleep(env: &GrantsEnv) {
+    let direct = env.direct().await;
+    let running = common::eventually(Duration::from_secs(10), || async {
+        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%' AND state = 'active'", &[]).await.unwrap().get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "pg_sleep is running upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_act_as_one() {
+    let env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let (fleet, running) = fleet(&env, 3).await;
+    let db = env.database.clone();
+
+    // Approved on instance 1: logs in on 2 and 3 at once.
+    let (id, login, password, approved) = approved_grant(&fleet[0], "read").await;
+    let mut sessions = Vec::new();
+    for (n, i) in fleet.iter().enumerate().skip(1) {
+        let s = common::eventually(Duration::from_secs(1), || async { connect(i.proxy, &login, &password, &db).await.ok() }).await;
+        let s = s.unwrap_or_else(|| panic!("the approval reached instance {} within a second", n + 1));
+        eprintln!("MEASURED approval on 1 → login on {}: {:?}", n + 1, approved.elapsed());
+        sessions.push(s);
+    }
+
+    // `session list` on any instance shows every instance's sessions, with the instance.
+    let (one, one_task) = connect(fleet[0].proxy, &login, &password, &db).await.unwrap();
+    one.simple_query("SELECT 1").await.unwrap();
+    let listed = common::eventually(Duration::from_secs(10), || async {
+        let all = api(&fleet[1].admin, CAROL, "GET", "/sessions", json!({})).await.unwrap();
+        let all = all.as_array().unwrap().clone();
+        let instances: std::collections::BTreeSet<String> = all.iter().filter(|s| s["login"] == login.as_str()).map(|s| s["instance"].as_str().unwrap().to_owned()).collect();
+        (instances.len() == 3).then_some(all)
+    })
+    .await
+    .expect("instance 2 lists the sessions of all three");
+    let mine: Vec<_> = listed.iter().filter(|s| s["login"] == login.as_str()).collect();
+    assert!(mine.iter().all(|s| s["grant"] == id.as_str() && s["user"] == "alice" && s["database"] == db.as_str()), "{mine:?}");
+
+    // A cancel request that lands on instance 3 cancels a statement running through instance 1.
+    let token = one.cancel_token();
+    let sleeping = tokio::spawn(async move { one.simple_query("SELECT pg_sleep(60)").await.map(|_| one) });
+    running_sleep(&env).await;
+    let on_three = tokio::net::TcpStream::connect(fleet[2].proxy).await.unwrap();
+    let sent = Instant::now();
+    token.cancel_query_raw(on_three, tls()).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(5), sleeping).await.expect("the statement ended").unwrap();
+    let e = cancelled.err().expect("the statement was cancelled");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57014"), "{e}");
+    eprintln!("MEASURED cancel sent to 3 → statement on 1 cancelled: {:?}", sent.elapsed());
+
+    // A forged key sent to instance 3 cancels nothing, anywhere.
+    let (two, _two_task) = &sessions[0];
+    let forged = {
+        let (c, t) = connect(fleet[0].proxy, &login, &password, &db).await.unwrap();
+        let token = c.cancel_token();
+        drop(c);
+        let _ = t.await;
+        token // a key whose session has ended: stale
+    };
+    let busy = two.simple_query("SELECT pg_sleep(1)");
+    let stale = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        forged.cancel_query_raw(tokio::net::TcpStream::connect(fleet[2].proxy).await.unwrap(), tls()).await.unwrap();
+    };
+    let (slept, ()) = tokio::join!(busy, stale);
+    slept.expect("a stale key cancelled nothing");
+
+    // `session kill` on instance 2 ends a session on instance 3.
+    let three = instance_id(&fleet[2].admin).await;
+    let all = api(&fleet[1].admin, CAROL, "GET", "/sessions", json!({})).await.unwrap();
+    let three_id = all.as_array().unwrap().iter().find(|s| s["login"] == login.as_str() && s["instance"] == three.as_str()).expect("a session on instance 3")["id"].as_u64().unwrap();
+    let three_id = (three, three_id);
+    let killed_at = Instant::now();
+    let r = api(&fleet[1].admin, BOB, "POST", &format!("/sessions/{}/kill?instance={}", three_id.1, three_id.0), json!({})).await.unwrap();
+    assert_eq!(r["instance"], three_id.0.as_str());
+    let (_three_client, three_task) = sessions.remove(1);
+    let e = ended(three_task, Duration::from_secs(1)).await;
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(message(&e).contains("ended by bob"), "{e:?}");
+    eprintln!("MEASURED kill on 2 → session on 3 ended: {:?}", killed_at.elapsed());
+
+    // `grant revoke` on instance 2 ends a busy session on 1 and an idle one on 3.
+    let (busy, busy_task) = connect(fleet[0].proxy, &login, &password, &db).await.unwrap();
+    let (_idle, idle_task) = connect(fleet[2].proxy, &login, &password, &db).await.unwrap();
+    let sleep = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(60)").await });
+    running_sleep(&env).await;
+    let revoked = Instant::now();
+    api(&fleet[1].admin, BOB, "POST", &format!("/grants/{id}/revoke"), json!({"reason": "fleet revoke"})).await.unwrap();
+    // The busy session's statement gets the FATAL; the idle one's connection does.
+    let busy_end = async { tokio::time::timeout(Duration::from_secs(1), sleep).await.expect("the busy session ended in time").unwrap().expect_err("with an error") };
+    let (busy_end, idle_end) = tokio::join!(busy_end, ended(idle_task, Duration::from_secs(1)));
+    eprintln!("MEASURED revoke on 2 → busy session on 1 and idle session on 3 ended: {:?}", revoked.elapsed());
+    for e in [busy_end, idle_end] {
+        assert_eq!(common::sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+        assert!(message(&e).contains("fleet revoke"), "{e:?}");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), busy_task).await.expect("the busy session's connection closed");
+    drop(one_task);
+    // No instance lets the grant in again.
+    for i in &fleet {
+        let e = connect(i.proxy, &login, &password, &db).await.err().expect("refused");
+        assert_eq!(common::sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    }
+    // Nothing of the sleeps is left running upstream.
+    let direct = env.direct().await;
+    let left = common::eventually(Duration::from_secs(5), || async {
+        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%' AND state = 'active'", &[]).await.unwrap().get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "the revoked session's statement was cancelled upstream");
+    for r in running {
+        r.stop().await;
+    }
+}
+
+/// The instance id an instance reports on `/healthz`.
+async fn instance_id(admin: &str) -> String {
+    health(admin).await.1["instance"].as_str().expect("an instance id").to_owned()
+}
+
+/// `/healthz` or `/readyz`: (status, body).
+async fn probe(admin: &str, path: &str) -> (u16, serde_json::Value) {
+    let url = format!("{admin}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut r = agent.get(&url).call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_json().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+async fn health(admin: &str) -> (u16, serde_json::Value) {
+    probe(admin, "/healthz").await
+}
