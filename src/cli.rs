@@ -115,18 +115,32 @@ pub fn print_grant(g: &Value) {
     }
 }
 
-pub fn session_rows(sessions: &Value) -> Vec<Vec<String>> {
-    sessions
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| vec![s(x, "id"), s(x, "user"), s(x, "grant"), s(x, "scope"), s(x, "client"), s(x, "since"), s(x, "statements")])
-                .collect()
-        })
-        .unwrap_or_default()
+/// `text` as a value in a URL's query string (instance ids hold `:`).
+pub fn query_escape(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
-pub const SESSION_HEADERS: &[&str] = &["ID", "USER", "GRANT", "SCOPE", "CLIENT", "SINCE", "STATEMENTS"];
+/// The session list as a table: (headers, rows). With a control plane every session names
+/// its instance, and the table gets an INSTANCE column.
+pub fn session_table(sessions: &Value) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let list = sessions.as_array().cloned().unwrap_or_default();
+    let fleet = list.iter().any(|x| x.get("instance").is_some());
+    let mut headers = vec!["ID", "USER", "GRANT", "SCOPE", "CLIENT", "SINCE", "STATEMENTS"];
+    if fleet {
+        headers.insert(1, "INSTANCE");
+    }
+    let rows = list
+        .iter()
+        .map(|x| {
+            let mut row = vec![s(x, "id"), s(x, "user"), s(x, "grant"), s(x, "scope"), s(x, "client"), s(x, "since"), s(x, "statements")];
+            if fleet {
+                row.insert(1, s(x, "instance"));
+            }
+            row
+        })
+        .collect();
+    (headers, rows)
+}
 
 pub fn scope_rows(scopes: &Value) -> Vec<Vec<String>> {
     scopes

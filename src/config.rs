@@ -74,7 +74,7 @@ pub struct ControlPlaneConfig {
 }
 
 fn default_reconcile_every() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_secs(3)
 }
 
 fn default_stale_after() -> Duration {

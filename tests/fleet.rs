@@ -211,3 +211,131 @@ async fn probe(admin: &str, path: &str) -> (u16, serde_json::Value) {
 async fn health(admin: &str) -> (u16, serde_json::Value) {
     probe(admin, "/healthz").await
 }
+
+/// The control-plane database of a GrantsEnv; a superuser connection to it.
+async fn control_plane(env: &GrantsEnv, at: Option<&ControlPlaneAt>) -> Client {
+    let h = common::harness().await;
+    let at = at.cloned().unwrap_or_else(|| ControlPlaneAt::of(&h.cluster));
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(at.port).user(&at.superuser).password(&at.password).dbname(format!("{}_cp", env.database));
+    let (client, connection) = config.connect(common::tls_connector_trusting(&at.ca_file)).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A revoke whose notification never arrives still takes effect by the periodic read
+/// (`reconcile_every`, 3 s by default), and an instance whose listening connection is dropped
+/// hears again (and reads everything it may have missed) when it reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notification_is_made_up_within_the_reconcile_period() {
+    let env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let (fleet, running) = fleet(&env, 2).await;
+    let cp = control_plane(&env, None).await;
+    let db = env.database.clone();
+    let (id, login, password, _) = approved_grant(&fleet[0], "read").await;
+    let (_c, task) = common::eventually(Duration::from_secs(1), || async { connect(fleet[1].proxy, &login, &password, &db).await.ok() }).await.expect("login on 2");
+
+    // Both instances' listening connections are dropped; they reconnect by themselves.
+    let dropped: i64 = cp.query_one("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pglease watch' AND datname = current_database()", &[]).await.unwrap().get(0);
+    assert_eq!(dropped, 2, "each instance listens on a connection of its own");
+    let back = common::eventually(Duration::from_secs(10), || async {
+        let n: i64 = cp.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pglease watch' AND datname = current_database() AND wait_event = 'ClientRead'", &[]).await.unwrap().get(0);
+        (n == 2).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "both instances listen again");
+
+    // A revoke written without its notification (as if the NOTIFY was lost).
+    let revoked = Instant::now();
+    let n = cp
+        .execute(
+            r#"UPDATE pglease.grants SET version = version + 1, body = body || '{"status": "revoked", "ended_by": "bob", "end_reason": "lost notification"}'::jsonb WHERE id = $1"#,
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let e = ended(task, Duration::from_secs(5)).await;
+    let took = revoked.elapsed();
+    eprintln!("MEASURED revoke without NOTIFY → session on 2 ended: {took:?} (reconcile_every 3s)");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(took > Duration::from_millis(50), "it was the periodic read, not a notification, that ended it");
+    let e = connect(fleet[0].proxy, &login, &password, &db).await.err().expect("instance 1 refuses the login too");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    for r in running {
+        r.stop().await;
+    }
+}
+
+/// The control plane (a cluster of its own) stops for 10 s and comes back: live sessions carry
+/// on, a revoke during the outage is refused with 503 (and not half-made), new logins get a
+/// clear FATAL, `/readyz` drains the instances; then everything recovers with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_goes_away_for_ten_seconds_and_comes_back() {
+    let cluster = tokio::task::spawn_blocking(|| pglease::cluster::Cluster::start(Default::default())).await.unwrap().expect("a control-plane cluster");
+    let at = ControlPlaneAt::of(&cluster);
+    let cluster = std::sync::Arc::new(std::sync::Mutex::new(cluster));
+    let options = EnvOptions {
+        control_plane: true,
+        control_plane_cluster: Some(at.clone()),
+        control_plane_timing: Some((Duration::from_secs(1), Duration::from_secs(3))),
+        ..EnvOptions::default()
+    };
+    let env = GrantsEnv::start(options).await;
+    let (fleet, running) = fleet(&env, 2).await;
+    let db = env.database.clone();
+    let (id, login, password, _) = approved_grant(&fleet[0], "read").await;
+    let (live, _live_task) = common::eventually(Duration::from_secs(1), || async { connect(fleet[1].proxy, &login, &password, &db).await.ok() }).await.expect("login on 2");
+    for i in &fleet {
+        assert_eq!(probe(&i.admin, "/readyz").await.0, 200);
+    }
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.lock().unwrap().stop()).await.unwrap();
+    let down = Instant::now();
+
+    // New logins: a clear FATAL, on every instance, as soon as the feed is lost.
+    for i in &fleet {
+        let refused = common::eventually(Duration::from_secs(5), || async { connect(i.proxy, &login, &password, &db).await.err() }).await.expect("refused");
+        assert_eq!(common::sqlstate(&refused).as_deref(), Some("57P03"), "{refused:?}");
+        assert!(message(&refused).contains("cannot reach its control plane"), "{refused:?}");
+        let (status, body) = probe(&i.admin, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(health(&i.admin).await.1["control_plane"], "unreachable");
+    }
+    eprintln!("MEASURED control plane down → logins refused and /readyz 503 on both: {:?}", down.elapsed());
+    // The live session carries on.
+    assert_eq!(live.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().len(), 2);
+    // A revoke is refused with 503, and says the change may not have been made.
+    let e = api(&fleet[0].admin, BOB, "POST", &format!("/grants/{id}/revoke"), json!({"reason": "during outage"})).await.err().expect("503");
+    assert!(e.contains("503") || e.contains("cannot be reached"), "{e}");
+    // The session list needs the control plane: 503, not a partial list.
+    let e = api(&fleet[1].admin, CAROL, "GET", "/sessions", json!({})).await.err().expect("503");
+    assert!(e.contains("control plane"), "{e}");
+
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
+    assert_eq!(live.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().len(), 2, "still live after 10 s");
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.lock().unwrap().start_again()).await.unwrap().expect("the control plane starts again");
+    let up = Instant::now();
+
+    // Recovery, unaided: ready again, logins work, and the revoke refused during the outage
+    // was not made.
+    for i in &fleet {
+        let ready = common::eventually(Duration::from_secs(15), || async { (probe(&i.admin, "/readyz").await.0 == 200).then_some(()) }).await;
+        assert!(ready.is_some(), "ready again");
+        let (c, _t) = common::eventually(Duration::from_secs(5), || async { connect(i.proxy, &login, &password, &db).await.ok() }).await.expect("logins work again");
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    eprintln!("MEASURED control plane back → both instances ready and taking logins: {:?}", up.elapsed());
+    let g = api(&fleet[1].admin, BOB, "GET", &format!("/grants/{id}"), json!({})).await.unwrap();
+    assert_eq!(g["status"], "active", "the refused revoke was not made: {g}");
+    assert!(common::eventually(Duration::from_secs(10), || async { api(&fleet[0].admin, CAROL, "GET", "/sessions", json!({})).await.ok() }).await.is_some());
+    // …and a revoke now works and ends the session that lived through the outage.
+    api(&fleet[0].admin, BOB, "POST", &format!("/grants/{id}/revoke"), json!({"reason": "after outage"})).await.unwrap();
+    let e = common::eventually(Duration::from_secs(2), || async { live.simple_query("SELECT 1").await.err() }).await.expect("the session ended");
+    assert!(common::sqlstate(&e).as_deref() == Some("57P01") || e.is_closed(), "{e:?}");
+    for r in running {
+        r.stop().await;
+    }
+}

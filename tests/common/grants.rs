@@ -44,7 +44,7 @@ pub struct EnvOptions {
     pub control_plane: bool,
     /// …on this cluster instead of the test cluster (which it must not share: tests stop it).
     pub control_plane_cluster: Option<ControlPlaneAt>,
-    /// `control_plane.reconcile_every` and `stale_after` (5 s and 30 s by default).
+    /// `control_plane.reconcile_every` and `stale_after` (3 s and 30 s by default).
     pub control_plane_timing: Option<(Duration, Duration)>,
 }
 
@@ -228,7 +228,7 @@ impl GrantsEnv {
                 password_env: None,
                 password_file: Some(dir.path().join("control-plane.password")),
                 instance_id: None,
-                reconcile_every: options.control_plane_timing.map_or(Duration::from_secs(5), |t| t.0),
+                reconcile_every: options.control_plane_timing.map_or(Duration::from_secs(3), |t| t.0),
                 stale_after: options.control_plane_timing.map_or(Duration::from_secs(30), |t| t.1),
             }),
             audit: AuditConfig {
