@@ -72,6 +72,8 @@ pub struct App {
     skip_role_check: bool,
     /// The control plane's connection string (with its password) and how to watch it.
     control_plane: Option<(String, WatchOptions)>,
+    /// Writes events into the control plane, once started.
+    event_writer: Option<crate::control_plane::events::EventWriter>,
 }
 
 pub struct RunningApp {
@@ -114,6 +116,12 @@ impl App {
         for sink in options.event_sinks.iter().cloned() {
             events = events.with_sink(sink);
         }
+        // With a control plane, events go there too (written once the instance knows its id).
+        let event_writer = config.control_plane.as_ref().map(|_| {
+            let (sink, writer) = crate::control_plane::events::channel();
+            events = events.clone().with_sink(Arc::new(sink));
+            writer
+        });
         if let Some(path) = &config.grants.events_log {
             events = events.with_sink(Arc::new(JsonlSink::open(path).with_context(|| format!("grants.events_log: cannot open {}", path.display()))?));
         }
@@ -176,7 +184,7 @@ impl App {
             }
             None => None,
         };
-        Ok(Self { proxy, grants, admin, events, audit, audit_pg, config: config.clone(), skip_role_check: options.skip_role_check, control_plane })
+        Ok(Self { proxy, grants, admin, events, audit, audit_pg, config: config.clone(), skip_role_check: options.skip_role_check, control_plane, event_writer })
     }
 
     /// Starts serving on the given listeners.
@@ -216,6 +224,9 @@ impl App {
                 api.set_fleet(fleet.clone());
             }
             tasks.push(tokio::spawn(fleet.clone().run_publisher(shutdown.clone())));
+            if let Some(writer) = self.event_writer.take() {
+                tasks.push(tokio::spawn(writer.run(conninfo.clone(), instance.clone(), shutdown.clone())));
+            }
             tasks.push(tokio::spawn(crate::control_plane::watch::run(conninfo.clone(), self.grants.clone(), Some(fleet), options, shutdown.clone())));
             // Every instance's audit chain, next to the others in the control plane.
             let sink = crate::audit::pgsink::PgSinkOptions { dsn: conninfo, table: "pglease.audit".into(), log: self.audit.path.clone(), instance: Some(instance) };

@@ -186,6 +186,16 @@ async fn three_instances_act_as_one() {
     })
     .await;
     assert!(left.is_some(), "the revoked session's statement was cancelled upstream");
+    // Every instance's events are in the control plane, under its own id.
+    let cp = control_plane(&env, None).await;
+    let ids = [instance_id(&fleet[0].admin).await, instance_id(&fleet[1].admin).await, three_id.0.clone()];
+    let seen = common::eventually(Duration::from_secs(10), || async {
+        let rows = cp.query("SELECT instance, kind FROM pglease.events WHERE body->>'grant' = $1 OR body->>'session' IS NOT NULL", &[&id]).await.unwrap();
+        let has = |instance: &str, kind: &str| rows.iter().any(|r| r.get::<_, String>(0) == instance && r.get::<_, String>(1) == kind);
+        (has(&ids[0], "grant_requested") && has(&ids[0], "grant_approved") && has(&ids[1], "grant_revoked") && has(&ids[1], "session_killed") && has(&ids[2], "session_opened")).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "events of all three instances in pglease.events");
     for r in running {
         r.stop().await;
     }
