@@ -93,6 +93,8 @@ pub struct Proxy {
     audit: Option<AuditLog>,
     events: Events,
     throttle: LoginThrottle,
+    /// Cancel requests that matched no session, per address.
+    cancel_misses: LoginThrottle,
     upstream: Arc<Upstream>,
     credentials: Arc<dyn CredentialSource>,
     hooks: Arc<dyn SessionHooks>,
@@ -122,6 +124,7 @@ impl Proxy {
             audit: None,
             events: Events::new(),
             throttle: LoginThrottle::default(),
+            cancel_misses: LoginThrottle::default(),
             upstream: Arc::new(upstream),
             credentials,
             hooks: Arc::new(PassThrough),
@@ -139,14 +142,30 @@ impl Proxy {
 
     /// Cancels the statement of the session `pid`/`secret` name, on this instance or, through
     /// the control plane, on the one that has it; reports whether the request went anywhere.
-    async fn cancel(&self, pid: i32, secret: &[u8]) -> bool {
+    ///
+    /// Pids are public (`pg_backend_pid()`), so the 4-byte secret alone guards a session: an
+    /// address whose requests missed [`CANCEL_MISSES_ALLOWED`] times lately has the next ones
+    /// dropped unread, with a throttle of their own so that they never slow its logins down.
+    async fn cancel(&self, pid: i32, secret: &[u8], from: IpAddr) -> bool {
+        if !self.cancel_misses.delay(from, CANCEL_MISSES_ALLOWED).is_zero() {
+            metrics::counter!("pglease_cancel_requests_total", "result" => "throttled").increment(1);
+            return false;
+        }
         if self.cancels.cancel(pid, secret).await {
             return true;
         }
-        let Some(fleet) = self.fleet.get() else { return false };
+        let Some(fleet) = self.fleet.get() else {
+            self.cancel_misses.failed(from);
+            return false;
+        };
         match fleet.forward_cancel(pid, secret).await {
             Ok(forwarded) => {
                 metrics::counter!("pglease_cancel_requests_total", "result" => if forwarded { "routed" } else { "unknown" }).increment(1);
+                // Routed means a session elsewhere has that pid; its instance checks the secret.
+                // Either way the attempt counts: a guesser gets no more tries by routing them.
+                if !forwarded {
+                    self.cancel_misses.failed(from);
+                }
                 forwarded
             }
             Err(e) => {
@@ -353,11 +372,14 @@ impl Proxy {
     /// Answers a connection over the limit the way Postgres does: after TLS negotiation and the
     /// startup packet, `FATAL 53300`. A cancel request is still honoured.
     async fn reject_over_limit(&self, tcp: TcpStream) {
+        let peer = tcp.peer_addr().ok().map(|a| a.ip());
         let state = self.state();
         let answer = async {
             match handshake::negotiate(tcp, &state.tls).await {
                 Ok(Handshake::Cancel(request)) => {
-                    self.cancel(request.pid, &request.secret).await;
+                    if let Some(ip) = peer {
+                        self.cancel(request.pid, &request.secret, ip).await;
+                    }
                     request.close().await;
                 }
                 Ok(Handshake::Startup(mut s)) => {
@@ -373,7 +395,7 @@ impl Proxy {
     async fn setup(&self, state: &ProxyState, tcp: TcpStream, addr: SocketAddr, shutdown: &CancellationToken) -> Result<Option<Session>, HandshakeError> {
         let startup = match handshake::negotiate(tcp, &state.tls).await? {
             Handshake::Cancel(request) => {
-                let forwarded = self.cancel(request.pid, &request.secret).await;
+                let forwarded = self.cancel(request.pid, &request.secret, addr.ip()).await;
                 self.events.emit(Event::CancelRequest { pid: request.pid, client: addr.to_string(), forwarded });
                 request.close().await;
                 return Ok(None);
@@ -550,6 +572,10 @@ pub(crate) fn stamp(identity: &Identity, client_app: &str) -> String {
 struct LoginThrottle {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
+
+/// Cancel requests from one address that may match no session before its next ones are
+/// dropped unread (for [`FAILURE_MEMORY`] after the last miss).
+const CANCEL_MISSES_ALLOWED: u32 = 32;
 
 /// Failures are forgotten after this long without a new one.
 const FAILURE_MEMORY: Duration = Duration::from_secs(300);

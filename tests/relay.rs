@@ -234,3 +234,39 @@ async fn cancel_with_a_wrong_key_is_ignored() {
     }
     tokio::time::timeout(Duration::from_secs(20), sleeper).await.unwrap().unwrap().expect("the sleep was not cancelled");
 }
+
+/// Guessing a session's secret is throttled: the pid is public, only the 4-byte secret guards
+/// a cancel. After 32 misses from one address, its next cancel requests are dropped unread,
+/// the right one included; its logins are not slowed.
+#[tokio::test]
+async fn an_address_that_keeps_missing_cancel_keys_is_ignored_for_a_while() {
+    let metrics = pglease::admin::metrics_handle();
+    let proxy = TestProxy::start().await;
+    let client = proxy.connect().await;
+    let token = client.cancel_token();
+    let direct = proxy.connect_direct().await;
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    for guess in 0..32u32 {
+        let mut raw = common::raw::Raw::plain(proxy.addr).await;
+        let mut packet = 16i32.to_be_bytes().to_vec();
+        packet.extend_from_slice(&80877102u32.to_be_bytes());
+        packet.extend_from_slice(&pid.to_be_bytes());
+        packet.extend_from_slice(&guess.to_be_bytes());
+        raw.send(&packet).await;
+        assert!(raw.recv().await.is_none());
+    }
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
+    let running = common::eventually(Duration::from_secs(10), || async {
+        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active'", &[]).await.unwrap().get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "sleep started");
+    token.cancel_query(common::tls_connector()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), sleeper).await.unwrap().unwrap().expect("the right key, from a throttled address, cancelled nothing");
+    // Logins from the address are not slowed by it.
+    let started = std::time::Instant::now();
+    proxy.connect().await.simple_query("SELECT 1").await.unwrap();
+    eprintln!("login after the throttle: {:?}", started.elapsed());
+    assert!(metrics.render().contains("result=\"throttled\""), "counted as throttled");
+}
