@@ -215,3 +215,35 @@ async fn two_proxies_share_grants_and_a_revoke_reaches_both() {
     assert_eq!(common::sqlstate(&refused).as_deref(), Some("28P01"), "{refused:?}");
     b_running.stop().await;
 }
+
+/// Two instances' reapers find the same grant past its end at once: one records the expiry,
+/// the other takes that version without an error, and the expiry is announced once.
+#[tokio::test]
+async fn two_reapers_record_one_expiry() {
+    let dsn = control_plane_db().await;
+    migrations::migrate(&mut connect(&dsn).await.unwrap()).await.unwrap();
+    let scopes = Arc::new(pglease::scopes::Scopes::from_config(&pglease::demo::demo_scopes()));
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let events = Arc::new(pglease::events::MemorySink::default());
+        let store: Arc<dyn GrantStore> = Arc::new(PgGrantStore::new(&dsn));
+        let grants = GrantService::open(store, scopes.clone(), pglease::events::Events::new().with_sink(events.clone()), pglease::session::SessionRegistry::new()).await.unwrap();
+        instances.push((grants, events));
+    }
+    let (a, b) = (&instances[0].0, &instances[1].0);
+    let request = GrantRequest { scope: "orders-read".into(), duration: Duration::from_secs(1), reason: "x".into(), user: None, break_glass: false };
+    let new = a.request(&person("alice", &[Role::Engineer]), request).await.unwrap();
+    a.approve(&person("bob", &[Role::Approver]), &new.grant.id).await.unwrap();
+    b.refresh().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (ra, rb) = tokio::join!(a.expire_due(), b.expire_due());
+    ra.unwrap();
+    rb.unwrap();
+    let expired = |events: &pglease::events::MemorySink| events.events().iter().filter(|e| matches!(e, pglease::events::Event::GrantExpired { .. })).count();
+    assert_eq!(expired(&instances[0].1) + expired(&instances[1].1), 1, "announced once");
+    let stored = PgGrantStore::new(&dsn).load().await.unwrap();
+    assert_eq!((stored[0].status, stored[0].version), (GrantStatus::Expired, 3), "requested, approved, expired: one write each");
+    for (g, _) in &instances {
+        assert_eq!(g.show(&person("bob", &[Role::Approver]), &new.grant.id).unwrap().status, GrantStatus::Expired);
+    }
+}

@@ -568,7 +568,13 @@ impl GrantService {
             g.status = GrantStatus::Expired;
             g.ended_at = g.expires_at;
             g.end_reason = Some("expired".into());
-            let g = self.save(g).await?;
+            let g = match self.save(g).await {
+                Ok(g) => g,
+                // Another instance recorded the end first (its reaper, or a revoke): memory
+                // now has its version, and its sessions here end by their own deadline.
+                Err(GrantError::Store(StoreError::Conflict(_))) => continue,
+                Err(e) => return Err(e),
+            };
             self.events.emit(Event::GrantExpired { grant: g.id.clone() });
             let at = g.expires_at.map(crate::time::rfc3339).unwrap_or_default();
             self.end_sessions(&g.id, &format!("pglease: grant {} for scope \"{}\" expired at {at}", g.id, g.scope));
