@@ -73,11 +73,11 @@ pub struct ControlPlaneConfig {
     pub stale_after: Duration,
 }
 
-fn default_reconcile_every() -> Duration {
+pub(crate) fn default_reconcile_every() -> Duration {
     Duration::from_secs(3)
 }
 
-fn default_stale_after() -> Duration {
+pub(crate) fn default_stale_after() -> Duration {
     Duration::from_secs(30)
 }
 

@@ -424,7 +424,10 @@ impl Proxy {
             tokio::time::sleep(delay).await;
         }
         // Fail closed, and say so: no login is decided on grants that may be out of date.
-        if let Some(why) = self.credentials.unavailable() {
+        let unavailable = self.credentials.unavailable().or_else(|| {
+            self.fleet.get().filter(|f| f.id_taken()).map(|f| format!("pglease: another live instance uses this instance's id ({}); it takes no logins", f.instance))
+        });
+        if let Some(why) = unavailable {
             metrics::counter!("pglease_logins_refused_stale_total").increment(1);
             return handshake::refuse(&mut stream, ClientError::fatal(sqlstate::CANNOT_CONNECT_NOW, why)).await;
         }

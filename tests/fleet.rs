@@ -34,6 +34,13 @@ async fn fleet(env: &GrantsEnv, n: usize) -> (Vec<Instance>, Vec<RunningApp>) {
     (instances, running)
 }
 
+/// Runs the `pglease` CLI against an instance's admin API as the holder of `token`; its stdout.
+async fn cli(admin: &str, token: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglease")).args(args).env("PGLEASE_ADMIN_URL", admin).env("PGLEASE_ADMIN_TOKEN", token).output().await.unwrap();
+    assert!(out.status.success(), "pglease {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// TLS for a cancel request sent on a connection of its own, as libpq does.
 fn tls() -> <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio::net::TcpStream>>::TlsConnect {
     MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut common::tls_connector(), "localhost").unwrap()
@@ -147,9 +154,21 @@ async fn three_instances_act_as_one() {
     let all = api(&fleet[1].admin, CAROL, "GET", "/sessions", json!({})).await.unwrap();
     let three_id = all.as_array().unwrap().iter().find(|s| s["login"] == login.as_str() && s["instance"] == three.as_str()).expect("a session on instance 3")["id"].as_u64().unwrap();
     let three_id = (three, three_id);
+    // Each instance numbers its own sessions: a number on several instances needs --instance.
+    let mut seen = std::collections::HashMap::<u64, usize>::new();
+    for s in all.as_array().unwrap() {
+        *seen.entry(s["id"].as_u64().unwrap()).or_default() += 1;
+    }
+    let shared = seen.iter().find(|(_, n)| **n > 1).map(|(id, _)| *id).expect("a number used on two instances");
+    let e = api(&fleet[1].admin, BOB, "POST", &format!("/sessions/{shared}/kill"), json!({})).await.err().expect("ambiguous");
+    assert!(e.contains("several instances"), "{e}");
+    // As an operator sees it: `pglease session list` on instance 2 has an INSTANCE column.
+    let listed = cli(&fleet[1].admin, CAROL, &["session", "list"]).await;
+    assert!(listed.lines().next().unwrap().split_whitespace().collect::<Vec<_>>()[..2] == ["ID", "INSTANCE"], "{listed}");
+    assert!(listed.contains(&three_id.0), "{listed}");
     let killed_at = Instant::now();
-    let r = api(&fleet[1].admin, BOB, "POST", &format!("/sessions/{}/kill?instance={}", three_id.1, three_id.0), json!({})).await.unwrap();
-    assert_eq!(r["instance"], three_id.0.as_str());
+    let out = cli(&fleet[1].admin, BOB, &["session", "kill", &three_id.1.to_string(), "--instance", &three_id.0]).await;
+    assert_eq!(out.trim(), format!("session {} on {} ended", three_id.1, three_id.0));
     let (_three_client, three_task) = sessions.remove(1);
     let e = ended(three_task, Duration::from_secs(1)).await;
     assert_eq!(common::sqlstate(&e).as_deref(), Some("57P01"), "{e}");
@@ -348,4 +367,36 @@ async fn the_control_plane_goes_away_for_ten_seconds_and_comes_back() {
     for r in running {
         r.stop().await;
     }
+}
+
+/// Two live processes configured with one `instance_id` would take each other's kills and
+/// cancels: the second finds the id taken, refuses logins and says why on `/readyz`, until the
+/// first is gone; then it takes the id over by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_the_same_instance_id_takes_no_logins() {
+    let mut env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let first = instance_id(&env.admin_url).await;
+    let id = first.clone();
+    let (proxy, admin, second) = env.another_instance_with(move |c| c.control_plane.as_mut().unwrap().instance_id = Some(id)).await;
+    let twin = Instance { proxy, admin };
+    let (gid, login, password, _) = approved_grant(&twin, "read").await;
+    let _ = gid;
+    let refused = common::eventually(Duration::from_secs(10), || async { (probe(&twin.admin, "/readyz").await.0 == 503).then_some(()) }).await;
+    assert!(refused.is_some(), "the twin is not ready");
+    let (_, body) = probe(&twin.admin, "/readyz").await;
+    assert!(body["why"].as_str().unwrap().contains("uses this instance's id"), "{body}");
+    let e = connect(twin.proxy, &login, &password, &env.database).await.err().expect("the twin refuses logins");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57P03"), "{e:?}");
+    assert!(message(&e).contains(&first), "{e:?}");
+    // The first instance serves as before.
+    let (c, _t) = connect(env.proxy_addr, &login, &password, &env.database).await.expect("the first instance serves");
+    c.simple_query("SELECT 1").await.unwrap();
+    drop(c);
+    // Once the first has stopped (and left the fleet), the twin takes the id over.
+    env.stop().await;
+    let ready = common::eventually(Duration::from_secs(10), || async { (probe(&twin.admin, "/readyz").await.0 == 200).then_some(()) }).await;
+    assert!(ready.is_some(), "the twin took the id over");
+    let (c, _t) = connect(twin.proxy, &login, &password, &env.database).await.expect("the twin serves now");
+    c.simple_query("SELECT 1").await.unwrap();
+    second.stop().await;
 }

@@ -9,6 +9,7 @@
 //! constant time there), so a forged or stale key is still dropped silently.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,14 @@ pub enum KillError {
     Unavailable(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("control plane: {0}")]
+    Unavailable(String),
+    #[error("another live pglease uses this instance_id ({0}): every instance needs an id of its own (control_plane.instance_id)")]
+    Taken(String),
+}
+
 #[derive(Serialize, Deserialize)]
 struct KillNote {
     instance: String,
@@ -79,6 +88,10 @@ pub struct Fleet {
     proxy: String,
     admin: String,
     started_at: SystemTime,
+    /// Random per process: tells this process's row from another's with the same id.
+    process: String,
+    /// Set while another live process holds the id.
+    taken: AtomicBool,
     conn: Conn,
     sessions: Arc<SessionRegistry>,
     cancels: Arc<CancelRegistry>,
@@ -90,11 +103,14 @@ fn interval(d: Duration) -> String {
 
 impl Fleet {
     pub fn new(conninfo: &str, instance: String, proxy: String, admin: String, sessions: Arc<SessionRegistry>, cancels: Arc<CancelRegistry>) -> Self {
-        Self { instance, proxy, admin, started_at: SystemTime::now(), conn: Conn::new(conninfo), sessions, cancels }
+        let mut nonce = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+        let process = crate::people::hex(&nonce);
+        Self { instance, proxy, admin, started_at: SystemTime::now(), process, taken: AtomicBool::new(false), conn: Conn::new(conninfo), sessions, cancels }
     }
 
     /// Writes this instance's heartbeat and replaces its published sessions with the live ones.
-    pub async fn publish(&self) -> Result<(), String> {
+    pub async fn publish(&self) -> Result<(), PublishError> {
         let live: Vec<serde_json::Value> = self
             .sessions
             .list()
@@ -111,29 +127,49 @@ impl Fleet {
         let live = serde_json::Value::Array(live).to_string();
         let started = crate::time::rfc3339(self.started_at);
         let version = env!("CARGO_PKG_VERSION");
-        self.conn
+        let gone = interval(GONE_AFTER);
+        let row = self
+            .conn
             .with(async |c| {
-                // One statement, one round trip. The sessions' foreign key is checked at its end,
-                // after the instance row is in.
-                c.execute(
+                // One statement, one round trip. The row is this process's, or free (new, or
+                // its holder silent for GONE_AFTER); otherwise nothing is written. The
+                // sessions' foreign key is checked at the statement's end, after the row.
+                c.query_one(
                     "WITH i AS (
-                         INSERT INTO pglease.instances AS i (id, proxy, admin, version, started_at, heartbeat_at)
-                         VALUES ($1, $2, $3, $4, $5::text::timestamptz, now())
-                         ON CONFLICT (id) DO UPDATE SET proxy = excluded.proxy, admin = excluded.admin, version = excluded.version,
-                             started_at = excluded.started_at, heartbeat_at = now()
+                         INSERT INTO pglease.instances AS i (id, process, proxy, admin, version, started_at, heartbeat_at)
+                         VALUES ($1, $8, $2, $3, $4, $5::text::timestamptz, now())
+                         ON CONFLICT (id) DO UPDATE SET process = excluded.process, proxy = excluded.proxy, admin = excluded.admin,
+                             version = excluded.version, started_at = excluded.started_at, heartbeat_at = now()
+                         WHERE i.process = excluded.process OR i.heartbeat_at < now() - $9::text::interval
                          RETURNING id),
-                     gone AS (DELETE FROM pglease.sessions WHERE instance = $1 AND id <> ALL($6::bigint[]))
-                     INSERT INTO pglease.sessions AS s (instance, id, person, login, grant_id, scope, database, client, started_at, statements, backend_pid)
-                     SELECT $1, r.id, r.person, r.login, r.grant_id, r.scope, r.database, r.client, r.started_at, r.statements, r.backend_pid
-                     FROM jsonb_to_recordset($7::text::jsonb) AS r(id bigint, person text, login text, grant_id text, scope text, database text,
-                          client text, started_at timestamptz, statements bigint, backend_pid integer)
-                     ON CONFLICT (instance, id) DO UPDATE SET statements = excluded.statements, backend_pid = excluded.backend_pid",
-                    &[&self.instance, &self.proxy, &self.admin, &version, &started, &ids, &live],
+                     gone AS (DELETE FROM pglease.sessions WHERE instance = $1 AND id <> ALL($6::bigint[]) AND EXISTS (SELECT FROM i)),
+                     live AS (
+                         INSERT INTO pglease.sessions AS s (instance, id, person, login, grant_id, scope, database, client, started_at, statements, backend_pid)
+                         SELECT $1, r.id, r.person, r.login, r.grant_id, r.scope, r.database, r.client, r.started_at, r.statements, r.backend_pid
+                         FROM jsonb_to_recordset($7::text::jsonb) AS r(id bigint, person text, login text, grant_id text, scope text, database text,
+                              client text, started_at timestamptz, statements bigint, backend_pid integer)
+                         WHERE EXISTS (SELECT FROM i)
+                         ON CONFLICT (instance, id) DO UPDATE SET statements = excluded.statements, backend_pid = excluded.backend_pid)
+                     SELECT EXISTS (SELECT FROM i), (SELECT proxy || ' (started ' || started_at || ')' FROM pglease.instances WHERE id = $1)",
+                    &[&self.instance, &self.proxy, &self.admin, &version, &started, &ids, &live, &self.process, &gone],
                 )
-                .await?;
-                Ok(())
+                .await
             })
             .await
+            .map_err(PublishError::Unavailable)?;
+        if row.get::<_, bool>(0) {
+            self.taken.store(false, Ordering::Relaxed);
+            Ok(())
+        } else {
+            self.taken.store(true, Ordering::Relaxed);
+            Err(PublishError::Taken(row.get::<_, Option<String>>(1).unwrap_or_default()))
+        }
+    }
+
+    /// Whether another live process holds this instance's id: then this one takes no logins
+    /// and acts on no kill or cancel meant for that id (it could be the other's session).
+    pub fn id_taken(&self) -> bool {
+        self.taken.load(Ordering::Relaxed)
     }
 
     /// Removes instances silent for an hour (their sessions go with them).
@@ -144,7 +180,7 @@ impl Fleet {
 
     /// Takes this instance out of the fleet (on a clean stop).
     async fn leave(&self) -> Result<u64, String> {
-        self.conn.with(async |c| c.execute("DELETE FROM pglease.instances WHERE id = $1", &[&self.instance]).await).await
+        self.conn.with(async |c| c.execute("DELETE FROM pglease.instances WHERE id = $1 AND process = $2", &[&self.instance, &self.process]).await).await
     }
 
     /// Every live session in the fleet: this instance's as they are now, the others' as last
@@ -277,6 +313,9 @@ impl Fleet {
 
     /// Acts on a notification from another instance, if it is meant for this one.
     pub async fn on_notification(&self, channel: &str, payload: &str) {
+        if self.id_taken() {
+            return;
+        }
         match channel {
             KILL_CHANNEL => {
                 let Ok(note) = serde_json::from_str::<KillNote>(payload) else {
@@ -312,6 +351,11 @@ impl Fleet {
                         tracing::info!("control plane: sessions published again");
                     }
                     failing = false;
+                }
+                Err(e @ PublishError::Taken(_)) => {
+                    tracing::error!(instance = %self.instance, "{e}; this instance takes no logins until the id is free");
+                    failing = true;
+                    metrics::counter!("pglease_control_plane_failures_total", "what" => "instance_id_taken").increment(1);
                 }
                 Err(e) => {
                     if !failing {

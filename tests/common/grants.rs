@@ -288,7 +288,14 @@ impl GrantsEnv {
     /// One more instance on the same config (and control plane), on ports of its own:
     /// (proxy address, admin URL, the running app).
     pub async fn another_instance(&self) -> (SocketAddr, String, RunningApp) {
-        let app = self.build().await.expect("second instance builds");
+        self.another_instance_with(|_| {}).await
+    }
+
+    /// One more instance, on a copy of the config edited by `edit`.
+    pub async fn another_instance_with(&self, edit: impl FnOnce(&mut Config)) -> (SocketAddr, String, RunningApp) {
+        let mut config = self.config.clone();
+        edit(&mut config);
+        let app = self.build_from(&config).await.expect("another instance builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = app.start(listener, admin).unwrap();
@@ -296,6 +303,10 @@ impl GrantsEnv {
     }
 
     pub async fn build(&self) -> anyhow::Result<App> {
+        self.build_from(&self.config).await
+    }
+
+    async fn build_from(&self, config: &Config) -> anyhow::Result<App> {
         let secrets = Secrets { upstream: super::UPSTREAM_PASSWORD.into(), scopes: self.secrets.clone().into_iter().collect() };
         let people = Self::people();
         let h = super::harness().await;
@@ -303,7 +314,7 @@ impl GrantsEnv {
             format!("host={} port={} user={} password={} dbname={}_audit sslmode=disable", h.cluster.socket_dir().display(), h.cluster.port, h.cluster.superuser, h.cluster.password, self.database)
         });
         let options = pglease::app::BuildOptions { store: None, event_sinks: vec![self.events.clone()], skip_role_check: false, audit_pg_dsn };
-        App::build(&self.config, secrets, people, options).await
+        App::build(config, secrets, people, options).await
     }
 
     /// Applies an edited copy of the config to the running proxy, as SIGHUP does.

@@ -1,9 +1,11 @@
 -- pglease control plane, version 2: the fleet. Each instance announces itself (and keeps
 -- announcing: a heartbeat), publishes its live sessions, and copies its audit chain here.
 
--- One row per instance that ever ran; `heartbeat_at` tells the live ones.
+-- One row per instance that ever ran; `heartbeat_at` tells the live ones. `process` is random
+-- per start: a second live process with the same id finds the row taken and does not serve.
 CREATE TABLE pglease.instances (
     id            text PRIMARY KEY,
+    process       text NOT NULL,
     proxy         text NOT NULL,
     admin         text NOT NULL,
     version       text NOT NULL,
