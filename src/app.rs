@@ -227,13 +227,20 @@ impl App {
             if let Some(writer) = self.event_writer.take() {
                 tasks.push(tokio::spawn(writer.run(conninfo.clone(), instance.clone(), shutdown.clone())));
             }
-            tasks.push(tokio::spawn(crate::control_plane::watch::run(conninfo.clone(), self.grants.clone(), Some(fleet), options, shutdown.clone())));
+            tasks.push(tokio::spawn(crate::control_plane::watch::run(conninfo.clone(), self.grants.clone(), Some(fleet.clone()), options, shutdown.clone())));
             // Every instance's audit chain, next to the others in the control plane.
-            let sink = crate::audit::pgsink::PgSinkOptions { dsn: conninfo, table: "pglease.audit".into(), log: self.audit.path.clone(), instance: Some(instance) };
+            let held = fleet.clone();
+            let sink = crate::audit::pgsink::PgSinkOptions {
+                dsn: conninfo,
+                table: "pglease.audit".into(),
+                log: self.audit.path.clone(),
+                instance: Some(instance),
+                hold: Some(Arc::new(move || held.id_taken())),
+            };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(sink, shutdown.clone())));
         }
         if let Some((dsn, table)) = self.audit_pg.take() {
-            let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone(), instance: None };
+            let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone(), instance: None, hold: None };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(options, shutdown.clone())));
         }
         let reloader = crate::reload::Reloader::new(self.proxy.clone(), self.grants.clone(), self.admin.api.clone(), self.events.clone(), self.skip_role_check, self.config);

@@ -112,6 +112,10 @@ enum SessionCommand {
     Kill {
         /// The session's number (pglease session list shows them).
         id: u64,
+        /// The instance the session is on (the INSTANCE column of session list), needed only
+        /// when several instances have a session with this number.
+        #[arg(long)]
+        instance: Option<String>,
     },
 }
 
@@ -182,11 +186,12 @@ fn load_scope(source: &ScopeSource, name: &str) -> Result<pglease::config::Scope
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the log's hash chain: exit 0 intact, 1 broken (naming the first bad record).
+    /// Check hash chains: exit 0 intact, 1 broken. A log file: the first bad record is named.
+    /// The control plane: every instance's chain, each with its gaps and breaks.
     Verify {
-        /// The audit log (its rotated files LOG.000001… are checked too).
-        log: PathBuf,
-        /// Anchor file with chain heads written by the proxy; detects a cut-off tail.
+        #[command(flatten)]
+        source: AuditSource,
+        /// Anchor file with chain heads written by the proxy; detects a cut-off tail (log files only).
         #[arg(long)]
         anchor: Option<PathBuf>,
         /// Print the result as one JSON object.
@@ -195,8 +200,8 @@ enum AuditCommand {
     },
     /// Sessions in the log: who, grant, scope, from, to, statements, denials, errors.
     Sessions {
-        /// The audit log (its rotated files LOG.000001… are read too).
-        log: PathBuf,
+        #[command(flatten)]
+        source: AuditSource,
         /// Only sessions of this person.
         #[arg(long)]
         user: Option<String>,
@@ -221,12 +226,12 @@ enum AuditCommand {
     },
     /// One session's statements in order, with decision, timing, rows and errors.
     Show {
-        /// The audit log.
-        log: PathBuf,
+        #[command(flatten)]
+        source: AuditSource,
         /// The session's number (pglease audit sessions shows them).
         #[arg(long)]
         session: u64,
-        /// Keep printing new statements as they are logged.
+        /// Keep printing new statements as they are logged (or copied to the control plane).
         #[arg(long)]
         follow: bool,
         /// One JSON object per line (streamed: logs of any size).
@@ -235,8 +240,8 @@ enum AuditCommand {
     },
     /// Re-run a session's allowed statements against another database and report differences.
     Replay {
-        /// The audit log.
-        log: PathBuf,
+        #[command(flatten)]
+        source: AuditSource,
         /// The session's number.
         #[arg(long)]
         session: u64,
@@ -251,6 +256,22 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the audit commands read records: a log file, or the control plane's `pglease.audit`.
+#[derive(clap::Args)]
+struct AuditSource {
+    /// The audit log (its rotated files LOG.000001… are read too).
+    #[arg(required_unless_present = "control_plane")]
+    log: Option<PathBuf>,
+    /// Read the records every instance copied to the control plane, when no LOG is named: its
+    /// libpq connection string (password from it or PGPASSWORD).
+    #[arg(long, env = "PGLEASE_CONTROL_PLANE", value_name = "DSN", hide_env_values = true)]
+    control_plane: Option<String>,
+    /// With --control-plane: the instance whose chain to read (needed when several have
+    /// records; verify checks all of them without it).
+    #[arg(long, requires = "control_plane")]
+    instance: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -385,6 +406,9 @@ enum Command {
         /// Run the printed psql line once through the proxy, then stop and clean up.
         #[arg(long)]
         check: bool,
+        /// Proxy instances on one control plane (1 to 9), on consecutive ports from --listen and --admin.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+        instances: u8,
     },
 }
 
@@ -521,12 +545,21 @@ fn session(command: SessionCommand, api: &ApiArgs) -> Result<(), pglease::cli::C
             if api.json {
                 print_json(&v);
             } else {
-                pglease::cli::print_table(pglease::cli::SESSION_HEADERS, &pglease::cli::session_rows(&v));
+                let (headers, rows) = pglease::cli::session_table(&v);
+                pglease::cli::print_table(&headers, &rows);
             }
         }
-        SessionCommand::Kill { id } => {
-            let v = c.post(&format!("/sessions/{id}/kill"), serde_json::json!({}))?;
-            if api.json { print_json(&v) } else { println!("session {id} ended") }
+        SessionCommand::Kill { id, instance } => {
+            let path = match &instance {
+                Some(i) => format!("/sessions/{id}/kill?instance={}", pglease::cli::query_escape(i)),
+                None => format!("/sessions/{id}/kill"),
+            };
+            let v = c.post(&path, serde_json::json!({}))?;
+            match (api.json, v.get("instance").and_then(|i| i.as_str())) {
+                (true, _) => print_json(&v),
+                (false, Some(on)) => println!("session {id} on {on} ended"),
+                (false, None) => println!("session {id} ended"),
+            }
         }
     }
     Ok(())
@@ -577,6 +610,46 @@ fn scope(command: ScopeCommand) -> Result<(), pglease::cli::CliError> {
     }
 }
 
+/// An audit command's records, opened: a log file, or one instance's chain in the control plane.
+enum AuditRecords {
+    File(PathBuf),
+    Table(Box<pglease::audit::table::AuditTable>, String),
+}
+
+impl AuditRecords {
+    /// Opens the source; for the control plane, the named instance or the only one there is.
+    fn open(source: AuditSource) -> Result<Self, String> {
+        match (source.log, source.control_plane) {
+            // A log named on the command line wins over PGLEASE_CONTROL_PLANE in the environment.
+            (Some(log), _) => Ok(Self::File(log)),
+            (None, Some(dsn)) => {
+                let table = connect_audit_table(&dsn)?;
+                let instance = table.instance(source.instance.as_deref())?;
+                Ok(Self::Table(Box::new(table), instance))
+            }
+            (None, None) => Err("name the audit LOG or --control-plane DSN".into()),
+        }
+    }
+
+    fn source(&self) -> pglease::audit::reader::Source<'_> {
+        use pglease::audit::reader::Source;
+        match self {
+            Self::File(log) => Source::File(log),
+            Self::Table(table, instance) => Source::Table(table, instance),
+        }
+    }
+}
+
+/// Connects to the control plane for reading its audit table.
+fn connect_audit_table(dsn: &str) -> Result<pglease::audit::table::AuditTable, String> {
+    // Commands that talk to Postgres keep SIGPIPE ignored (main restored it for printing): a
+    // unix-socket write to a server that went away must be an error, not a silent death.
+    // SAFETY: setting a signal's disposition before any thread is started (the table's runtime
+    // starts below).
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    pglease::audit::table::AuditTable::connect(dsn)
+}
+
 fn audit(command: AuditCommand) -> std::process::ExitCode {
     use pglease::audit::reader;
     use std::process::ExitCode;
@@ -585,27 +658,68 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
         ExitCode::from(code)
     };
     match command {
-        AuditCommand::Verify { log, anchor, json } => match reader::verify(&log, anchor.as_deref()) {
-            Ok(r) => {
-                if json {
-                    print_json(&serde_json::json!({"intact": true, "records": r.records, "head": r.head, "anchors_checked": r.anchors_checked}));
-                } else {
-                    println!("intact: {} records, head {}{}", r.records, r.head, if r.anchors_checked > 0 { format!(", {} anchors checked", r.anchors_checked) } else { String::new() });
-                }
-                ExitCode::SUCCESS
+        AuditCommand::Verify { source: AuditSource { log: None, control_plane: Some(dsn), instance }, anchor, json } => {
+            if anchor.is_some() {
+                return fail(2, "--anchor checks a log file; the control plane's chains have no anchor file".into());
             }
-            Err(e) => {
-                if json {
-                    print_json(&serde_json::json!({"intact": false, "error": e}));
-                } else {
-                    println!("BROKEN: {e}");
+            let reports = match connect_audit_table(&dsn).and_then(|table| reader::verify_instances(&table, instance.as_deref())) {
+                Ok(r) => r,
+                Err(e) => return fail(2, e),
+            };
+            // No chain at all is not "intact", as a missing log file is not.
+            let intact = !reports.is_empty() && reports.iter().all(|r| r.intact);
+            if json {
+                print_json(&serde_json::json!({"intact": intact, "instances": reports}));
+            } else if reports.is_empty() {
+                println!("BROKEN: no instance has audit records in the control plane");
+            } else {
+                for r in &reports {
+                    let range = match (r.first_seq, r.last_seq) {
+                        (Some(first), Some(last)) => format!("seq {first}..{last}"),
+                        _ => "no seq".into(),
+                    };
+                    println!("{}: {}: {} records, {range}, head {}", r.instance, if r.intact { "intact" } else { "BROKEN" }, r.records, r.head);
+                    for g in &r.gaps {
+                        println!("    gap: seq {}..{} missing", g.from, g.to);
+                    }
+                    for b in &r.breaks {
+                        println!("    record seq={}: {}", b.seq, b.problem);
+                    }
+                    if r.not_listed > 0 {
+                        println!("    and {} more gaps or breaks", r.not_listed);
+                    }
                 }
-                ExitCode::from(1)
             }
-        },
-        AuditCommand::Sessions { log, user, grant, scope, since, until, decision, json } => {
+            if intact { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        AuditCommand::Verify { source, anchor, json } => {
+            let Some(log) = source.log else { return fail(2, "name the audit LOG or --control-plane DSN".into()) };
+            match reader::verify(&log, anchor.as_deref()) {
+                Ok(r) => {
+                    if json {
+                        print_json(&serde_json::json!({"intact": true, "records": r.records, "head": r.head, "anchors_checked": r.anchors_checked}));
+                    } else {
+                        println!("intact: {} records, head {}{}", r.records, r.head, if r.anchors_checked > 0 { format!(", {} anchors checked", r.anchors_checked) } else { String::new() });
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    if json {
+                        print_json(&serde_json::json!({"intact": false, "error": e}));
+                    } else {
+                        println!("BROKEN: {e}");
+                    }
+                    ExitCode::from(1)
+                }
+            }
+        }
+        AuditCommand::Sessions { source, user, grant, scope, since, until, decision, json } => {
+            let records = match AuditRecords::open(source) {
+                Ok(r) => r,
+                Err(e) => return fail(2, e),
+            };
             let filter = reader::SessionFilter { user, grant, scope, since, until, decision };
-            match reader::sessions(&log, &filter) {
+            match reader::sessions(records.source(), &filter) {
                 Ok(list) => {
                     if json {
                         for s in &list {
@@ -624,17 +738,22 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
                 Err(e) => fail(2, e),
             }
         }
-        AuditCommand::Show { log, session, follow, json } => {
+        AuditCommand::Show { source, session, follow, json } => {
+            let records = match AuditRecords::open(source) {
+                Ok(r) => r,
+                Err(e) => return fail(2, e),
+            };
+            let source = records.source();
             if !follow {
-                match reader::sessions(&log, &reader::SessionFilter::default()) {
-                    Ok(list) if !list.iter().any(|s| s.session == session) => return fail(1, format!("session {session} is not in {}", log.display())),
+                match reader::sessions(source, &reader::SessionFilter::default()) {
+                    Ok(list) if !list.iter().any(|s| s.session == session) => return fail(1, format!("session {session} is not in {source}")),
                     Ok(_) => {}
                     Err(e) => return fail(2, e),
                 }
             }
             let mut printed = 0usize;
             loop {
-                let list = match reader::show_session(&log, session) {
+                let list = match reader::show_session(source, session) {
                     Ok(l) => l,
                     Err(e) => return fail(2, e),
                 };
@@ -675,8 +794,12 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
-        AuditCommand::Replay { log, session, target, dry_run, json } => {
-            let statements = match pglease::audit::replay::replayable(&log, session) {
+        AuditCommand::Replay { source, session, target, dry_run, json } => {
+            let records = match AuditRecords::open(source) {
+                Ok(r) => r,
+                Err(e) => return fail(2, e),
+            };
+            let statements = match pglease::audit::replay::replayable(records.source(), session) {
                 Ok(s) => s,
                 Err(e) => return fail(2, e),
             };
@@ -694,6 +817,11 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
                 return ExitCode::SUCCESS;
             }
             let Some(target) = target else { return fail(2, "--target is required (or --dry-run)".into()) };
+            // Read before the replay's runtime starts: the control plane's reader blocks.
+            let settings = match pglease::audit::replay::session_settings(records.source(), session) {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(2, e.to_string()),
@@ -702,10 +830,6 @@ fn audit(command: AuditCommand) -> std::process::ExitCode {
                 let client = match connect_target(&target).await {
                     Ok(c) => c,
                     Err(e) => return fail(2, format!("cannot connect to the target: {e}")),
-                };
-                let settings = match pglease::audit::replay::session_settings(&log, session) {
-                    Ok(s) => s,
-                    Err(e) => return fail(2, e),
                 };
                 if let Err(e) = pglease::audit::replay::apply_settings(&client, &settings).await {
                     return fail(2, e);
@@ -800,9 +924,9 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 unreachable!("handled in main")
             }
-            Command::Demo { dir, listen, admin, json, check } => {
+            Command::Demo { dir, listen, admin, json, check, instances } => {
                 init_tracing("warn,pglease=info", LogFormat::Text);
-                pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json, check }).await
+                pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json, check, instances: instances.into() }).await
             }
         }
     });

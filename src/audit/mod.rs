@@ -7,6 +7,7 @@ pub mod pgsink;
 pub mod reader;
 pub mod record;
 pub mod replay;
+pub mod table;
 
 use std::sync::Arc;
 

@@ -1,5 +1,7 @@
 //! The second audit sink: the same records, batched into a table of a separate Postgres
-//! database, for several proxy instances and SQL-minded auditors.
+//! database (`[audit.postgres]`), for SQL-minded auditors; and, with a control plane, into its
+//! `pglease.audit`, where every instance's chain lies next to the others', keyed by
+//! (instance, seq): each instance keeps its own chain and sequence.
 //!
 //! It follows the file log (the durable source of truth) from the highest `seq` the table
 //! holds: if the database is slow or down it falls behind and catches up later, so it never
@@ -16,17 +18,22 @@ use super::log::log_files;
 pub struct PgSinkOptions {
     /// Connection string of the audit database.
     pub dsn: String,
-    /// Table name (created if missing).
+    /// Table name (created if missing, except the control plane's: its migrations make it).
     pub table: String,
     /// The file log to follow.
     pub log: PathBuf,
     /// With a control plane: this instance's id. Records then go to the control plane's
     /// `pglease.audit`, keyed by (instance, seq), next to every other instance's.
     pub instance: Option<String>,
+    /// While this says so, nothing is written (another live process holds the instance id:
+    /// its records and these would share one key).
+    pub hold: Option<std::sync::Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 const BATCH: usize = 1000;
 
+/// The `[audit.postgres]` database, as it always was: tokio-postgres parses the string, and TLS
+/// (when not disabled) is not verified.
 async fn connect(dsn: &str) -> Result<tokio_postgres::Client, String> {
     let config: tokio_postgres::Config = dsn.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
     if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
@@ -80,67 +87,109 @@ fn read_after(log: &Path, after: u64, cursor: &mut Option<(PathBuf, u64)>) -> Re
     Ok(out)
 }
 
+/// Where the records go, and how that table is keyed.
+struct Target {
+    table: String,
+    /// `Some`: the control plane's shared table, keyed by (instance, seq).
+    instance: Option<String>,
+}
+
+impl Target {
+    /// Connects, makes sure the table is there, and prepares the insert; returns the
+    /// connection, the insert and the highest `seq` the table holds (for this instance).
+    async fn open(&self, dsn: &str) -> Result<(tokio_postgres::Client, tokio_postgres::Statement, u64), String> {
+        let table = &self.table;
+        // The columns both tables share, taken from each record of a batch (a JSON array).
+        let values = "(r->>'seq')::bigint, (r->>'at')::timestamptz, r->>'kind', (r->>'session')::bigint, r->>'hash', r->>'prev', r \
+                      FROM jsonb_array_elements($1::text::jsonb) r";
+        let (client, insert, max) = match &self.instance {
+            None => {
+                let client = connect(dsn).await?;
+                client
+                    .batch_execute(&format!(
+                        "CREATE TABLE IF NOT EXISTS {table} (seq bigint PRIMARY KEY, at timestamptz NOT NULL, kind text NOT NULL, \
+                         session bigint, hash text NOT NULL, prev text NOT NULL, record jsonb NOT NULL)"
+                    ))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let insert = format!("INSERT INTO {table} (seq, at, kind, session, hash, prev, record) SELECT {values} ON CONFLICT (seq) DO NOTHING");
+                (client, insert, format!("SELECT coalesce(max(seq), 0) FROM {table}"))
+            }
+            // The control plane's migrations made the table. Its connection string is libpq's
+            // (sslmode=verify-full with sslrootcert, a quoted password), as every other
+            // control-plane connection reads it.
+            Some(_) => {
+                let client = crate::control_plane::connect(dsn).await?;
+                let insert = format!(
+                    "INSERT INTO {table} (instance, seq, at, kind, session, hash, prev, record) SELECT $2::text, {values} ON CONFLICT (instance, seq) DO NOTHING"
+                );
+                (client, insert, format!("SELECT coalesce(max(seq), 0) FROM {table} WHERE instance = $1"))
+            }
+        };
+        let insert = client.prepare(&insert).await.map_err(|e| crate::conninfo::describe_error(&e))?;
+        let max = match &self.instance {
+            None => client.query_one(&max, &[]).await,
+            Some(instance) => client.query_one(&max, &[instance]).await,
+        };
+        let after = max.map_err(|e| crate::conninfo::describe_error(&e))?.get::<_, i64>(0);
+        Ok((client, insert, after.max(0) as u64))
+    }
+
+    /// Inserts one batch (a JSON array of records); records already there are left alone.
+    async fn insert(&self, client: &tokio_postgres::Client, insert: &tokio_postgres::Statement, batch: &str) -> Result<u64, String> {
+        let inserted = match &self.instance {
+            None => client.execute(insert, &[&batch]).await,
+            Some(instance) => client.execute(insert, &[&batch, instance]).await,
+        };
+        inserted.map_err(|e| crate::conninfo::describe_error(&e))
+    }
+
+    /// The `sink` label of this sink's metrics.
+    fn label(&self) -> &'static str {
+        if self.instance.is_some() { "control_plane" } else { "postgres" }
+    }
+}
+
 /// Follows the log into the table until `shutdown`.
 pub async fn run(options: PgSinkOptions, shutdown: CancellationToken) {
-    let table = quote(&options.table);
+    let target = Target { table: quote(&options.table), instance: options.instance.clone() };
     let mut cursor: Option<(PathBuf, u64)> = None;
     loop {
-        if shutdown.is_cancelled() {
-            return;
+        // NOTE: dropping `follow` at shutdown is safe: the batch in flight either committed or
+        // not, and the next start resumes from the table's highest `seq`.
+        let Err(e) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = follow(&target, &options, &mut cursor) => r,
+        };
+        metrics::counter!("pglease_audit_failures_total", "sink" => target.label()).increment(1);
+        tracing::warn!(error = %e, table = %options.table, instance = ?options.instance, "audit Postgres sink failed; retrying (records wait in the file log)");
+        cursor = None;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let result: Result<(), String> = async {
-            let client = connect(&options.dsn).await?;
-            client
-                .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} (seq bigint PRIMARY KEY, at timestamptz NOT NULL, kind text NOT NULL, \
-                     session bigint, hash text NOT NULL, prev text NOT NULL, record jsonb NOT NULL)"
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
-            let insert = client
-                .prepare(&format!(
-                    "INSERT INTO {table} (seq, at, kind, session, hash, prev, record) \
-                     SELECT (r->>'seq')::bigint, (r->>'at')::timestamptz, r->>'kind', (r->>'session')::bigint, r->>'hash', r->>'prev', r \
-                     FROM jsonb_array_elements($1::text::jsonb) r ON CONFLICT (seq) DO NOTHING"
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut after: u64 = client
-                .query_one(&format!("SELECT coalesce(max(seq), 0) FROM {table}"), &[])
-                .await
-                .map_err(|e| e.to_string())?
-                .get::<_, i64>(0) as u64;
-            loop {
-                let log = options.log.clone();
-                let mut c = cursor.clone();
-                let (lines, c) = tokio::task::spawn_blocking(move || read_after(&log, after, &mut c).map(|l| (l, c)))
-                    .await
-                    .map_err(|e| e.to_string())??;
-                cursor = c;
-                if lines.is_empty() {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                    }
-                }
-                let batch = format!("[{}]", lines.join(","));
-                client.execute(&insert, &[&batch]).await.map_err(|e| e.to_string())?;
-                after = serde_json::from_str::<serde_json::Value>(lines.last().expect("non-empty")).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(after);
-                metrics::counter!("pglease_audit_pg_records_total").increment(lines.len() as u64);
-                metrics::gauge!("pglease_audit_pg_seq").set(after as f64);
-            }
+    }
+}
+
+/// Connects and copies, batch after batch, until something fails.
+async fn follow(target: &Target, options: &PgSinkOptions, cursor: &mut Option<(PathBuf, u64)>) -> Result<std::convert::Infallible, String> {
+    let (client, insert, mut after) = target.open(&options.dsn).await?;
+    loop {
+        let log = options.log.clone();
+        let mut c = cursor.clone();
+        let (lines, c) = tokio::task::spawn_blocking(move || read_after(&log, after, &mut c).map(|l| (l, c))).await.map_err(|e| e.to_string())??;
+        *cursor = c;
+        if lines.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
-        .await;
-        if let Err(e) = result {
-            metrics::counter!("pglease_audit_failures_total", "sink" => "postgres").increment(1);
-            tracing::warn!(error = %e, "audit Postgres sink failed; retrying (records wait in the file log)");
-            cursor = None;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        } else {
-            return;
+        if options.hold.as_ref().is_some_and(|hold| hold()) {
+            return Err("another live pglease uses this instance_id; audit records wait in the file log".into());
         }
+        let batch = format!("[{}]", lines.join(","));
+        target.insert(&client, &insert, &batch).await?;
+        after = serde_json::from_str::<serde_json::Value>(lines.last().expect("non-empty")).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(after);
+        metrics::counter!("pglease_audit_pg_records_total", "sink" => target.label()).increment(lines.len() as u64);
+        metrics::gauge!("pglease_audit_pg_seq", "sink" => target.label()).set(after as f64);
     }
 }

@@ -1,43 +1,97 @@
 //! Reading the log, for auditors: verification of the chain, the session list, and one
-//! session's statements. Everything streams line by line, so logs of millions of records are
-//! read in constant memory (per session summaries aside).
+//! session's statements. Records come from a file log or from one instance's chain in the
+//! control plane's table ([`Source`]); both stream record by record, so chains of millions of
+//! records are read in constant memory (per session summaries aside).
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use super::log::log_files;
-use super::record::{GENESIS, canonical, sha256_hex};
+use super::record::{Chain, Fault};
+use super::table::AuditTable;
 
-/// One line of the log, with where it came from.
-pub struct Line {
-    pub file: PathBuf,
-    pub number: usize,
-    pub value: Value,
-    pub raw_len: usize,
+/// Where records are read from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// A file log, its rotated files (`LOG.000001`, …) first.
+    File(&'a Path),
+    /// One instance's chain in the control plane's `pglease.audit`.
+    Table(&'a AuditTable, &'a str),
 }
 
-/// Calls `f` for every record in chain order. A line that is not JSON is an error naming it.
-pub fn for_each(path: &Path, mut f: impl FnMut(Line) -> Result<(), String>) -> Result<(), String> {
-    let files = log_files(path);
-    if files.is_empty() {
-        return Err(format!("no audit log at {}", path.display()));
-    }
-    for file in files {
-        let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?);
-        for (i, line) in reader.split(b'\n').enumerate() {
-            let line = line.map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            if line.is_empty() {
-                continue;
+impl Source<'_> {
+    /// Calls `f` for every record in chain order. `session` lets the table read only that
+    /// session's rows; callers filter anyway (a file is read whole). A line that is not JSON is
+    /// an error naming it.
+    pub fn for_each(&self, session: Option<u64>, mut f: impl FnMut(Line<'_>) -> Result<(), String>) -> Result<(), String> {
+        match *self {
+            Source::File(path) => {
+                let files = log_files(path);
+                if files.is_empty() {
+                    return Err(format!("no audit log at {}", path.display()));
+                }
+                for file in &files {
+                    let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?);
+                    for (i, line) in reader.split(b'\n').enumerate() {
+                        let line = line.map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                        if line.is_empty() {
+                            continue;
+                        }
+                        let value: Value = serde_json::from_slice(&line).map_err(|e| format!("{} line {}: not a record: {e}", file.display(), i + 1))?;
+                        f(Line { place: Place::File { file, line: i + 1 }, value })?;
+                    }
+                }
+                Ok(())
             }
-            let value: Value = serde_json::from_slice(&line).map_err(|e| format!("{} line {}: not a record: {e}", file.display(), i + 1))?;
-            f(Line { file: file.clone(), number: i + 1, value, raw_len: line.len() })?;
+            Source::Table(table, instance) => table.for_each(instance, session, |seq, value| f(Line { place: Place::Table { instance, seq }, value })),
         }
     }
-    Ok(())
+}
+
+impl std::fmt::Display for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::Table(_, instance) => write!(f, "instance {instance}'s chain in the control plane"),
+        }
+    }
+}
+
+/// One record, with where it came from.
+pub struct Line<'a> {
+    pub place: Place<'a>,
+    pub value: Value,
+}
+
+/// Where a record was read.
+#[derive(Clone, Copy)]
+pub enum Place<'a> {
+    File { file: &'a Path, line: usize },
+    Table { instance: &'a str, seq: i64 },
+}
+
+impl std::fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::File { file, line } => write!(f, "{} line {line}", file.display()),
+            Place::Table { instance, seq } => write!(f, "instance {instance}, row seq={seq}"),
+        }
+    }
+}
+
+/// Follows the chain of `source` in order: `check` sees each record with what [`Chain::follow`]
+/// found (its `seq` and faults, or why it is not a record) and decides whether to go on.
+fn follow_chain(source: Source<'_>, mut check: impl FnMut(&Line<'_>, Result<(u64, Vec<Fault>), &'static str>) -> Result<(), String>) -> Result<Chain, String> {
+    let mut chain = Chain::default();
+    source.for_each(None, |line| {
+        let followed = chain.follow(&line.value);
+        check(&line, followed)
+    })?;
+    Ok(chain)
 }
 
 #[derive(Debug, Serialize)]
@@ -47,11 +101,10 @@ pub struct VerifyReport {
     pub anchors_checked: u64,
 }
 
-/// Checks the chain: each record's hash, its link to the previous one, consecutive `seq`, and
-/// (with an anchor file) that every anchored head is still in the log.
+/// Checks a file log's chain: each record's hash, its link to the previous one, consecutive
+/// `seq` from 1, and (with an anchor file) that every anchored head is still in the log. The
+/// first record that does not check out is the error.
 pub fn verify(path: &Path, anchor: Option<&Path>) -> Result<VerifyReport, String> {
-    let mut expected_seq = 1u64;
-    let mut prev = GENESIS.to_owned();
     let mut heads: BTreeMap<u64, String> = BTreeMap::new();
     let anchors: Vec<(u64, String)> = match anchor {
         Some(a) => std::fs::read_to_string(a)
@@ -68,28 +121,17 @@ pub fn verify(path: &Path, anchor: Option<&Path>) -> Result<VerifyReport, String
     for (seq, _) in &anchors {
         heads.insert(*seq, String::new());
     }
-    for_each(path, |line| {
-        let where_ = format!("{} line {}", line.file.display(), line.number);
-        let seq = line.value["seq"].as_u64().ok_or(format!("record at {where_} has no seq"))?;
-        let name = format!("record seq={seq} ({where_})");
-        if seq != expected_seq {
-            return Err(format!("{name}: expected seq={expected_seq}: a record was deleted, inserted or moved"));
-        }
-        let hash = line.value["hash"].as_str().ok_or(format!("{name} has no hash"))?.to_owned();
-        if sha256_hex(&canonical(&line.value)) != hash {
-            return Err(format!("{name}: its contents do not match its hash: it was modified"));
-        }
-        if line.value["prev"].as_str() != Some(prev.as_str()) {
-            return Err(format!("{name}: it does not follow record seq={}: the chain is broken here", seq - 1));
+    let chain = follow_chain(Source::File(path), |line, followed| {
+        let (seq, faults) = followed.map_err(|e| format!("record at {} {e}", line.place))?;
+        if let Some(fault) = faults.first() {
+            return Err(format!("record seq={seq} ({}): {}", line.place, fault.problem(seq)));
         }
         if let Some(h) = heads.get_mut(&seq) {
-            *h = hash.clone();
+            *h = line.value["hash"].as_str().unwrap_or_default().to_owned();
         }
-        prev = hash;
-        expected_seq += 1;
         Ok(())
     })?;
-    let records = expected_seq - 1;
+    let records = chain.records();
     for (seq, hash) in &anchors {
         if *seq > records {
             return Err(format!("the log ends at seq={records}, but seq={seq} was anchored: its tail was cut off"));
@@ -98,7 +140,106 @@ pub fn verify(path: &Path, anchor: Option<&Path>) -> Result<VerifyReport, String
             return Err(format!("record seq={seq} differs from the anchored head: the log was rewritten"));
         }
     }
-    Ok(VerifyReport { records, head: prev, anchors_checked: anchors.len() as u64 })
+    Ok(VerifyReport { records, head: chain.head().to_owned(), anchors_checked: anchors.len() as u64 })
+}
+
+/// Gaps and breaks listed per chain; more are counted only.
+const LISTED: usize = 100;
+
+/// One instance's chain in the control plane, verified.
+#[derive(Debug, Serialize)]
+pub struct ChainReport {
+    pub instance: String,
+    /// No gap and no break.
+    pub intact: bool,
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// The hash of the last record.
+    pub head: String,
+    /// Ranges of `seq` missing between (or before) records that are there. The records after
+    /// the last one are no gap: the instance may not have copied them yet.
+    pub gaps: Vec<Gap>,
+    /// Records that do not check out: modified, or not linked to the record before them.
+    pub breaks: Vec<Break>,
+    /// Gaps and breaks beyond the first hundred of each, not listed.
+    pub not_listed: u64,
+}
+
+/// Records `from..=to` are missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Gap {
+    pub from: u64,
+    pub to: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Break {
+    pub seq: i64,
+    pub problem: String,
+}
+
+/// Verifies the chain of each instance in the control plane (or only `only`'s), each exactly
+/// as a file log is verified, and reports every gap and break rather than the first.
+pub fn verify_instances(table: &AuditTable, only: Option<&str>) -> Result<Vec<ChainReport>, String> {
+    let instances = match only {
+        Some(name) => vec![table.instance(Some(name))?],
+        None => table.instances()?,
+    };
+    let mut reports = Vec::new();
+    for instance in instances {
+        let (mut gaps, mut breaks, mut not_listed) = (Vec::new(), Vec::new(), 0u64);
+        let mut listed = |list_len: usize| {
+            let room = list_len < LISTED;
+            if !room {
+                not_listed += 1;
+            }
+            room
+        };
+        let chain = follow_chain(Source::Table(table, &instance), |line, followed| {
+            let seq_of_row = match line.place {
+                Place::Table { seq, .. } => seq,
+                Place::File { .. } => unreachable!("a table's records"),
+            };
+            match followed {
+                Err(e) => {
+                    if listed(breaks.len()) {
+                        breaks.push(Break { seq: seq_of_row, problem: format!("not a record: it {e}") });
+                    }
+                }
+                Ok((seq, faults)) => {
+                    for fault in faults {
+                        match fault {
+                            Fault::Missing { from, to } => {
+                                if listed(gaps.len()) {
+                                    gaps.push(Gap { from, to });
+                                }
+                            }
+                            other => {
+                                if listed(breaks.len()) {
+                                    breaks.push(Break { seq: seq as i64, problem: other.problem(seq) });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let range = chain.seq_range();
+        reports.push(ChainReport {
+            intact: gaps.is_empty() && breaks.is_empty(),
+            records: chain.records(),
+            first_seq: range.map(|r| r.0),
+            last_seq: range.map(|r| r.1),
+            head: chain.head().to_owned(),
+            gaps,
+            breaks,
+            not_listed,
+            instance,
+        });
+    }
+    Ok(reports)
 }
 
 /// One session, as `audit sessions` shows it.
@@ -134,10 +275,10 @@ fn opt_str(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_owned)
 }
 
-pub fn sessions(path: &Path, filter: &SessionFilter) -> Result<Vec<SessionSummary>, String> {
+pub fn sessions(source: Source<'_>, filter: &SessionFilter) -> Result<Vec<SessionSummary>, String> {
     let mut all: BTreeMap<u64, SessionSummary> = BTreeMap::new();
     let mut decisions: BTreeMap<u64, std::collections::HashSet<String>> = BTreeMap::new();
-    for_each(path, |line| {
+    source.for_each(None, |line| {
         let v = &line.value;
         let at = opt_str(v, "at");
         match v["kind"].as_str() {
@@ -220,10 +361,10 @@ pub struct ShownStatement {
     pub skipped: bool,
 }
 
-pub fn show_session(path: &Path, session: u64) -> Result<Vec<ShownStatement>, String> {
+pub fn show_session(source: Source<'_>, session: u64) -> Result<Vec<ShownStatement>, String> {
     let mut out: Vec<ShownStatement> = Vec::new();
     let mut index: BTreeMap<u64, usize> = BTreeMap::new();
-    for_each(path, |line| {
+    source.for_each(Some(session), |line| {
         let v = &line.value;
         if v["session"].as_u64() != Some(session) {
             return Ok(());

@@ -118,6 +118,91 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     crate::people::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
+/// What is wrong with one record of a chain, as [`Chain::follow`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The records `from..=to` are missing before it: deleted, or not (yet) copied here.
+    Missing { from: u64, to: u64 },
+    /// It stands where `seq = expected` should: a record was inserted, repeated or moved back.
+    Misplaced { expected: u64 },
+    /// Its contents do not match its hash.
+    Modified,
+    /// Its `prev` is not the hash of the record before it.
+    Unlinked,
+}
+
+impl Fault {
+    /// What the fault means, for the record `seq` that shows it.
+    pub fn problem(&self, seq: u64) -> String {
+        match self {
+            Fault::Missing { from: expected, .. } | Fault::Misplaced { expected } => format!("expected seq={expected}: a record was deleted, inserted or moved"),
+            Fault::Modified => "its contents do not match its hash: it was modified".to_owned(),
+            Fault::Unlinked => format!("it does not follow record seq={}: the chain is broken here", seq.saturating_sub(1)),
+        }
+    }
+}
+
+/// One hash chain, followed record by record in the order read (a file log, or one instance's
+/// rows of the control plane's table): `seq` counts up by one from 1, each `hash` covers its
+/// record, each `prev` is the hash before it.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    next_seq: u64,
+    head: String,
+    records: u64,
+    first_seq: Option<u64>,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Self { next_seq: 1, head: GENESIS.to_owned(), records: 0, first_seq: None }
+    }
+}
+
+impl Chain {
+    /// Checks the next record; returns its `seq` and its faults (none when it continues the
+    /// chain). An error means it is not a record at all (no `seq` or no `hash`).
+    pub fn follow(&mut self, record: &Value) -> Result<(u64, Vec<Fault>), &'static str> {
+        let seq = record["seq"].as_u64().ok_or("has no seq")?;
+        let hash = record["hash"].as_str().ok_or("has no hash")?;
+        let mut faults = Vec::new();
+        if seq > self.next_seq {
+            faults.push(Fault::Missing { from: self.next_seq, to: seq - 1 });
+        } else if seq < self.next_seq {
+            faults.push(Fault::Misplaced { expected: self.next_seq });
+        }
+        if sha256_hex(&canonical(record)) != hash {
+            faults.push(Fault::Modified);
+        }
+        // NOTE: after a gap the record before this one is unknown: its link cannot be checked
+        // (the gap is the fault). A modified record still passes its stored hash on, so one
+        // change is reported once, not again at the next record.
+        if seq == self.next_seq && record["prev"].as_str() != Some(self.head.as_str()) {
+            faults.push(Fault::Unlinked);
+        }
+        self.next_seq = seq.saturating_add(1);
+        self.head = hash.to_owned();
+        self.records += 1;
+        self.first_seq.get_or_insert(seq);
+        Ok((seq, faults))
+    }
+
+    /// The hash of the last record followed ([`GENESIS`] before the first).
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// How many records were followed.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// The `seq` of the first and of the last record followed.
+    pub fn seq_range(&self) -> Option<(u64, u64)> {
+        self.first_seq.map(|first| (first, self.next_seq - 1))
+    }
+}
+
 /// Builds the line for a record: fills in `seq`, `prev`, `at`, `hash`. Returns (line, hash).
 pub fn seal(body: &Body, seq: u64, prev: &str, at: &str) -> (Vec<u8>, String) {
     // The canonical encoding (sorted keys, no hash) is serialised once; the stored line is that
@@ -286,6 +371,58 @@ mod tests {
         let tampered = String::from_utf8(line).unwrap().replace("bob", "eve");
         let v: Value = serde_json::from_str(&tampered).unwrap();
         assert_ne!(sha256_hex(&canonical(&v)), hash);
+    }
+
+    /// A chain of `n` sealed event records, as parsed values.
+    fn chain_of(n: u64) -> Vec<Value> {
+        let mut prev = GENESIS.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let (line, hash) = seal(&Body::Event { event: serde_json::json!({"event": "e", "n": seq}) }, seq, &prev, "t");
+                prev = hash;
+                serde_json::from_slice(&line).unwrap()
+            })
+            .collect()
+    }
+
+    fn faults_of(records: &[Value]) -> Vec<(u64, Fault)> {
+        let mut chain = Chain::default();
+        records.iter().flat_map(|r| {
+            let (seq, faults) = chain.follow(r).unwrap();
+            faults.into_iter().map(move |f| (seq, f))
+        }).collect()
+    }
+
+    #[test]
+    fn a_chain_follows_and_reports_each_fault_once() {
+        let all = chain_of(6);
+        let mut chain = Chain::default();
+        for r in &all {
+            assert_eq!(chain.follow(r).unwrap().1, vec![]);
+        }
+        assert_eq!((chain.records(), chain.seq_range(), chain.head()), (6, Some((1, 6)), all[5]["hash"].as_str().unwrap()));
+        // A tail cut off (or not yet copied) is no fault: nothing says where the chain ends.
+        assert_eq!(faults_of(&all[..4]), vec![]);
+        // Deleted records: one gap, named by its range; the record after it is not blamed.
+        let gap: Vec<Value> = [&all[..2], &all[4..]].concat();
+        assert_eq!(faults_of(&gap), vec![(5, Fault::Missing { from: 3, to: 4 })]);
+        // The first records missing are a gap too.
+        assert_eq!(faults_of(&all[2..]), vec![(3, Fault::Missing { from: 1, to: 2 })]);
+        // A modified record: once, at that record.
+        let mut modified = all.clone();
+        modified[2]["n"] = Value::from(99);
+        assert_eq!(faults_of(&modified), vec![(3, Fault::Modified)]);
+        // A record re-sealed after a change: its own hash fits, the next record's link does not.
+        let mut resealed = all.clone();
+        let (line, _) = seal(&Body::Event { event: serde_json::json!({"event": "forged"}) }, 3, resealed[1]["hash"].as_str().unwrap(), "t");
+        resealed[2] = serde_json::from_slice(&line).unwrap();
+        assert_eq!(faults_of(&resealed), vec![(4, Fault::Unlinked)]);
+        // Moved back: the record is out of place.
+        let mut swapped = all.clone();
+        swapped.swap(1, 2);
+        assert_eq!(faults_of(&swapped)[0], (3, Fault::Missing { from: 2, to: 2 }));
+        assert!(faults_of(&swapped).contains(&(2, Fault::Misplaced { expected: 4 })));
+        assert_eq!(Chain::default().follow(&serde_json::json!({"hash": "x"})).unwrap_err(), "has no seq");
     }
 
     /// Strings that exercise JSON escaping: quotes, backslashes, control characters, non-ASCII.

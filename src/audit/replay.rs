@@ -3,14 +3,12 @@
 //! (rows, error) with the recording.
 
 use std::error::Error;
-use std::path::Path;
-
 use base64::Engine;
 use bytes::BytesMut;
 use serde::Serialize;
 use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
 
-use super::reader::{ShownStatement, show_session};
+use super::reader::{ShownStatement, Source, show_session};
 
 /// A parameter re-sent exactly as recorded.
 #[derive(Debug)]
@@ -54,8 +52,8 @@ pub struct Replayed {
 }
 
 /// The statements a replay runs: allowed ones that Postgres actually ran.
-pub fn replayable(path: &Path, session: u64) -> Result<Vec<ShownStatement>, String> {
-    Ok(show_session(path, session)?.into_iter().filter(|s| s.decision != "deny" && !s.skipped).collect())
+pub fn replayable(source: Source<'_>, session: u64) -> Result<Vec<ShownStatement>, String> {
+    Ok(show_session(source, session)?.into_iter().filter(|s| s.decision != "deny" && !s.skipped).collect())
 }
 
 fn params_of(s: &ShownStatement) -> Result<(Vec<Type>, Vec<RawParam>), String> {
@@ -77,9 +75,9 @@ fn params_of(s: &ShownStatement) -> Result<(Vec<Type>, Vec<RawParam>), String> {
 }
 
 /// The settings pinned for the recorded session (from its `session_opened` event).
-pub fn session_settings(path: &Path, session: u64) -> Result<Vec<(String, String)>, String> {
+pub fn session_settings(source: Source<'_>, session: u64) -> Result<Vec<(String, String)>, String> {
     let mut settings = Vec::new();
-    super::reader::for_each(path, |line| {
+    source.for_each(Some(session), |line| {
         let v = &line.value;
         if v["kind"] == "event" && v["event"] == "session_opened" && v["session"].as_u64() == Some(session)
             && let Some(m) = v["settings"].as_object()

@@ -199,6 +199,20 @@ fn random_hex(bytes: usize) -> String {
     crate::people::hex(&raw)
 }
 
+/// Runs a change once more if it lost a race with another instance (a write conflict):
+/// `save` has brought memory up to date by then, and the change checks its conditions again
+/// against that version. A decision someone else made first then fails this one on its merits
+/// ("is active, not pending"); a change that merely read an old copy (a secret taken elsewhere
+/// a moment ago) goes through. (A macro: the change is a call evaluated afresh each time.)
+macro_rules! retrying {
+    ($change:expr) => {
+        match $change.await {
+            Err(GrantError::Store(StoreError::Conflict(_))) => $change.await,
+            other => other,
+        }
+    };
+}
+
 impl GrantService {
     /// Loads the store. A corrupt store is an error, never an empty start.
     pub async fn open(store: Arc<dyn GrantStore>, scopes: Arc<Scopes>, events: Events, sessions: Arc<SessionRegistry>) -> Result<Arc<Self>, StoreError> {
@@ -432,8 +446,9 @@ impl GrantService {
     }
 
     pub async fn approve(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {
-        self.activate(who, id, true).await
+        retrying!(self.activate(who, id, true))
     }
+
 
     /// Marks a pending grant approved and starts its window. `check_requester`: whether the
     /// approver must differ from the requester (not for `issue`, where they are the same by design).
@@ -456,6 +471,10 @@ impl GrantService {
     }
 
     pub async fn deny(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
+        retrying!(self.deny_once(who, id, reason))
+    }
+
+    async fn deny_once(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
         let _w = self.write.lock().await;
         let mut g = self.get_for_change(id).await?;
         self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by))?;
@@ -478,7 +497,7 @@ impl GrantService {
         // The issuer is the requester by design; what matters is that the grant is not theirs.
         self.check_approver(who, scope, user, None)?;
         let mut new = self.request(who, GrantRequest { scope: scope.to_owned(), duration, reason: reason.to_owned(), user: Some(user.to_owned()), break_glass: false }).await?;
-        new.grant = self.activate(who, &new.grant.id, false).await?;
+        new.grant = retrying!(self.activate(who, &new.grant.id, false))?;
         Ok(new)
     }
 
@@ -486,6 +505,10 @@ impl GrantService {
     /// working. How the user of a grant made by someone else (`issue`, `request --user`) gets
     /// to log in.
     pub async fn take_secret(&self, who: &Principal, id: &str) -> Result<NewGrant, GrantError> {
+        retrying!(self.take_secret_once(who, id))
+    }
+
+    async fn take_secret_once(&self, who: &Principal, id: &str) -> Result<NewGrant, GrantError> {
         let _w = self.write.lock().await;
         let mut g = self.get_for_change(id).await?;
         if who.person != g.user {
@@ -504,6 +527,10 @@ impl GrantService {
 
     /// Ends a grant now and drops its sessions. Approvers, or the grant's own user.
     pub async fn revoke(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
+        retrying!(self.revoke_once(who, id, reason))
+    }
+
+    async fn revoke_once(&self, who: &Principal, id: &str, reason: &str) -> Result<Grant, GrantError> {
         if reason.trim().is_empty() {
             return Err(GrantError::Invalid("a reason is required".into()));
         }
