@@ -47,7 +47,7 @@ pub async fn pending(client: &mut Client) -> Result<Vec<Migration>, MigrateError
     let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE]).await.map_err(db)?.get(0);
     let applied: Vec<i32> = if exists {
         let rows = client.query(&format!("SELECT version, name FROM {HISTORY_TABLE} ORDER BY version"), &[]).await.map_err(db)?;
-        let known: Vec<i32> = runner.get_migrations().iter().map(|m| m.version() as i32).collect();
+        let known: Vec<i32> = runner.get_migrations().iter().map(|m| m.version()).collect();
         for r in &rows {
             let version: i32 = r.get(0);
             if !known.contains(&version) {
@@ -61,8 +61,8 @@ pub async fn pending(client: &mut Client) -> Result<Vec<Migration>, MigrateError
     Ok(runner
         .get_migrations()
         .iter()
-        .filter(|m| !applied.contains(&(m.version() as i32)))
-        .map(|m| Migration { version: m.version() as i32, name: m.name().to_owned() })
+        .filter(|m| !applied.contains(&(m.version())))
+        .map(|m| Migration { version: m.version(), name: m.name().to_owned() })
         .collect())
 }
 
@@ -73,7 +73,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<Migration>, MigrateError
     let result = async {
         pending(client).await?;
         let report = runner().run_async(client).await.map_err(|e| MigrateError::Migration(e.to_string()))?;
-        Ok(report.applied_migrations().iter().map(|m| Migration { version: m.version() as i32, name: m.name().to_owned() }).collect())
+        Ok(report.applied_migrations().iter().map(|m| Migration { version: m.version(), name: m.name().to_owned() }).collect())
     }
     .await;
     // The lock is the session's: released here, or with the connection if this fails.
