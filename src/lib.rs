@@ -8,7 +8,9 @@
 //! - [`session`]: the relay, and the hooks policy and audit plug into
 //! - [`cancel`]: proxy-issued cancel keys
 //! - [`server`]: the listener, connection limit, graceful shutdown
-//! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`)
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, the JSON API)
+//! - [`control_plane`]: the database several instances share (grants, the fleet, events)
+//! - [`cli`], [`connect`]: the admin commands, and `pglease connect`
 //! - [`config`], [`tls`], [`error`]: configuration, TLS setup, client-visible errors
 //! - [`cluster`], [`demo`]: the throwaway Postgres and the demo built on it
 
@@ -18,6 +20,7 @@ pub mod cancel;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod connect;
 pub mod conninfo;
 pub mod control_plane;
 pub mod demo;

@@ -311,6 +311,38 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Connect to a scope in one command: reuse your active grant or request one and wait for
+    /// its approval, then run psql through the proxy (the secret only in psql's environment).
+    Connect {
+        /// The scope to connect with (pglease scope list shows them).
+        scope: String,
+        /// Why you need access (required when a grant must be requested).
+        #[arg(long)]
+        reason: Option<String>,
+        /// How long a requested grant lasts, e.g. 30m, 2h (default 1h, or the scope's limit).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        /// The database to connect to (one of the scope's; default: the scope's first).
+        #[arg(long)]
+        database: Option<String>,
+        /// The CA file the proxy's certificate is verified with (default: PGLEASE_CA, or the
+        /// proxy's listen.tls_ca when pglease runs on this machine).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Run this program instead of psql, the same way (PG* variables in its environment).
+        #[arg(long, value_name = "PROGRAM", conflicts_with = "print_env")]
+        exec: Option<String>,
+        /// Print the PG* variables (the secret among them) instead of running a client; to a
+        /// terminal only.
+        #[arg(long)]
+        print_env: bool,
+        /// Admin API of a running pglease.
+        #[arg(long, env = "PGLEASE_ADMIN_URL", default_value = "http://127.0.0.1:9187")]
+        admin_url: String,
+        /// Arguments for psql (or the program), after `--`.
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
     /// Live sessions (admin API).
     Session {
         #[command(subcommand)]
@@ -443,6 +475,16 @@ fn main() -> std::process::ExitCode {
     let admin = match cli.command {
         Command::Grant { command, api } => Some(grant(command, &api)),
         Command::Session { command, api } => Some(session(command, &api)),
+        Command::Connect { scope, reason, duration, database, ca, exec, print_env, admin_url, args } => {
+            let api = pglease::cli::ApiClient::new(&admin_url, std::env::var("PGLEASE_ADMIN_TOKEN").ok());
+            let options = pglease::connect::ConnectOptions { scope, reason, duration, database, ca, exec, print_env, args, poll_every: std::time::Duration::from_secs(1) };
+            match pglease::connect::run(&api, &options) {
+                Ok(pglease::connect::Ended::Printed) => return std::process::ExitCode::SUCCESS,
+                // As a shell reports a command ended by SIGINT.
+                Ok(pglease::connect::Ended::Withdrawn(_)) => return std::process::ExitCode::from(130),
+                Err(e) => Some(Err(e)),
+            }
+        }
         Command::Scope { command } => Some(scope(command)),
         Command::Audit { command } => return audit(command),
         Command::Completions { shell } => {
@@ -921,7 +963,14 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
                 println!("  pglease serve --config {}", shown(&done.config));
                 Ok(())
             }
-            Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            Command::Grant { .. }
+            | Command::Session { .. }
+            | Command::Connect { .. }
+            | Command::Scope { .. }
+            | Command::Token { .. }
+            | Command::Audit { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. } => {
                 unreachable!("handled in main")
             }
             Command::Demo { dir, listen, admin, json, check, instances } => {

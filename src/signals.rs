@@ -45,3 +45,32 @@ impl Signals {
         }
     }
 }
+
+/// SIGINT and SIGTERM for a command that otherwise blocks (`pglease connect` while it waits for
+/// an approval): a signal that arrives at any time after [`Interrupts::new`] is seen by the
+/// next [`Interrupts::wait`], instead of ending the process.
+pub struct Interrupts {
+    runtime: tokio::runtime::Runtime,
+    int: UnixSignal,
+    term: UnixSignal,
+}
+
+impl Interrupts {
+    pub fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (int, term) = runtime.block_on(async { Ok::<_, std::io::Error>((signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)) })?;
+        Ok(Self { runtime, int, term })
+    }
+
+    /// Waits for `d`; true if a signal came (meanwhile, or since the last wait).
+    pub fn wait(&mut self, d: std::time::Duration) -> bool {
+        let Self { runtime, int, term } = self;
+        runtime.block_on(async {
+            tokio::select! {
+                _ = int.recv() => true,
+                _ = term.recv() => true,
+                _ = tokio::time::sleep(d) => false,
+            }
+        })
+    }
+}

@@ -54,6 +54,7 @@ pub fn router(state: Arc<ApiState>) -> Router<super::AdminState> {
         .route("/grants/{id}/secret", post(take_secret))
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}/kill", post(kill_session))
+        .route("/whoami", get(whoami))
         .route("/scopes", get(list_scopes))
         .route("/scopes/{name}", get(show_scope))
         .with_state(state)
@@ -153,6 +154,12 @@ pub struct NewGrantView {
     pub password: Option<String>,
     /// A ready-to-run psql command line (without the password).
     pub psql: String,
+    /// The same, as parts: where clients reach the proxy, and the CA its certificate is
+    /// verified with (a path on the proxy's host; absent when the config names none).
+    pub host: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<String>,
 }
 
 fn new_grant_view(state: &ApiState, new: NewGrant) -> NewGrantView {
@@ -162,7 +169,14 @@ fn new_grant_view(state: &ApiState, new: NewGrant) -> NewGrantView {
         None => "sslmode=require".to_owned(),
     };
     let psql = format!("psql \"host={} port={} user={} dbname={} {tls}\"", state.proxy_host, state.proxy_port, g.login, g.database);
-    NewGrantView { grant: GrantView::of(g, SystemTime::now()), password: new.secret, psql }
+    NewGrantView {
+        grant: GrantView::of(g, SystemTime::now()),
+        password: new.secret,
+        psql,
+        host: state.proxy_host.clone(),
+        port: state.proxy_port,
+        sslrootcert: state.client_ca.as_ref().map(|p| p.display().to_string()),
+    }
 }
 
 async fn take_secret(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Json<NewGrantView>, ApiError> {
@@ -307,6 +321,13 @@ async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, P
         Some(instance) => serde_json::json!({ "killed": id, "instance": instance }),
         None => serde_json::json!({ "killed": id }),
     }))
+}
+
+/// The caller as the API knows them (person, roles, groups), and where clients reach the
+/// proxy (`pglease connect` reads it).
+async fn whoami(State(state): State<Arc<ApiState>>, Caller(who): Caller) -> Json<serde_json::Value> {
+    let proxy = serde_json::json!({ "host": state.proxy_host, "port": state.proxy_port, "sslrootcert": state.client_ca.as_ref().map(|p| p.display().to_string()) });
+    Json(serde_json::json!({ "person": who.person, "roles": who.roles, "groups": who.groups, "proxy": proxy }))
 }
 
 async fn list_scopes(State(state): State<Arc<ApiState>>, Caller(_who): Caller) -> Json<Vec<crate::scopes::Scope>> {
