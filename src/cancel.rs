@@ -25,7 +25,14 @@ pub struct CancelRegistry {
     /// Live sessions by backend pid. A pid normally names one session; more than one only
     /// while a session of a restarted upstream has not noticed yet that its backend is gone.
     entries: DashMap<i32, Vec<Entry>>,
+    /// Wrong secrets tried against each live pid, from anywhere (directly or routed by other
+    /// instances). The pid is public; after [`MISSES_PER_PID`] a pid takes no more cancel
+    /// requests, so its 4-byte secret cannot be guessed.
+    misses: DashMap<i32, u32>,
 }
+
+/// Wrong secrets a live session's pid may receive before it takes no more cancel requests.
+pub const MISSES_PER_PID: u32 = 32;
 
 /// Removes the session's key from the registry when the session ends.
 pub struct Registration {
@@ -39,6 +46,7 @@ impl Drop for Registration {
             o.get_mut().retain(|e| e.secret != self.key.secret);
             if o.get().is_empty() {
                 o.remove();
+                self.registry.misses.remove(&self.key.pid);
             }
         }
     }
@@ -54,6 +62,10 @@ impl CancelRegistry {
         let mut rng = rand::rngs::OsRng;
         let pid = upstream_key.pid;
         let mut entries = self.entries.entry(pid).or_default();
+        if entries.is_empty() {
+            // A pid used again by a new backend starts with a clean slate.
+            self.misses.remove(&pid);
+        }
         let secret = loop {
             // 4 bytes: the secret length of protocol 3.0.
             let mut secret = [0u8; 4];
@@ -70,11 +82,22 @@ impl CancelRegistry {
     /// The upstream to cancel on, if `pid`/`secret` name a live session.
     pub fn resolve(&self, pid: i32, secret: &[u8]) -> Option<(Arc<Upstream>, BackendKeyData)> {
         let entries = self.entries.get(&pid)?;
+        if self.misses.get(&pid).is_some_and(|m| *m >= MISSES_PER_PID) {
+            metrics::counter!("pglease_cancel_requests_total", "result" => "pid_locked").increment(1);
+            return None;
+        }
         // Every entry is compared, so the time taken does not tell which one matched.
         let mut found = None;
         for e in entries.iter() {
             if e.secret.len() == secret.len() && bool::from(e.secret.as_ref().ct_eq(secret)) {
                 found = Some((e.upstream.clone(), e.upstream_key.clone()));
+            }
+        }
+        if found.is_none() {
+            drop(entries);
+            // Counted only while the pid is live (the entry goes with the session).
+            if self.entries.contains_key(&pid) {
+                *self.misses.entry(pid).or_default() += 1;
             }
         }
         found

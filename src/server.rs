@@ -95,6 +95,8 @@ pub struct Proxy {
     throttle: LoginThrottle,
     /// Cancel requests that matched no session, per address.
     cancel_misses: LoginThrottle,
+    /// Cancel requests passed on to other instances, per address.
+    cancels_routed: LoginThrottle,
     upstream: Arc<Upstream>,
     credentials: Arc<dyn CredentialSource>,
     hooks: Arc<dyn SessionHooks>,
@@ -125,6 +127,7 @@ impl Proxy {
             events: Events::new(),
             throttle: LoginThrottle::default(),
             cancel_misses: LoginThrottle::default(),
+            cancels_routed: LoginThrottle::default(),
             upstream: Arc::new(upstream),
             credentials,
             hooks: Arc::new(PassThrough),
@@ -158,11 +161,17 @@ impl Proxy {
             self.cancel_misses.failed(from);
             return false;
         };
+        // Each routed request is a write to the control plane: an address gets a bounded number
+        // of them. (The instance that has the session checks the secret and stops taking
+        // requests for a pid after `cancel::MISSES_PER_PID` wrong ones, wherever they came from.)
+        if !self.cancels_routed.delay(from, CANCELS_ROUTED_ALLOWED).is_zero() {
+            metrics::counter!("pglease_cancel_requests_total", "result" => "throttled").increment(1);
+            return false;
+        }
+        self.cancels_routed.failed(from);
         match fleet.forward_cancel(pid, secret).await {
             Ok(forwarded) => {
                 metrics::counter!("pglease_cancel_requests_total", "result" => if forwarded { "routed" } else { "unknown" }).increment(1);
-                // Routed means a session elsewhere has that pid; its instance checks the secret.
-                // Either way the attempt counts: a guesser gets no more tries by routing them.
                 if !forwarded {
                     self.cancel_misses.failed(from);
                 }
@@ -579,6 +588,10 @@ struct LoginThrottle {
 /// Cancel requests from one address that may match no session before its next ones are
 /// dropped unread (for [`FAILURE_MEMORY`] after the last miss).
 const CANCEL_MISSES_ALLOWED: u32 = 32;
+
+/// Cancel requests from one address that may be passed on to other instances (for
+/// [`FAILURE_MEMORY`] after the last one).
+const CANCELS_ROUTED_ALLOWED: u32 = 64;
 
 /// Failures are forgotten after this long without a new one.
 const FAILURE_MEMORY: Duration = Duration::from_secs(300);

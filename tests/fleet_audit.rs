@@ -499,3 +499,37 @@ async fn kill_9_of_one_of_three_instances_loses_no_acknowledged_record() {
         }
     }
 }
+
+/// A text parameter with a NUL byte (Postgres refuses it, but a client may send it) is recorded
+/// exactly, in base64, and does not stop the copy into the control plane (jsonb has no NUL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_a_parameter_is_recorded_exactly_and_copied() {
+    use common::raw::{Raw, message, startup_packet};
+    let env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let (_, login, password) = env.active_grant("read", "10m").await;
+    let mut raw = Raw::tls(env.proxy_addr).await;
+    raw.send(&startup_packet(3 << 16, &[("user", &login), ("database", &env.database)])).await;
+    raw.scram(&password).await.expect("login");
+    raw.until_ready().await;
+    let cstr = |s: &str| [s.as_bytes(), b"\0"].concat();
+    let parse = [cstr(""), cstr("SELECT $1::text"), 0i16.to_be_bytes().to_vec()].concat();
+    let value = b"a\0b";
+    let bind = [cstr(""), cstr(""), 0i16.to_be_bytes().to_vec(), 1i16.to_be_bytes().to_vec(), (value.len() as i32).to_be_bytes().to_vec(), value.to_vec(), 0i16.to_be_bytes().to_vec()].concat();
+    let execute = [cstr(""), 0i32.to_be_bytes().to_vec()].concat();
+    raw.send(&[message(b'P', &parse), message(b'B', &bind), message(b'E', &execute), message(b'S', &[])].concat()).await;
+    let answer = raw.until_ready().await;
+    assert!(answer.iter().any(|m| m.tag == b'E' && m.code() == "22021"), "Postgres refused the NUL");
+    // A statement after it, so that the copy must get past the NUL's record.
+    let client = env.connect(&login, &password).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let recorded = std::fs::read_to_string(&env.audit_log).unwrap();
+    let param = recorded.lines().find(|l| l.contains("text-base64")).expect("the parameter recorded in base64");
+    assert!(param.contains(&base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value)), "{param}");
+    let instance = {
+        let url = format!("{}/healthz", env.admin_url);
+        let health: Value = tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().body_mut().read_json().unwrap()).await.unwrap();
+        health["instance"].as_str().unwrap().to_owned()
+    };
+    let cp = control_plane(&env.database).await;
+    fully_copied(&cp, &instance, &env.audit_log).await;
+}

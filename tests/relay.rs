@@ -257,7 +257,7 @@ async fn an_address_that_keeps_missing_cancel_keys_is_ignored_for_a_while() {
     }
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
     let running = common::eventually(Duration::from_secs(10), || async {
-        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active'", &[]).await.unwrap().get(0);
+        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active' AND datname = current_database()", &[]).await.unwrap().get(0);
         (n == 1).then_some(())
     })
     .await;
@@ -269,4 +269,41 @@ async fn an_address_that_keeps_missing_cancel_keys_is_ignored_for_a_while() {
     proxy.connect().await.simple_query("SELECT 1").await.unwrap();
     eprintln!("login after the throttle: {:?}", started.elapsed());
     assert!(metrics.render().contains("result=\"throttled\""), "counted as throttled");
+}
+
+/// Guesses spread over many addresses are still bounded: a live session's pid takes no more
+/// cancel requests after 32 wrong secrets, from wherever they came.
+#[tokio::test]
+async fn a_pid_takes_no_more_cancels_after_32_wrong_secrets_from_anywhere() {
+    let proxy = TestProxy::start().await;
+    let client = proxy.connect().await;
+    let token = client.cancel_token();
+    let direct = proxy.connect_direct().await;
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    for guess in 0..32u32 {
+        // One guess from each of 32 loopback addresses: no address is throttled.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from(([127, 0, 1, 1 + guess as u8], 0))).unwrap();
+        let stream = socket.connect(proxy.addr).await.unwrap();
+        let mut raw = common::raw::Raw::from_io(Box::new(stream));
+        let mut packet = 16i32.to_be_bytes().to_vec();
+        packet.extend_from_slice(&80877102u32.to_be_bytes());
+        packet.extend_from_slice(&pid.to_be_bytes());
+        packet.extend_from_slice(&guess.to_be_bytes());
+        raw.send(&packet).await;
+        assert!(raw.recv().await.is_none());
+    }
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
+    let running = common::eventually(Duration::from_secs(10), || async {
+        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active' AND datname = current_database()", &[]).await.unwrap().get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "sleep started");
+    // The right key, from a fresh address.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from(([127, 0, 2, 1], 0))).unwrap();
+    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut common::tls_connector(), "localhost").unwrap();
+    token.cancel_query_raw(socket.connect(proxy.addr).await.unwrap(), tls).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), sleeper).await.unwrap().unwrap().expect("the locked pid's statement was not cancelled");
 }

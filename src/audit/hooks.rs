@@ -119,13 +119,20 @@ impl AuditHooks {
             .enumerate()
             .map(|(i, p)| {
                 let binary = bind.param_format(i) == 1;
-                let value = match (p, self.log.params) {
-                    (None, _) => None,
-                    (Some(_), ParamLogging::Redact) => Some("<redacted>".to_owned()),
-                    (Some(b), _) if binary => Some(base64::engine::general_purpose::STANDARD.encode(b)),
-                    (Some(b), _) => Some(String::from_utf8_lossy(b).into_owned()),
+                // A text value that is not UTF-8 without NULs (Postgres refuses it, but it was
+                // sent) is kept exactly, in base64: `text-base64`. As text it would be altered,
+                // and a NUL cannot be stored in the control plane's jsonb at all.
+                let plain = p.as_deref().and_then(|b| std::str::from_utf8(b).ok()).filter(|t| !t.contains('\0'));
+                let (format, value) = match (p, self.log.params) {
+                    (None, _) => (if binary { "binary" } else { "text" }, None),
+                    (Some(_), ParamLogging::Redact) => (if binary { "binary" } else { "text" }, Some("<redacted>".to_owned())),
+                    (Some(b), _) if binary => ("binary", Some(base64::engine::general_purpose::STANDARD.encode(b))),
+                    (Some(b), _) => match plain {
+                        Some(text) => ("text", Some(text.to_owned())),
+                        None => ("text-base64", Some(base64::engine::general_purpose::STANDARD.encode(b))),
+                    },
                 };
-                Param { oid: types.get(i).copied().unwrap_or(0), format: if binary { "binary" } else { "text" }.into(), value }
+                Param { oid: types.get(i).copied().unwrap_or(0), format: format.into(), value }
             })
             .collect()
     }

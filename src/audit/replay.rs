@@ -62,11 +62,13 @@ fn params_of(s: &ShownStatement) -> Result<(Vec<Type>, Vec<RawParam>), String> {
     for p in s.params.as_array().into_iter().flatten() {
         let oid = p["oid"].as_u64().unwrap_or(0) as u32;
         types.push(Type::from_oid(oid).unwrap_or(Type::UNKNOWN));
-        let binary = p["format"].as_str() == Some("binary");
+        let format = p["format"].as_str().unwrap_or("text");
+        let binary = format == "binary";
         let bytes = match p["value"].as_str() {
             None => None,
             Some("<redacted>") => return Err("its parameters were redacted".into()),
-            Some(v) if binary => Some(base64::engine::general_purpose::STANDARD.decode(v).map_err(|e| e.to_string())?),
+            // Binary values, and text values that were not plain UTF-8, are kept in base64.
+            Some(v) if binary || format == "text-base64" => Some(base64::engine::general_purpose::STANDARD.decode(v).map_err(|e| e.to_string())?),
             Some(v) => Some(v.as_bytes().to_vec()),
         };
         params.push(RawParam { bytes, binary });
