@@ -200,7 +200,7 @@ impl App {
         }
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(self.proxy.clone().run(listener, shutdown.clone())));
+        let mut listener = Some(listener);
         let admin = self.admin.clone();
         let s = shutdown.clone();
         tasks.push(tokio::spawn(async move {
@@ -218,12 +218,22 @@ impl App {
                 format!("http://{admin_addr}"),
                 self.proxy.sessions.clone(),
                 self.proxy.cancels.clone(),
+                self.events.clone(),
             ));
             self.proxy.set_fleet(fleet.clone());
             if let Some(api) = &self.admin.api {
                 api.set_fleet(fleet.clone());
             }
-            tasks.push(tokio::spawn(fleet.clone().run_publisher(shutdown.clone())));
+            // The proxy accepts once the first heartbeat was tried (connections wait in the
+            // listen backlog until then): a process whose id another live one holds never serves.
+            let (joined, first_heartbeat) = tokio::sync::oneshot::channel();
+            tasks.push(tokio::spawn(fleet.clone().run_publisher(shutdown.clone(), joined)));
+            tasks.push(tokio::spawn(fleet.clone().run_requests(shutdown.clone())));
+            let (proxy, s, l) = (self.proxy.clone(), shutdown.clone(), listener.take().expect("not taken yet"));
+            tasks.push(tokio::spawn(async move {
+                let _ = first_heartbeat.await;
+                proxy.run(l, s).await
+            }));
             if let Some(writer) = self.event_writer.take() {
                 tasks.push(tokio::spawn(writer.run(conninfo.clone(), instance.clone(), shutdown.clone())));
             }
@@ -235,9 +245,12 @@ impl App {
                 table: "pglease.audit".into(),
                 log: self.audit.path.clone(),
                 instance: Some(instance),
-                hold: Some(Arc::new(move || held.id_taken())),
+                hold: Some(Arc::new(move || held.not_serving().is_some())),
             };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(sink, shutdown.clone())));
+        }
+        if let Some(l) = listener.take() {
+            tasks.push(tokio::spawn(self.proxy.clone().run(l, shutdown.clone())));
         }
         if let Some((dsn, table)) = self.audit_pg.take() {
             let options = crate::audit::pgsink::PgSinkOptions { dsn, table, log: self.audit.path.clone(), instance: None, hold: None };

@@ -106,8 +106,13 @@ enum GrantCommand {
 
 #[derive(Subcommand)]
 enum SessionCommand {
-    /// Live client sessions.
-    List,
+    /// Live client sessions (with a control plane, every instance's).
+    List {
+        /// Only the sessions of the instance this API belongs to (works while the control
+        /// plane is away).
+        #[arg(long)]
+        local: bool,
+    },
     /// End a session now.
     Kill {
         /// The session's number (pglease session list shows them).
@@ -582,8 +587,8 @@ fn grant(command: GrantCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliEr
 fn session(command: SessionCommand, api: &ApiArgs) -> Result<(), pglease::cli::CliError> {
     let c = client(api);
     match command {
-        SessionCommand::List => {
-            let v = c.get("/sessions")?;
+        SessionCommand::List { local } => {
+            let v = c.get(if local { "/sessions?local=true" } else { "/sessions" })?;
             if api.json {
                 print_json(&v);
             } else {

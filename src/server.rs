@@ -169,7 +169,17 @@ impl Proxy {
             return false;
         }
         self.cancels_routed.failed(from);
-        match fleet.forward_cancel(pid, secret).await {
+        // A session that started a moment ago may not be published yet (the publisher writes
+        // within milliseconds of a start): look a few times before giving up.
+        let mut routed = fleet.forward_cancel(pid, secret).await;
+        for _ in 0..4 {
+            if !matches!(routed, Ok(false)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            routed = fleet.forward_cancel(pid, secret).await;
+        }
+        match routed {
             Ok(forwarded) => {
                 metrics::counter!("pglease_cancel_requests_total", "result" => if forwarded { "routed" } else { "unknown" }).increment(1);
                 if !forwarded {
@@ -434,7 +444,7 @@ impl Proxy {
         }
         // Fail closed, and say so: no login is decided on grants that may be out of date.
         let unavailable = self.credentials.unavailable().or_else(|| {
-            self.fleet.get().filter(|f| f.id_taken()).map(|f| format!("pglease: another live instance uses this instance's id ({}); it takes no logins", f.instance))
+            self.fleet.get().and_then(|f| f.not_serving())
         });
         if let Some(why) = unavailable {
             metrics::counter!("pglease_logins_refused_stale_total").increment(1);

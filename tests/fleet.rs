@@ -205,13 +205,14 @@ async fn three_instances_act_as_one() {
     })
     .await;
     assert!(left.is_some(), "the revoked session's statement was cancelled upstream");
-    // Every instance's events are in the control plane, under its own id.
+    // Every instance's events are in the control plane, under its own id (a kill under the
+    // instance whose session it ended).
     let cp = control_plane(&env, None).await;
     let ids = [instance_id(&fleet[0].admin).await, instance_id(&fleet[1].admin).await, three_id.0.clone()];
     let seen = common::eventually(Duration::from_secs(10), || async {
         let rows = cp.query("SELECT instance, kind FROM pglease.events WHERE body->>'grant' = $1 OR body->>'session' IS NOT NULL", &[&id]).await.unwrap();
         let has = |instance: &str, kind: &str| rows.iter().any(|r| r.get::<_, String>(0) == instance && r.get::<_, String>(1) == kind);
-        (has(&ids[0], "grant_requested") && has(&ids[0], "grant_approved") && has(&ids[1], "grant_revoked") && has(&ids[1], "session_killed") && has(&ids[2], "session_opened")).then_some(())
+        (has(&ids[0], "grant_requested") && has(&ids[0], "grant_approved") && has(&ids[1], "grant_revoked") && has(&ids[2], "session_killed") && has(&ids[2], "session_opened")).then_some(())
     })
     .await;
     assert!(seen.is_some(), "events of all three instances in pglease.events");
@@ -315,6 +316,7 @@ async fn the_control_plane_goes_away_for_ten_seconds_and_comes_back() {
     let db = env.database.clone();
     let (id, login, password, _) = approved_grant(&fleet[0], "read").await;
     let (live, _live_task) = common::eventually(Duration::from_secs(1), || async { connect(fleet[1].proxy, &login, &password, &db).await.ok() }).await.expect("login on 2");
+    let (doomed, doomed_task) = connect(fleet[1].proxy, &login, &password, &db).await.unwrap();
     for i in &fleet {
         assert_eq!(probe(&i.admin, "/readyz").await.0, 200);
     }
@@ -338,9 +340,18 @@ async fn the_control_plane_goes_away_for_ten_seconds_and_comes_back() {
     // A revoke is refused with 503, and says the change may not have been made.
     let e = api(&fleet[0].admin, BOB, "POST", &format!("/grants/{id}/revoke"), json!({"reason": "during outage"})).await.err().expect("503");
     assert!(e.contains("503") || e.contains("cannot be reached"), "{e}");
-    // The session list needs the control plane: 503, not a partial list.
+    // The fleet's session list needs the control plane: 503, not a partial list; this
+    // instance's own sessions are listed with --local, and one of them can still be ended.
     let e = api(&fleet[1].admin, CAROL, "GET", "/sessions", json!({})).await.err().expect("503");
-    assert!(e.contains("control plane"), "{e}");
+    assert!(e.contains("control plane") && e.contains("--local"), "{e}");
+    let local = api(&fleet[1].admin, CAROL, "GET", "/sessions?local=true", json!({})).await.unwrap();
+    let mine: Vec<u64> = local.as_array().unwrap().iter().filter(|s| s["login"] == login.as_str()).map(|s| s["id"].as_u64().unwrap()).collect();
+    assert_eq!(mine.len(), 2, "{local}");
+    let doomed_id = *mine.iter().max().unwrap();
+    api(&fleet[1].admin, BOB, "POST", &format!("/sessions/{doomed_id}/kill"), json!({})).await.expect("a local session is ended without the control plane");
+    let e = ended(doomed_task, Duration::from_secs(2)).await;
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    drop(doomed);
 
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
     assert_eq!(live.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().len(), 2, "still live after 10 s");
@@ -384,7 +395,7 @@ async fn a_second_process_with_the_same_instance_id_takes_no_logins() {
     let refused = common::eventually(Duration::from_secs(10), || async { (probe(&twin.admin, "/readyz").await.0 == 503).then_some(()) }).await;
     assert!(refused.is_some(), "the twin is not ready");
     let (_, body) = probe(&twin.admin, "/readyz").await;
-    assert!(body["why"].as_str().unwrap().contains("uses this instance's id"), "{body}");
+    assert!(body["why"].as_str().unwrap().contains("another live process uses its id"), "{body}");
     let e = connect(twin.proxy, &login, &password, &env.database).await.err().expect("the twin refuses logins");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("57P03"), "{e:?}");
     assert!(message(&e).contains(&first), "{e:?}");
@@ -399,4 +410,61 @@ async fn a_second_process_with_the_same_instance_id_takes_no_logins() {
     let (c, _t) = connect(twin.proxy, &login, &password, &env.database).await.expect("the twin serves now");
     c.simple_query("SELECT 1").await.unwrap();
     second.stop().await;
+}
+
+/// Anyone who may connect to the control-plane database may LISTEN and NOTIFY (Postgres asks
+/// no privilege for either): the channels between instances carry no request and no secret,
+/// only "look in pglease.requests", which that someone cannot read or write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channels_between_instances_carry_no_authority() {
+    let env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let (fleet, running) = fleet(&env, 2).await;
+    let db = env.database.clone();
+    let h = common::harness().await;
+    let nosy = format!("{db}_nosy");
+    h.cluster.execute("postgres", &format!("CREATE ROLE {nosy} LOGIN PASSWORD 'nosy-pw'")).await.unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(h.cluster.port).user(&nosy).password("nosy-pw").dbname(format!("{db}_cp"));
+    let (watcher, mut connection) = config.connect(common::tls_connector_trusting(&h.cluster.ca_file)).await.expect("any role may connect");
+    let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+    });
+    watcher.batch_execute("LISTEN pglease_requests; LISTEN pglease_grants").await.unwrap();
+
+    // A cancel sent to instance 2 for a statement on instance 1 goes through the table.
+    let (_, login, password, _) = approved_grant(&fleet[0], "read").await;
+    let (one, _t) = connect(fleet[0].proxy, &login, &password, &db).await.unwrap();
+    let token = one.cancel_token();
+    let sleeping = tokio::spawn(async move { one.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    running_sleep(&env).await;
+    token.cancel_query_raw(tokio::net::TcpStream::connect(fleet[1].proxy).await.unwrap(), tls()).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), sleeping).await.unwrap().unwrap().expect_err("cancelled");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("57014"));
+    // What the eavesdropper heard: instance ids and grant ids, nothing else.
+    let one_id = instance_id(&fleet[0].admin).await;
+    let mut notes = Vec::new();
+    while let Ok(n) = heard.try_recv() {
+        notes.push(n);
+    }
+    assert!(notes.contains(&("pglease_requests".to_owned(), one_id.clone())), "{notes:?}");
+    assert!(notes.iter().all(|(c, p)| (c == "pglease_requests" && *p == one_id) || (c == "pglease_grants" && p.starts_with('g'))), "{notes:?}");
+    // The requests themselves are out of its reach.
+    for sql in ["SELECT * FROM pglease.requests", "INSERT INTO pglease.requests (instance, process, kind, session) VALUES ('x', 'x', 'kill', 1)", "SELECT * FROM pglease.sessions"] {
+        let e = watcher.simple_query(sql).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e:?}");
+    }
+    // A forged wake-up ends nothing.
+    let (victim, victim_task) = connect(fleet[0].proxy, &login, &password, &db).await.unwrap();
+    watcher.batch_execute(&format!("NOTIFY pglease_requests, '{one_id}'; NOTIFY pglease_grants, 'forged'")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    victim.simple_query("SELECT 1").await.expect("the session lives on");
+    assert!(!victim_task.is_finished());
+    for r in running {
+        r.stop().await;
+    }
 }

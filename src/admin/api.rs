@@ -264,14 +264,21 @@ impl From<FleetSession> for SessionView {
 
 fn control_plane_down(e: String) -> ApiError {
     tracing::error!(error = %e, "control plane failure");
-    ApiError(StatusCode::SERVICE_UNAVAILABLE, "the control plane cannot be reached, so the fleet's sessions are not known here now; try again".into())
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, "the control plane cannot be reached, so the fleet's sessions are not known here now (session list --local shows this instance's; session kill --instance ID ends one of them)".into())
 }
 
 /// Every live session: this instance's, and with a control plane the whole fleet's.
-async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller) -> Result<Json<Vec<SessionView>>, ApiError> {
+#[derive(Deserialize, Default)]
+pub struct SessionsQuery {
+    /// Only this instance's sessions (they need no control plane).
+    #[serde(default)]
+    pub local: bool,
+}
+
+async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller, Query(q): Query<SessionsQuery>) -> Result<Json<Vec<SessionView>>, ApiError> {
     require(&who, who.can_read_all(), "list sessions")?;
     if let Some(fleet) = state.fleet.get() {
-        let all = fleet.list().await.map_err(control_plane_down)?;
+        let all = if q.local { fleet.local() } else { fleet.list().await.map_err(control_plane_down)? };
         return Ok(Json(all.into_iter().map(SessionView::from).collect()));
     }
     Ok(Json(
@@ -304,6 +311,7 @@ pub struct KillQuery {
 /// Ends a session; with a control plane, on whichever instance has it.
 async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<u64>, Query(q): Query<KillQuery>) -> Result<Json<serde_json::Value>, ApiError> {
     require(&who, who.has(Role::Approver), "kill sessions")?;
+    // With a control plane the instance that has the session ends it and records the event.
     let instance = match state.fleet.get() {
         Some(fleet) => Some(fleet.kill(id, q.instance.as_deref(), &who.person).await.map_err(|e| match e {
             KillError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
@@ -313,10 +321,10 @@ async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, P
         None => {
             let handle = state.sessions.get(id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no live session {id}")))?;
             handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {}", who.person)));
+            state.events.emit(Event::SessionKilled { session: id, by: who.person.clone() });
             None
         }
     };
-    state.events.emit(Event::SessionKilled { session: id, by: who.person.clone() });
     Ok(Json(match instance {
         Some(instance) => serde_json::json!({ "killed": id, "instance": instance }),
         None => serde_json::json!({ "killed": id }),

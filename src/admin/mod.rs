@@ -94,10 +94,10 @@ async fn healthz(State(state): State<AdminState>) -> Json<serde_json::Value> {
 /// 200 while this instance takes logins; 503 while it refuses them because it cannot tell
 /// whether grants are current, so a load balancer sends clients elsewhere.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
-    let taken = state.api.as_ref().and_then(|a| a.fleet.get()).is_some_and(|f| f.id_taken());
-    let why = match control_plane(&state) {
-        Some(false) => "the control plane cannot be reached; new logins are refused",
-        _ if taken => "another live instance uses this instance's id; new logins are refused",
+    let not_serving = state.api.as_ref().and_then(|a| a.fleet.get()).and_then(|f| f.not_serving());
+    let why = match (control_plane(&state), not_serving) {
+        (Some(false), _) => "the control plane cannot be reached; new logins are refused".to_owned(),
+        (_, Some(why)) => why,
         _ => return (StatusCode::OK, Json(serde_json::json!({ "ready": true }))),
     };
     (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "ready": false, "why": why })))

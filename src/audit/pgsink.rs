@@ -175,6 +175,11 @@ pub async fn run(options: PgSinkOptions, shutdown: CancellationToken) {
 async fn follow(target: &Target, options: &PgSinkOptions, cursor: &mut Option<(PathBuf, u64)>) -> Result<std::convert::Infallible, String> {
     let (client, insert, mut after) = target.open(&options.dsn).await?;
     loop {
+        // Held: the records wait in the file until it ends (nothing read meanwhile).
+        if options.hold.as_ref().is_some_and(|hold| hold()) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         let log = options.log.clone();
         let mut c = cursor.clone();
         let (lines, c) = tokio::task::spawn_blocking(move || read_after(&log, after, &mut c).map(|l| (l, c))).await.map_err(|e| e.to_string())??;
@@ -182,9 +187,6 @@ async fn follow(target: &Target, options: &PgSinkOptions, cursor: &mut Option<(P
         if lines.is_empty() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
-        }
-        if options.hold.as_ref().is_some_and(|hold| hold()) {
-            return Err("another live pglease uses this instance_id; audit records wait in the file log".into());
         }
         let batch = format!("[{}]", lines.join(","));
         target.insert(&client, &insert, &batch).await?;

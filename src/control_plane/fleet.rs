@@ -3,10 +3,15 @@
 //!
 //! Ending a session, or cancelling its statement, may be asked of any instance (a load balancer
 //! sends a `CancelRequest` wherever it likes). The instance that has the session is found in
-//! `pglease.sessions` and told with a `NOTIFY` on the control plane: the channel between
-//! instances is the control plane's own authenticated connection, nothing else listens.
-//! The instance that receives it checks the request itself (a cancel key is compared in
-//! constant time there), so a forged or stale key is still dropped silently.
+//! `pglease.sessions`, and the request is written to `pglease.requests`, a table only pglease's
+//! role can read or write. A `NOTIFY` (payload: the instance's id) only says "look": anyone who
+//! may connect to the database can LISTEN and NOTIFY, so a notification carries no request and
+//! no secret. Each instance also looks every [`HEARTBEAT`], so a lost notification delays a
+//! request by at most that. The instance that acts checks the request itself (a cancel key is
+//! compared in constant time there), so a forged or stale key is still dropped silently.
+//!
+//! An instance takes no logins until its first heartbeat is written, and none while another
+//! live process holds its id: two processes with one id would take each other's requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,16 +25,18 @@ use crate::cancel::CancelRegistry;
 use crate::error::{ClientError, sqlstate};
 use crate::session::SessionRegistry;
 
-/// A session to end on another instance: `{"instance", "session", "by"}`.
-pub const KILL_CHANNEL: &str = "pglease_kill";
-/// A cancel request for a session on another instance: `{"instance", "pid", "secret"}`.
-pub const CANCEL_CHANNEL: &str = "pglease_cancel";
+/// "There are requests for you in `pglease.requests`"; the payload is the instance's id.
+pub const REQUESTS_CHANNEL: &str = "pglease_requests";
 
 /// How often an instance refreshes its row and its sessions' (and at once after a session
 /// starts or ends).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// An instance silent this long is gone: its sessions are no longer shown or routed to.
-pub const GONE_AFTER: Duration = Duration::from_secs(15);
+/// An instance silent this long is gone: its sessions are no longer shown or routed to, and
+/// its id may be taken by a new process (an instance restarted after a crash waits this long).
+pub const GONE_AFTER: Duration = Duration::from_secs(10);
+/// A request not acted on within this long is dropped (a cancel that late cancels the wrong
+/// statement; a kill that late may find a new session under the number).
+const REQUEST_TTL: Duration = Duration::from_secs(30);
 /// The rows of an instance silent this long are removed.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -66,21 +73,6 @@ pub enum PublishError {
     Taken(String),
 }
 
-#[derive(Serialize, Deserialize)]
-struct KillNote {
-    instance: String,
-    session: u64,
-    by: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct CancelNote {
-    instance: String,
-    pid: i32,
-    /// The key's secret as the client sent it.
-    secret: Vec<u8>,
-}
-
 /// This instance's place in the fleet.
 pub struct Fleet {
     pub instance: String,
@@ -90,9 +82,16 @@ pub struct Fleet {
     started_at: SystemTime,
     /// Random per process: tells this process's row from another's with the same id.
     process: String,
-    /// Set while another live process holds the id.
-    taken: AtomicBool,
+    /// Set once this process's heartbeat is written, cleared while another live process
+    /// holds the id. Until then it takes no logins and acts on no request.
+    joined: AtomicBool,
+    /// For the heartbeat, on its own so that a slow one never holds up kills and cancels.
+    beat: Conn,
+    /// For session lists, kills, cancels and requests.
     conn: Conn,
+    /// Woken by a notification that there are requests for this instance.
+    requests: tokio::sync::Notify,
+    events: crate::events::Events,
     sessions: Arc<SessionRegistry>,
     cancels: Arc<CancelRegistry>,
 }
@@ -102,11 +101,32 @@ fn interval(d: Duration) -> String {
 }
 
 impl Fleet {
-    pub fn new(conninfo: &str, instance: String, proxy: String, admin: String, sessions: Arc<SessionRegistry>, cancels: Arc<CancelRegistry>) -> Self {
+    pub fn new(
+        conninfo: &str,
+        instance: String,
+        proxy: String,
+        admin: String,
+        sessions: Arc<SessionRegistry>,
+        cancels: Arc<CancelRegistry>,
+        events: crate::events::Events,
+    ) -> Self {
         let mut nonce = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
         let process = crate::people::hex(&nonce);
-        Self { instance, proxy, admin, started_at: SystemTime::now(), process, taken: AtomicBool::new(false), conn: Conn::new(conninfo), sessions, cancels }
+        Self {
+            instance,
+            proxy,
+            admin,
+            started_at: SystemTime::now(),
+            process,
+            joined: AtomicBool::new(false),
+            beat: Conn::new(conninfo),
+            conn: Conn::new(conninfo),
+            requests: tokio::sync::Notify::new(),
+            events,
+            sessions,
+            cancels,
+        }
     }
 
     /// Writes this instance's heartbeat and replaces its published sessions with the live ones.
@@ -129,7 +149,7 @@ impl Fleet {
         let version = env!("CARGO_PKG_VERSION");
         let gone = interval(GONE_AFTER);
         let row = self
-            .conn
+            .beat
             .with(async |c| {
                 // One statement, one round trip. The row is this process's, or free (new, or
                 // its holder silent for GONE_AFTER); otherwise nothing is written. The
@@ -149,7 +169,9 @@ impl Fleet {
                          FROM jsonb_to_recordset($7::text::jsonb) AS r(id bigint, person text, login text, grant_id text, scope text, database text,
                               client text, started_at timestamptz, statements bigint, backend_pid integer)
                          WHERE EXISTS (SELECT FROM i)
-                         ON CONFLICT (instance, id) DO UPDATE SET statements = excluded.statements, backend_pid = excluded.backend_pid)
+                         ON CONFLICT (instance, id) DO UPDATE SET person = excluded.person, login = excluded.login, grant_id = excluded.grant_id,
+                             scope = excluded.scope, database = excluded.database, client = excluded.client, started_at = excluded.started_at,
+                             statements = excluded.statements, backend_pid = excluded.backend_pid)
                      SELECT EXISTS (SELECT FROM i), (SELECT proxy || ' (started ' || started_at || ')' FROM pglease.instances WHERE id = $1)",
                     &[&self.instance, &self.proxy, &self.admin, &version, &started, &ids, &live, &self.process, &gone],
                 )
@@ -157,30 +179,35 @@ impl Fleet {
             })
             .await
             .map_err(PublishError::Unavailable)?;
-        if row.get::<_, bool>(0) {
-            self.taken.store(false, Ordering::Relaxed);
-            Ok(())
-        } else {
-            self.taken.store(true, Ordering::Relaxed);
-            Err(PublishError::Taken(row.get::<_, Option<String>>(1).unwrap_or_default()))
-        }
+        let joined = row.get::<_, bool>(0);
+        self.joined.store(joined, Ordering::Relaxed);
+        if joined { Ok(()) } else { Err(PublishError::Taken(row.get::<_, Option<String>>(1).unwrap_or_default())) }
     }
 
-    /// Whether another live process holds this instance's id: then this one takes no logins
-    /// and acts on no kill or cancel meant for that id (it could be the other's session).
-    pub fn id_taken(&self) -> bool {
-        self.taken.load(Ordering::Relaxed)
+    /// Why this instance takes no logins now, if it does not: its heartbeat is not written yet,
+    /// or another live process holds its id (two processes with one id would take each
+    /// other's kills and cancels).
+    pub fn not_serving(&self) -> Option<String> {
+        (!self.joined.load(Ordering::Relaxed))
+            .then(|| format!("pglease: this instance ({}) is not part of its fleet now (starting, or another live process uses its id)", self.instance))
     }
 
-    /// Removes instances silent for an hour (their sessions go with them).
-    async fn forget_the_gone(&self) -> Result<u64, String> {
-        let forget = interval(FORGET_AFTER);
-        self.conn.with(async |c| c.execute("DELETE FROM pglease.instances WHERE heartbeat_at < now() - $1::text::interval", &[&forget]).await).await
+    /// Removes instances silent for an hour (their sessions go with them), and requests nobody
+    /// took.
+    async fn forget_the_gone(&self) -> Result<(), String> {
+        let (forget, ttl) = (interval(FORGET_AFTER), interval(REQUEST_TTL));
+        self.beat
+            .with(async |c| {
+                c.execute("DELETE FROM pglease.instances WHERE heartbeat_at < now() - $1::text::interval", &[&forget]).await?;
+                c.execute("DELETE FROM pglease.requests WHERE made_at < now() - 2 * $1::text::interval", &[&ttl]).await
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Takes this instance out of the fleet (on a clean stop).
     async fn leave(&self) -> Result<u64, String> {
-        self.conn.with(async |c| c.execute("DELETE FROM pglease.instances WHERE id = $1 AND process = $2", &[&self.instance, &self.process]).await).await
+        self.beat.with(async |c| c.execute("DELETE FROM pglease.instances WHERE id = $1 AND process = $2", &[&self.instance, &self.process]).await).await
     }
 
     /// Every live session in the fleet: this instance's as they are now, the others' as last
@@ -238,14 +265,15 @@ impl Fleet {
     }
 
     /// Ends session `id` wherever it is (on `instance`, when given); returns the instance it
-    /// was on. A session on another instance is ended there when its `NOTIFY` arrives.
+    /// was on. A session on another instance is ended there when it takes the request (at
+    /// once on its notification, at the latest after a [`HEARTBEAT`]).
     pub async fn kill(&self, id: u64, instance: Option<&str>, by: &str) -> Result<String, KillError> {
         let gone = interval(GONE_AFTER);
         let local = instance.is_none_or(|i| i == self.instance) && self.sessions.get(id).is_some();
         let elsewhere: Vec<String> = if instance == Some(self.instance.as_str()) {
             Vec::new()
         } else {
-            let rows = self
+            let found = self
                 .conn
                 .with(async |c| {
                     c.query(
@@ -256,9 +284,17 @@ impl Fleet {
                     )
                     .await
                 })
-                .await
-                .map_err(KillError::Unavailable)?;
-            rows.iter().map(|r| r.get(0)).collect()
+                .await;
+            match found {
+                Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+                // The control plane is away: a session here can still be ended (the operator
+                // is told which instance it was on).
+                Err(e) if local => {
+                    tracing::warn!(error = %e, session = id, "control plane unreachable: ending this instance's session {id} without checking the others");
+                    Vec::new()
+                }
+                Err(e) => return Err(KillError::Unavailable(e)),
+            }
         };
         match (local, elsewhere.as_slice()) {
             (false, []) => Err(KillError::NotFound(id)),
@@ -267,8 +303,22 @@ impl Fleet {
                 Ok(self.instance.clone())
             }
             (false, [there]) => {
-                let note = serde_json::to_string(&KillNote { instance: there.clone(), session: id, by: by.to_owned() }).expect("serializes");
-                self.conn.with(async |c| c.execute("SELECT pg_notify($1, $2)", &[&KILL_CHANNEL, &note]).await).await.map_err(KillError::Unavailable)?;
+                let sent = self
+                    .conn
+                    .with(async |c| {
+                        c.query(
+                            "WITH r AS (INSERT INTO pglease.requests (instance, process, kind, session, by_person)
+                                        SELECT id, process, 'kill', $2, $3 FROM pglease.instances WHERE id = $1 RETURNING instance)
+                             SELECT pg_notify($4, instance) FROM r",
+                            &[there, &(id as i64), &by, &REQUESTS_CHANNEL],
+                        )
+                        .await
+                    })
+                    .await
+                    .map_err(KillError::Unavailable)?;
+                if sent.is_empty() {
+                    return Err(KillError::NotFound(id));
+                }
                 Ok(there.clone())
             }
             (_, many) => {
@@ -281,10 +331,13 @@ impl Fleet {
         }
     }
 
+    /// Ends one of this instance's sessions; the event goes to this instance's audit chain,
+    /// next to the session's own records.
     fn kill_local(&self, id: u64, by: &str) -> bool {
         match self.sessions.get(id) {
             Some(handle) => {
                 handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {by}")));
+                self.events.emit(crate::events::Event::SessionKilled { session: id, by: by.to_owned() });
                 true
             }
             None => false,
@@ -294,16 +347,18 @@ impl Fleet {
     /// Passes a cancel request this instance has no session for to the instance whose session
     /// has that backend pid, if there is one; reports whether it did.
     pub async fn forward_cancel(&self, pid: i32, secret: &[u8]) -> Result<bool, String> {
-        let secret = serde_json::to_string(secret).expect("bytes serialize");
         let gone = interval(GONE_AFTER);
         let sent = self
             .conn
             .with(async |c| {
                 c.query(
-                    "SELECT pg_notify($1, json_build_object('instance', s.instance, 'pid', s.backend_pid, 'secret', $2::text::json)::text)
-                     FROM pglease.sessions s JOIN pglease.instances i ON i.id = s.instance
-                     WHERE s.backend_pid = $3 AND s.instance <> $4 AND i.heartbeat_at > now() - $5::text::interval",
-                    &[&CANCEL_CHANNEL, &secret, &pid, &self.instance, &gone],
+                    "WITH r AS (INSERT INTO pglease.requests (instance, process, kind, pid, secret)
+                                SELECT s.instance, i.process, 'cancel', s.backend_pid, $2
+                                FROM pglease.sessions s JOIN pglease.instances i ON i.id = s.instance
+                                WHERE s.backend_pid = $1 AND s.instance <> $3 AND i.heartbeat_at > now() - $4::text::interval
+                                RETURNING instance)
+                     SELECT pg_notify($5, instance) FROM r",
+                    &[&pid, &secret, &self.instance, &gone, &REQUESTS_CHANNEL],
                 )
                 .await
             })
@@ -311,37 +366,74 @@ impl Fleet {
         Ok(!sent.is_empty())
     }
 
-    /// Acts on a notification from another instance, if it is meant for this one.
-    pub async fn on_notification(&self, channel: &str, payload: &str) {
-        if self.id_taken() {
-            return;
+    /// A notification on [`REQUESTS_CHANNEL`]: wakes [`run_requests`](Self::run_requests) if
+    /// it names this instance. Never blocks the caller.
+    pub fn on_notification(&self, payload: &str) {
+        if payload == self.instance {
+            self.requests.notify_one();
         }
-        match channel {
-            KILL_CHANNEL => {
-                let Ok(note) = serde_json::from_str::<KillNote>(payload) else {
-                    tracing::warn!(channel, "control plane: an unreadable notification; ignored");
-                    return;
-                };
-                if note.instance == self.instance && !self.kill_local(note.session, &note.by) {
-                    tracing::info!(session = note.session, "control plane: asked to end a session that has already ended");
-                }
+    }
+
+    /// Takes this instance's requests from the table and acts on those meant for this process
+    /// and recent enough; the others are dropped.
+    async fn take_requests(&self) -> Result<(), String> {
+        let ttl = interval(REQUEST_TTL);
+        let rows = self
+            .conn
+            .with(async |c| {
+                c.query(
+                    "DELETE FROM pglease.requests WHERE instance = $1
+                     RETURNING process = $2 AND made_at > now() - $3::text::interval, kind, session, by_person, pid, secret",
+                    &[&self.instance, &self.process, &ttl],
+                )
+                .await
+            })
+            .await?;
+        for r in rows {
+            let (meant, kind): (bool, String) = (r.get(0), r.get(1));
+            if !meant || self.not_serving().is_some() {
+                tracing::info!(kind, "control plane: a request for an earlier process of this instance, or too old; dropped");
+                continue;
             }
-            CANCEL_CHANNEL => {
-                let Ok(note) = serde_json::from_str::<CancelNote>(payload) else {
-                    tracing::warn!(channel, "control plane: an unreadable notification; ignored");
-                    return;
-                };
-                if note.instance == self.instance {
-                    // Checked here like a cancel that arrived directly: a wrong key does nothing.
-                    self.cancels.cancel(note.pid, &note.secret).await;
+            match kind.as_str() {
+                "kill" => {
+                    let (session, by): (Option<i64>, Option<String>) = (r.get(2), r.get(3));
+                    if !self.kill_local(session.unwrap_or_default() as u64, by.as_deref().unwrap_or("an operator")) {
+                        tracing::info!(session, "control plane: asked to end a session that has already ended");
+                    }
                 }
+                "cancel" => {
+                    let (pid, secret): (Option<i32>, Option<Vec<u8>>) = (r.get(4), r.get(5));
+                    let cancels = self.cancels.clone();
+                    // On a task of its own: reaching Postgres may take a while.
+                    tokio::spawn(async move { cancels.cancel(pid.unwrap_or_default(), &secret.unwrap_or_default()).await });
+                }
+                _ => {}
             }
-            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Acts on requests from other instances until `shutdown`: at once on a notification, and
+    /// every [`HEARTBEAT`] in case one was lost.
+    pub async fn run_requests(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.take_requests().await {
+                tracing::warn!(error = %e, "control plane: cannot read requests for this instance; retrying");
+                metrics::counter!("pglease_control_plane_failures_total", "what" => "requests").increment(1);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.requests.notified() => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
         }
     }
 
     /// Keeps this instance's row and sessions current until `shutdown`, then leaves the fleet.
-    pub async fn run_publisher(self: Arc<Self>, shutdown: CancellationToken) {
+    /// `joined` is sent after the first heartbeat was tried (the proxy starts accepting then).
+    pub async fn run_publisher(self: Arc<Self>, shutdown: CancellationToken, joined: tokio::sync::oneshot::Sender<()>) {
+        let mut joined = Some(joined);
         let mut last_forget = std::time::Instant::now() - FORGET_AFTER;
         let mut failing = false;
         loop {
@@ -364,6 +456,9 @@ impl Fleet {
                     failing = true;
                     metrics::counter!("pglease_control_plane_failures_total", "what" => "publish").increment(1);
                 }
+            }
+            if let Some(tx) = joined.take() {
+                let _ = tx.send(());
             }
             if last_forget.elapsed() > Duration::from_secs(60) {
                 last_forget = std::time::Instant::now();

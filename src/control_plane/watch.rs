@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::fleet::{CANCEL_CHANNEL, Fleet, KILL_CHANNEL};
+use super::fleet::{Fleet, REQUESTS_CHANNEL};
 use super::store::CHANNEL;
 use crate::grants::GrantService;
 
@@ -60,12 +60,13 @@ pub async fn run(conninfo: String, grants: Arc<GrantService>, fleet: Option<Arc<
 async fn watch_once(conninfo: &str, grants: &GrantService, fleet: Option<&Fleet>, options: WatchOptions, shutdown: &CancellationToken, heard: &mut bool) -> Result<(), String> {
     let info = crate::conninfo::parse(conninfo).map_err(|e| e.to_string())?;
     let (client, mut notifications) = tokio::time::timeout(super::conn::QUERY_TIMEOUT, info.connect_listening()).await.map_err(|_| "no connection within 10s".to_owned())??;
-    let listen = format!("SET application_name = 'pglease watch'; LISTEN {CHANNEL}; LISTEN {KILL_CHANNEL}; LISTEN {CANCEL_CHANNEL}");
+    let listen = format!("SET application_name = 'pglease watch'; LISTEN {CHANNEL}; LISTEN {REQUESTS_CHANNEL}");
     client.batch_execute(&listen).await.map_err(|e| crate::conninfo::describe_error(&e))?;
     // Anything that changed before LISTEN took effect is in this read.
     reconcile(grants, options).await?;
     *heard = true;
-    let mut tick = tokio::time::interval(options.reconcile_every);
+    // The first read was just made: the next one is a period away.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + options.reconcile_every, options.reconcile_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -74,24 +75,30 @@ async fn watch_once(conninfo: &str, grants: &GrantService, fleet: Option<&Fleet>
                 let Some(first) = note else {
                     return Err("the control plane closed the connection".into());
                 };
-                // Several grant changes at once are one read.
+                // Several grant changes at once are one read. Bounded: a flood of notifications
+                // never keeps this loop from reading the grants.
                 let mut grants_changed = false;
                 let mut next = Some(first);
+                let mut taken = 0;
                 while let Some(n) = next {
                     match (n.channel(), fleet) {
                         (CHANNEL, _) => grants_changed = true,
-                        (channel, Some(fleet)) => fleet.on_notification(channel, n.payload()).await,
+                        (REQUESTS_CHANNEL, Some(fleet)) => fleet.on_notification(n.payload()),
                         _ => {}
                     }
-                    next = notifications.try_recv().ok();
+                    taken += 1;
+                    next = if taken < 1000 { notifications.try_recv().ok() } else { None };
                 }
                 if grants_changed {
                     reconcile(grants, options).await?;
                 }
             }
             _ = tick.tick() => {
-                if client.is_closed() {
-                    return Err("the control plane closed the connection".into());
+                // A connection a firewall dropped without a word still looks open: ask it.
+                match tokio::time::timeout(super::conn::QUERY_TIMEOUT, client.simple_query("SELECT 1")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(format!("the change feed's connection failed: {}", crate::conninfo::describe_error(&e))),
+                    Err(_) => return Err("the change feed's connection stopped answering".into()),
                 }
                 reconcile(grants, options).await?;
             }

@@ -55,3 +55,21 @@ CREATE TABLE pglease.events (
     body      jsonb NOT NULL
 );
 CREATE INDEX events_at ON pglease.events (at);
+
+-- What one instance is asked to do by another: end a session, cancel a statement. Only
+-- pglease's role may read or write it (a new table grants nothing to PUBLIC). LISTEN and NOTIFY
+-- need no privilege at all, so a notification carries no request, only "look in the table".
+-- `process` names the process meant: a restarted instance ignores its predecessor's requests.
+CREATE TABLE pglease.requests (
+    id         bigserial PRIMARY KEY,
+    instance   text NOT NULL,
+    process    text NOT NULL,
+    kind       text NOT NULL CHECK (kind IN ('kill', 'cancel')),
+    session    bigint,
+    by_person  text,
+    pid        integer,
+    secret     bytea,
+    made_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX requests_instance ON pglease.requests (instance);
+REVOKE ALL ON SCHEMA pglease FROM PUBLIC;
