@@ -533,3 +533,46 @@ async fn a_nul_in_a_parameter_is_recorded_exactly_and_copied() {
     let cp = control_plane(&env.database).await;
     fully_copied(&cp, &instance, &env.audit_log).await;
 }
+
+/// A new audit file under an instance id used before (a replaced disk, a copied config) is not
+/// spliced into the old chain in the control plane: the sink finds the table's last record is
+/// not the file's and copies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_audit_file_under_an_old_instance_id_is_not_spliced_in() {
+    let mut env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let (_, login, password) = env.active_grant("read", "10m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    for _ in 0..3 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let url = format!("{}/healthz", env.admin_url);
+    let health: Value = tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().body_mut().read_json().unwrap()).await.unwrap();
+    let instance = health["instance"].as_str().unwrap().to_owned();
+    let cp = control_plane(&env.database).await;
+    fully_copied(&cp, &instance, &env.audit_log).await;
+    drop(client);
+    env.stop().await;
+    let before = table_chain(&cp, &instance).await;
+
+    // The same id, a fresh file.
+    let fresh = env.audit_log.with_file_name("fresh-audit.jsonl");
+    let (id, path) = (instance.clone(), fresh.clone());
+    let (proxy, _admin, second) = env
+        .another_instance_with(move |c| {
+            c.control_plane.as_mut().unwrap().instance_id = Some(id);
+            c.audit.path = path;
+            c.audit.anchor = None;
+        })
+        .await;
+    let client = connect_when_known(proxy.port(), &env.database, &login, &password).await;
+    // More records than the old chain had: without the check, those past its end would be
+    // copied after it.
+    for _ in 0..30 {
+        client.simple_query("SELECT 2").await.unwrap();
+    }
+    assert!(file_chain(&fresh).len() > before.len(), "the new instance audits to its own file, past the old chain's length");
+    // Given time to copy, it copied nothing: the table holds the old chain, unchanged.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(table_chain(&cp, &instance).await, before);
+    second.stop().await;
+}

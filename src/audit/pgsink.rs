@@ -162,18 +162,69 @@ pub async fn run(options: PgSinkOptions, shutdown: CancellationToken) {
             r = follow(&target, &options, &mut cursor) => r,
         };
         metrics::counter!("pglease_audit_failures_total", "sink" => target.label()).increment(1);
-        tracing::warn!(error = %e, table = %options.table, instance = ?options.instance, "audit Postgres sink failed; retrying (records wait in the file log)");
+        let pause = match e {
+            FollowError::Retry(e) => {
+                tracing::warn!(error = %e, table = %options.table, instance = ?options.instance, "audit Postgres sink failed; retrying (records wait in the file log)");
+                Duration::from_secs(1)
+            }
+            FollowError::Mismatch(e) => {
+                tracing::error!(table = %options.table, "{e}");
+                Duration::from_secs(30)
+            }
+        };
         cursor = None;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }
 
+/// Checks that the table's last record of this instance is this file's record of that seq: a
+/// new audit file under an instance id used before (a replaced disk, a copied config) would
+/// otherwise have its first records skipped without a word.
+async fn continues(client: &tokio_postgres::Client, table: &str, instance: &str, log: &Path, seq: u64) -> Result<(), FollowError> {
+    let row = client
+        .query_one(&format!("SELECT hash FROM {table} WHERE instance = $1 AND seq = $2"), &[&instance, &(seq as i64)])
+        .await
+        .map_err(|e| crate::conninfo::describe_error(&e))?;
+    let stored: String = row.get(0);
+    let log = log.to_owned();
+    let mine = tokio::task::spawn_blocking(move || read_after(&log, seq - 1, &mut None)).await.map_err(|e| e.to_string())??;
+    match mine.first().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        Some(v) if v["seq"].as_u64() == Some(seq) && v["hash"].as_str() == Some(stored.as_str()) => Ok(()),
+        // The file starts later (its older part was moved away): nothing to compare.
+        Some(v) if v["seq"].as_u64() > Some(seq) => Ok(()),
+        _ => Err(FollowError::Mismatch(format!(
+            "the control plane holds records up to seq {seq} for instance {instance:?} that are not this audit file's \
+             (a new file under an instance_id used before?): nothing is copied until that is resolved \
+             (give this instance an id of its own, or move the old rows aside)"
+        ))),
+    }
+}
+
+/// Why following stopped.
+enum FollowError {
+    /// Worth trying again soon (a connection, a query).
+    Retry(String),
+    /// The table and the file disagree: an operator must act; looked at again now and then.
+    Mismatch(String),
+}
+
+impl From<String> for FollowError {
+    fn from(e: String) -> Self {
+        Self::Retry(e)
+    }
+}
+
 /// Connects and copies, batch after batch, until something fails.
-async fn follow(target: &Target, options: &PgSinkOptions, cursor: &mut Option<(PathBuf, u64)>) -> Result<std::convert::Infallible, String> {
+async fn follow(target: &Target, options: &PgSinkOptions, cursor: &mut Option<(PathBuf, u64)>) -> Result<std::convert::Infallible, FollowError> {
     let (client, insert, mut after) = target.open(&options.dsn).await?;
+    if let Some(instance) = &target.instance
+        && after > 0
+    {
+        continues(&client, &target.table, instance, &options.log, after).await?;
+    }
     loop {
         // Held: the records wait in the file until it ends (nothing read meanwhile).
         if options.hold.as_ref().is_some_and(|hold| hold()) {
