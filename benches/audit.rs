@@ -87,6 +87,7 @@ fn main() {
             scopes: scopes.clone(),
             people: BTreeMap::new(),
             control_plane: None,
+            notify: Vec::new(),
         };
         let (login, secret, running) = rt.block_on(async {
             let mut people = People::default();

@@ -257,6 +257,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
         scopes: scopes.clone(),
         people: BTreeMap::new(),
             control_plane: None,
+            notify: Vec::new(),
     }
 }
 

@@ -74,6 +74,8 @@ pub struct App {
     control_plane: Option<(String, WatchOptions)>,
     /// Writes events into the control plane, once started.
     event_writer: Option<crate::control_plane::events::EventWriter>,
+    /// Notification targets, delivered from once started.
+    notify: Vec<Arc<crate::notify::Target>>,
 }
 
 pub struct RunningApp {
@@ -122,6 +124,14 @@ impl App {
             events = events.clone().with_sink(Arc::new(sink));
             writer
         });
+        // Notification targets: each event they want is in their outbox before it returns.
+        let mut notify_targets = Vec::new();
+        for (i, target) in config.notify.iter().enumerate() {
+            notify_targets.push(Arc::new(crate::notify::Target::open(target, i, &format!("http://{}", config.admin.addr))?));
+        }
+        if !notify_targets.is_empty() {
+            events = events.with_sink(Arc::new(crate::notify::NotifySink::new(notify_targets.clone())));
+        }
         if let Some(path) = &config.grants.events_log {
             events = events.with_sink(Arc::new(JsonlSink::open(path).with_context(|| format!("grants.events_log: cannot open {}", path.display()))?));
         }
@@ -184,7 +194,7 @@ impl App {
             }
             None => None,
         };
-        Ok(Self { proxy, grants, admin, events, audit, audit_pg, config: config.clone(), skip_role_check: options.skip_role_check, control_plane, event_writer })
+        Ok(Self { proxy, grants, admin, events, audit, audit_pg, config: config.clone(), skip_role_check: options.skip_role_check, control_plane, event_writer, notify: notify_targets })
     }
 
     /// Starts serving on the given listeners.
@@ -248,6 +258,10 @@ impl App {
                 hold: Some(Arc::new(move || held.not_serving().is_some())),
             };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(sink, shutdown.clone())));
+        }
+        for target in std::mem::take(&mut self.notify) {
+            let s = shutdown.clone();
+            tasks.push(tokio::task::spawn_blocking(move || target.deliver(s)));
         }
         if let Some(l) = listener.take() {
             tasks.push(tokio::spawn(self.proxy.clone().run(l, shutdown.clone())));

@@ -51,6 +51,70 @@ pub struct Config {
     /// `grants.store`, this instance's own file.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneConfig>,
+    /// Where grant events are sent (approvers told of requests, and so on).
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
+}
+
+/// One notification target (`[[notify]]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Names the target in logs, metrics and its outbox file; unique.
+    pub name: String,
+    /// "webhook": a signed JSON body; "slack": a Slack-compatible incoming-webhook body.
+    pub kind: NotifyKind,
+    /// Where to POST. A Slack webhook URL is itself the secret: give it with `url_env` or
+    /// `url_file` instead.
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// The webhook's HMAC-SHA256 key (environment variable or file); required for "webhook".
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    /// Which events: requested, approved, denied, break_glass, revoked, expired, session_killed.
+    /// Default: all of them.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// The undelivered messages, in order (JSON Lines, and a `.cursor` file next to it).
+    /// Default: `pglease-notify-NAME.jsonl`.
+    pub outbox: Option<PathBuf>,
+    /// Base of the links in messages (the admin API as people reach it). Default: `admin.addr`.
+    pub links: Option<String>,
+    /// CA file for an https receiver with a private CA (default: the public web roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyKind {
+    Webhook,
+    Slack,
+}
+
+/// The events a notification target may ask for.
+pub const NOTIFY_EVENTS: &[&str] = &["requested", "approved", "denied", "break_glass", "revoked", "expired", "session_killed"];
+
+impl NotifyConfig {
+    /// The receiver's URL (read from where the config says).
+    pub fn url(&self, index: usize) -> Result<String, ConfigError> {
+        match &self.url {
+            Some(url) => Ok(url.clone()),
+            None => read_named_secret(&format!("notify[{index}].url"), self.url_env.as_deref(), self.url_file.as_deref()),
+        }
+    }
+
+    /// The webhook's signing key, if it has one.
+    pub fn secret(&self, index: usize) -> Result<Option<String>, ConfigError> {
+        match (&self.secret_env, &self.secret_file) {
+            (None, None) => Ok(None),
+            (env, file) => read_named_secret(&format!("notify[{index}].secret"), env.as_deref(), file.as_deref()).map(Some),
+        }
+    }
+
+    pub fn outbox(&self) -> PathBuf {
+        self.outbox.clone().unwrap_or_else(|| PathBuf::from(format!("pglease-notify-{}.jsonl", self.name)))
+    }
 }
 
 /// Where several instances keep their shared state (see `control_plane`).
@@ -624,6 +688,34 @@ impl Config {
                 return Err(ConfigError::invalid("control_plane.instance_id", "1 to 200 characters, no spaces or control characters"));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, n) in self.notify.iter().enumerate() {
+            let key = |k: &str| format!("notify[{i}].{k}");
+            if !valid_name(&n.name) {
+                return Err(ConfigError::invalid(&key("name"), "letters, digits, '-' and '_'"));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(ConfigError::invalid(&key("name"), format!("{:?} names two targets", n.name)));
+            }
+            if [n.url.is_some(), n.url_env.is_some(), n.url_file.is_some()].iter().filter(|x| **x).count() != 1 {
+                return Err(ConfigError::invalid(&key("url"), "set exactly one of url, url_env and url_file"));
+            }
+            if let Some(url) = &n.url {
+                let parsed = url::Url::parse(url).map_err(|e| ConfigError::invalid(&key("url"), format!("{url:?}: {e}")))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(ConfigError::invalid(&key("url"), "http or https"));
+                }
+            }
+            if n.secret_env.is_some() && n.secret_file.is_some() {
+                return Err(ConfigError::invalid(&key("secret_env"), "set at most one of secret_env and secret_file"));
+            }
+            if n.kind == NotifyKind::Webhook && n.secret_env.is_none() && n.secret_file.is_none() {
+                return Err(ConfigError::invalid(&key("secret_env"), "a webhook signs its messages: set secret_env or secret_file"));
+            }
+            if let Some(bad) = n.events.iter().find(|e| !NOTIFY_EVENTS.contains(&e.as_str())) {
+                return Err(ConfigError::invalid(&key("events"), format!("unknown event {bad:?} (known: {})", NOTIFY_EVENTS.join(", "))));
+            }
+        }
         for (name, scope) in &self.scopes {
             let key = |k: &str| format!("scopes.{name}.{k}");
             if !valid_name(name) {
@@ -718,11 +810,17 @@ impl ScopeConfig {
 }
 
 fn read_secret(prefix: &str, env: Option<&str>, file: Option<&Path>) -> Result<String, ConfigError> {
+    read_named_secret(&format!("{prefix}.password"), env, file)
+}
+
+/// A secret from the environment variable `env` or the file `file` (keys `{key}_env` and
+/// `{key}_file` in errors).
+fn read_named_secret(key: &str, env: Option<&str>, file: Option<&Path>) -> Result<String, ConfigError> {
     if let Some(var) = env {
-        return std::env::var(var).map_err(|_| ConfigError::invalid(&format!("{prefix}.password_env"), format!("environment variable {var} is not set")));
+        return std::env::var(var).map_err(|_| ConfigError::invalid(&format!("{key}_env"), format!("environment variable {var} is not set")));
     }
-    let path = file.ok_or_else(|| ConfigError::invalid(&format!("{prefix}.password_env"), "set password_env or password_file"))?;
-    let key = format!("{prefix}.password_file");
+    let path = file.ok_or_else(|| ConfigError::invalid(&format!("{key}_env"), format!("set {key}_env or {key}_file")))?;
+    let key = format!("{key}_file");
     check_secret_file_mode(path).map_err(|m| ConfigError::invalid(&key, m))?;
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::invalid(&key, format!("cannot read {}: {e}", path.display())))?;
     let line = text.lines().next().unwrap_or("").to_owned();

@@ -369,6 +369,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         scopes: demo_scopes(),
         people: BTreeMap::new(),
         control_plane,
+        notify: Vec::new(),
     };
     let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();
 

@@ -13,13 +13,13 @@ use serde::Serialize;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     GrantRequested { grant: String, user: String, scope: String, by: String, reason: String, duration_secs: u64, break_glass: bool },
-    GrantApproved { grant: String, by: String },
+    GrantApproved { grant: String, user: String, scope: String, by: String },
     /// The grant's user took a (new) secret for it.
     GrantSecretTaken { grant: String, user: String },
-    GrantDenied { grant: String, by: String, reason: String },
+    GrantDenied { grant: String, user: String, scope: String, by: String, reason: String },
     GrantActivated { grant: String, user: String, scope: String, #[serde(with = "crate::time::serde_rfc3339")] expires_at: SystemTime, break_glass: bool },
-    GrantExpired { grant: String },
-    GrantRevoked { grant: String, by: String, reason: String },
+    GrantExpired { grant: String, user: String, scope: String },
+    GrantRevoked { grant: String, user: String, scope: String, by: String, reason: String },
     SessionOpened {
         session: u64,
         grant: Option<String>,

@@ -27,6 +27,7 @@ pub mod demo;
 pub mod error;
 pub mod handshake;
 pub mod logging;
+pub mod notify;
 pub mod server;
 pub mod session;
 pub mod signals;

@@ -177,7 +177,7 @@ fn governs_differently(old: &ScopeConfig, new: &ScopeConfig) -> bool {
 
 /// Keys changed in `next` that only take effect at restart.
 fn restart_only_changes(old: &Config, next: &Config) -> Vec<&'static str> {
-    let checks: [(&'static str, bool); 10] = [
+    let checks: [(&'static str, bool); 11] = [
         ("listen.addr", old.listen.addr != next.listen.addr),
         ("listen.max_connections", old.listen.max_connections != next.listen.max_connections),
         ("listen.workers", old.listen.workers != next.listen.workers),
@@ -188,6 +188,7 @@ fn restart_only_changes(old: &Config, next: &Config) -> Vec<&'static str> {
         ("grants.events_log", old.grants.events_log != next.grants.events_log),
         ("log", old.log != next.log),
         ("control_plane", old.control_plane != next.control_plane),
+        ("notify", old.notify != next.notify),
     ];
     checks.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
 }

@@ -187,7 +187,7 @@ async fn expiry_drops_busy_idle_and_idle_in_transaction_sessions_within_a_second
     assert_eq!(g["status"], "expired");
     assert_eq!(sqlstate(&env.connect(&login, &password).await.err().unwrap()).as_deref(), Some("28P01"));
     let recorded = common::eventually(Duration::from_secs(5), || async {
-        env.events.events().iter().any(|e| matches!(e, Event::GrantExpired { grant } if *grant == id)).then_some(())
+        env.events.events().iter().any(|e| matches!(e, Event::GrantExpired { grant, .. } if *grant == id)).then_some(())
     })
     .await;
     assert!(recorded.is_some(), "grant_expired event");

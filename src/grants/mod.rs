@@ -465,7 +465,7 @@ impl GrantService {
         g.decided_at = Some(now);
         g.expires_at = Some(now + Duration::from_secs(g.duration_secs));
         let g = self.save(g).await?;
-        self.events.emit(Event::GrantApproved { grant: g.id.clone(), by: who.person.clone() });
+        self.events.emit(Event::GrantApproved { grant: g.id.clone(), user: g.user.clone(), scope: g.scope.clone(), by: who.person.clone() });
         self.emit_activated(&g);
         Ok(g)
     }
@@ -488,7 +488,7 @@ impl GrantService {
         g.ended_at = Some(now);
         g.end_reason = Some(reason.to_owned()).filter(|r| !r.is_empty());
         let g = self.save(g).await?;
-        self.events.emit(Event::GrantDenied { grant: g.id.clone(), by: who.person.clone(), reason: reason.to_owned() });
+        self.events.emit(Event::GrantDenied { grant: g.id.clone(), user: g.user.clone(), scope: g.scope.clone(), by: who.person.clone(), reason: reason.to_owned() });
         Ok(g)
     }
 
@@ -549,7 +549,7 @@ impl GrantService {
         g.ended_by = Some(who.person.clone());
         g.end_reason = Some(reason.to_owned());
         let g = self.save(g).await?;
-        self.events.emit(Event::GrantRevoked { grant: g.id.clone(), by: who.person.clone(), reason: reason.to_owned() });
+        self.events.emit(Event::GrantRevoked { grant: g.id.clone(), user: g.user.clone(), scope: g.scope.clone(), by: who.person.clone(), reason: reason.to_owned() });
         let message = format!("pglease: grant {} for scope \"{}\" was revoked by {}: {}", g.id, g.scope, who.person, reason);
         self.end_sessions(&g.id, &message);
         Ok(g)
@@ -602,7 +602,7 @@ impl GrantService {
                 Err(GrantError::Store(StoreError::Conflict(_))) => continue,
                 Err(e) => return Err(e),
             };
-            self.events.emit(Event::GrantExpired { grant: g.id.clone() });
+            self.events.emit(Event::GrantExpired { grant: g.id.clone(), user: g.user.clone(), scope: g.scope.clone() });
             let at = g.expires_at.map(crate::time::rfc3339).unwrap_or_default();
             self.end_sessions(&g.id, &format!("pglease: grant {} for scope \"{}\" expired at {at}", g.id, g.scope));
         }

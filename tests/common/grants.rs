@@ -46,6 +46,8 @@ pub struct EnvOptions {
     pub control_plane_cluster: Option<ControlPlaneAt>,
     /// `control_plane.reconcile_every` and `stale_after` (3 s and 30 s by default).
     pub control_plane_timing: Option<(Duration, Duration)>,
+    /// Notification targets (their outboxes default to the env's directory).
+    pub notify: Vec<NotifyConfig>,
 }
 
 /// Where a control-plane cluster of a test's own listens.
@@ -73,6 +75,7 @@ impl Default for EnvOptions {
             control_plane: false,
             control_plane_cluster: None,
             control_plane_timing: None,
+            notify: Vec::new(),
         }
     }
 }
@@ -231,6 +234,7 @@ impl GrantsEnv {
                 reconcile_every: options.control_plane_timing.map_or(Duration::from_secs(3), |t| t.0),
                 stale_after: options.control_plane_timing.map_or(Duration::from_secs(30), |t| t.1),
             }),
+            notify: options.notify.clone(),
             audit: AuditConfig {
                 path: dir.path().join("audit.jsonl"),
                 anchor: Some(dir.path().join("audit.anchor")),
