@@ -259,6 +259,28 @@ impl App {
             };
             tasks.push(tokio::spawn(crate::audit::pgsink::run(sink, shutdown.clone())));
         }
+        // The audit log failing (every statement refused) is an event, and so is its recovery.
+        let (health, events, s) = (self.audit.health(), self.events.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                match (health.failing(), failing) {
+                    (Some(error), false) => {
+                        failing = true;
+                        events.emit(crate::events::Event::AuditFailing { error });
+                    }
+                    (None, true) => {
+                        failing = false;
+                        events.emit(crate::events::Event::AuditRecovered);
+                    }
+                    _ => {}
+                }
+            }
+        }));
         for target in std::mem::take(&mut self.notify) {
             let s = shutdown.clone();
             tasks.push(tokio::task::spawn_blocking(move || target.deliver(s)));

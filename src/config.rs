@@ -72,8 +72,8 @@ pub struct NotifyConfig {
     /// The webhook's HMAC-SHA256 key (environment variable or file); required for "webhook".
     pub secret_env: Option<String>,
     pub secret_file: Option<PathBuf>,
-    /// Which events: requested, approved, denied, break_glass, revoked, expired, session_killed.
-    /// Default: all of them.
+    /// Which events: requested, approved, denied, break_glass, revoked, expiring, expired,
+    /// session_killed, audit_failing (also when it recovers). Default: all of them.
     #[serde(default)]
     pub events: Vec<String>,
     /// The undelivered messages, in order (JSON Lines, and a `.cursor` file next to it).
@@ -93,7 +93,7 @@ pub enum NotifyKind {
 }
 
 /// The events a notification target may ask for.
-pub const NOTIFY_EVENTS: &[&str] = &["requested", "approved", "denied", "break_glass", "revoked", "expired", "session_killed"];
+pub const NOTIFY_EVENTS: &[&str] = &["requested", "approved", "denied", "break_glass", "revoked", "expiring", "expired", "session_killed", "audit_failing"];
 
 impl NotifyConfig {
     /// The receiver's URL (read from where the config says).

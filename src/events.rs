@@ -18,6 +18,8 @@ pub enum Event {
     GrantSecretTaken { grant: String, user: String },
     GrantDenied { grant: String, user: String, scope: String, by: String, reason: String },
     GrantActivated { grant: String, user: String, scope: String, #[serde(with = "crate::time::serde_rfc3339")] expires_at: SystemTime, break_glass: bool },
+    /// The grant ends soon (`grants::EXPIRY_NOTICE` before, once).
+    GrantExpiring { grant: String, user: String, scope: String, #[serde(with = "crate::time::serde_rfc3339")] expires_at: SystemTime },
     GrantExpired { grant: String, user: String, scope: String },
     GrantRevoked { grant: String, user: String, scope: String, by: String, reason: String },
     SessionOpened {
@@ -36,6 +38,10 @@ pub enum Event {
     LoginFailed { login: String, client: String },
     /// A cancel request; `forwarded` when it matched a live session.
     CancelRequest { pid: i32, client: String, forwarded: bool },
+    /// The audit log cannot be written (statements are refused meanwhile), and since when.
+    AuditFailing { error: String },
+    /// The audit log is written again.
+    AuditRecovered,
     /// A configuration reload took effect (`pglease serve` on SIGHUP).
     ConfigReloaded { scopes_changed: Vec<String>, sessions_ended: u64, restart_needed: Vec<String> },
 }

@@ -190,3 +190,37 @@ fn notify_config_errors_name_the_key() {
         assert!(e.contains(key), "{section}: {e}");
     }
 }
+
+/// "Expiring soon" comes once before a grant's end (half its length for a short grant), then
+/// "expired"; a full disk under the audit log is "audit_failing", and its end too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_are_told_before_a_grant_ends_and_when_the_audit_log_fails() {
+    let receiver = Arc::new(Receiver::default());
+    let addr = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut hook = target("hook", NotifyKind::Webhook, format!("http://{addr}/hook"), dir.path());
+    hook.events = vec!["expiring".into(), "expired".into(), "audit_failing".into()];
+    let mut env = GrantsEnv::start(EnvOptions { notify: vec![hook], ..EnvOptions::default() }).await;
+    let g = env.api(Some(ALICE), "POST", "/grants", json!({"scope": "read", "duration": "4s", "reason": "short"})).await.unwrap();
+    let id = g["id"].as_str().unwrap().to_owned();
+    env.api(Some(BOB), "POST", &format!("/grants/{id}/approve"), json!({})).await.unwrap();
+    let got = common::eventually(Duration::from_secs(20), || async { Some(receiver.delivered("/hook")).filter(|d| d.len() == 2) }).await.expect("expiring, then expired");
+    assert_eq!(got.iter().map(|(_, b)| b["kind"].as_str().unwrap()).collect::<Vec<_>>(), ["expiring", "expired"]);
+    assert_eq!(got[0].1["grant"], id.as_str());
+    assert!(got[0].1["expires_at"].is_string());
+
+    // The audit log on a full disk: statements are refused, and people are told.
+    env.stop().await;
+    let _ = std::fs::remove_file(&env.audit_log);
+    std::os::unix::fs::symlink("/dev/full", &env.audit_log).unwrap();
+    env.boot().await;
+    let (_, login, password) = env.active_grant("read", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    assert!(client.simple_query("SELECT 1").await.is_err(), "refused while the log cannot be written");
+    let failing = common::eventually(Duration::from_secs(20), || async { receiver.delivered("/hook").into_iter().find(|(_, b)| b["event"] == "audit_failing") }).await.expect("audit_failing sent");
+    assert!(failing.1["error"].as_str().unwrap().contains("No space left"), "{}", failing.1);
+    std::fs::remove_file(&env.audit_log).unwrap();
+    client.simple_query("SELECT 1").await.expect("written again");
+    let recovered = common::eventually(Duration::from_secs(20), || async { receiver.delivered("/hook").into_iter().find(|(_, b)| b["event"] == "audit_recovered") }).await;
+    assert!(recovered.is_some(), "its recovery sent too");
+}

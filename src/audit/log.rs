@@ -72,6 +72,31 @@ pub struct AuditLog {
     sink: Sink,
     pub params: ParamLogging,
     pub path: PathBuf,
+    health: Arc<Health>,
+}
+
+/// Whether the last write failed, and why: watched to tell people (`AuditFailing` events).
+#[derive(Default)]
+pub struct Health {
+    failing: std::sync::atomic::AtomicBool,
+    error: Mutex<String>,
+}
+
+impl Health {
+    fn record<T>(&self, result: &Result<T, AuditError>) {
+        match result {
+            Ok(_) => self.failing.store(false, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => {
+                *unpoisoned(&self.error) = e.0.clone();
+                self.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The last write's error, while writes fail.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.load(std::sync::atomic::Ordering::Relaxed).then(|| unpoisoned(&self.error).clone())
+    }
 }
 
 #[derive(Clone)]
@@ -219,6 +244,7 @@ impl Inline {
         }
         let started = Instant::now();
         let result = self.writer.write_batch(&batch);
+        self.writer.health.record(&result);
         self.writer.meters().write_seconds.record(started.elapsed().as_secs_f64());
         match result {
             Ok(seqs) => {
@@ -308,6 +334,7 @@ struct Writer {
     /// `fsync` mode: since when records have been written but not flushed to disk (only records
     /// nobody waits for are left so, for about [`UNSYNCED_FOR`]).
     unsynced: Option<Instant>,
+    health: Arc<Health>,
 }
 
 struct WriterMeters {
@@ -499,6 +526,7 @@ impl Writer {
             metrics::gauge!("pglease_audit_queue_depth").set(batch.len() as f64);
             let started = Instant::now();
             let result = self.write_batch(&batch);
+            self.health.record(&result);
             self.meters().write_seconds.record(started.elapsed().as_secs_f64());
             match result {
                 Ok(seqs) => {
@@ -533,6 +561,11 @@ impl Writer {
 }
 
 impl AuditLog {
+    /// Whether writes fail now.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// Opens (or continues) the log and starts its writer thread: the group-commit writer in
     /// `fsync` mode; in `write` mode a thread that anchors the head and retries carried records
     /// while the log is idle.
@@ -541,7 +574,8 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let (seq, head) = chain_head(&options.path)?;
-        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, meters: Default::default(), unsynced: None, options: options.clone() };
+        let health = Arc::new(Health::default());
+        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, meters: Default::default(), unsynced: None, options: options.clone(), health: health.clone() };
         let (sink, thread) = match options.durability {
             Durability::Fsync => {
                 let (tx, rx) = std_mpsc::channel();
@@ -565,7 +599,7 @@ impl AuditLog {
                 (Sink::Combined(combined), thread)
             }
         };
-        Ok((AuditLog { sink, params: options.params, path: options.path }, thread))
+        Ok((AuditLog { sink, params: options.params, path: options.path, health }, thread))
     }
 
     /// Appends a record and waits until it is written (as the durability mode promises).

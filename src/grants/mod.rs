@@ -78,6 +78,24 @@ pub struct Grant {
     /// `GrantStore::put`). 0 for a grant not stored yet.
     #[serde(default)]
     pub version: u64,
+    /// Whether the "expiring soon" event was sent (once, by one instance).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expiry_noticed: bool,
+}
+
+/// The "expiring soon" event comes this long before a grant's end (half its length for
+/// shorter grants).
+pub const EXPIRY_NOTICE: Duration = Duration::from_secs(600);
+
+impl Grant {
+    /// When the "expiring soon" event is due, for an active grant that has not had it.
+    fn notice_at(&self) -> Option<SystemTime> {
+        if self.status != GrantStatus::Active || self.expiry_noticed {
+            return None;
+        }
+        let lead = EXPIRY_NOTICE.min(Duration::from_secs(self.duration_secs / 2));
+        self.expires_at.and_then(|e| e.checked_sub(lead))
+    }
 }
 
 impl Grant {
@@ -395,6 +413,7 @@ impl GrantService {
             ended_by: None,
             end_reason: None,
             version: 0,
+            expiry_noticed: false,
         };
         if req.break_glass {
             grant.status = GrantStatus::Active;
@@ -606,7 +625,26 @@ impl GrantService {
             let at = g.expires_at.map(crate::time::rfc3339).unwrap_or_default();
             self.end_sessions(&g.id, &format!("pglease: grant {} for scope \"{}\" expired at {at}", g.id, g.scope));
         }
-        Ok(self.read().values().filter(|g| g.status == GrantStatus::Active).filter_map(|g| g.expires_at).min())
+        // "Expiring soon", once per grant: the write decides which instance sends it.
+        let noticed: Vec<Grant> = self.read().values().filter(|g| g.notice_at().is_some_and(|t| t <= now) && g.expires_at.is_some_and(|e| e > now)).cloned().collect();
+        for mut g in noticed {
+            let _w = self.write.lock().await;
+            if self.get_raw(&g.id).is_none_or(|c| c.notice_at().is_none()) {
+                continue;
+            }
+            g.expiry_noticed = true;
+            let g = match self.save(g).await {
+                Ok(g) => g,
+                Err(GrantError::Store(StoreError::Conflict(_))) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(expires_at) = g.expires_at {
+                self.events.emit(Event::GrantExpiring { grant: g.id.clone(), user: g.user.clone(), scope: g.scope.clone(), expires_at });
+            }
+        }
+        let grants = self.read();
+        let ends = grants.values().filter(|g| g.status == GrantStatus::Active).filter_map(|g| g.expires_at);
+        Ok(ends.chain(grants.values().filter_map(Grant::notice_at)).min())
     }
 
     /// Marks grants expired as their windows close. Sessions end on their own deadline timers;

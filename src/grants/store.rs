@@ -190,6 +190,7 @@ mod tests {
             ended_by: None,
             end_reason: None,
             version: 0,
+            expiry_noticed: false,
         }
     }
 

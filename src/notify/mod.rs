@@ -55,8 +55,10 @@ fn kind_of(event: &Event) -> Option<&'static str> {
         Event::GrantDenied { .. } => "denied",
         Event::GrantActivated { break_glass: true, .. } => "break_glass",
         Event::GrantRevoked { .. } => "revoked",
+        Event::GrantExpiring { .. } => "expiring",
         Event::GrantExpired { .. } => "expired",
         Event::SessionKilled { .. } => "session_killed",
+        Event::AuditFailing { .. } | Event::AuditRecovered => "audit_failing",
         _ => return None,
     })
 }
@@ -279,7 +281,10 @@ fn summary(kind: &str, f: &Value) -> String {
         "denied" => format!("{} denied {}'s request for *{}*: {}", s("by"), s("user"), s("scope"), s("reason")),
         "break_glass" => format!(":rotating_light: {} used break-glass for *{}* (until {})", s("user"), s("scope"), s("expires_at")),
         "revoked" => format!("{} revoked {}'s grant for *{}*: {}", s("by"), s("user"), s("scope"), s("reason")),
+        "expiring" => format!("{}'s grant for *{}* ends at {}", s("user"), s("scope"), s("expires_at")),
         "expired" => format!("{}'s grant for *{}* expired", s("user"), s("scope")),
+        "audit_failing" if f["event"] == "audit_recovered" => ":white_check_mark: the audit log is written again; statements run again".to_owned(),
+        "audit_failing" => format!(":rotating_light: the audit log cannot be written, so every statement is refused: {}", s("error")),
         "session_killed" => format!("{} ended session {}", s("by"), f["session"]),
         other => other.to_owned(),
     }
