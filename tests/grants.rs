@@ -381,3 +381,55 @@ async fn only_the_grants_user_ever_sees_its_secret() {
     env.api(Some(BOB), "POST", &format!("/grants/{id}/revoke"), json!({"reason": "done"})).await.unwrap();
     assert!(env.api(Some(ALICE), "POST", &path, json!({})).await.unwrap_err().contains("ended"));
 }
+
+/// The reaper's "expiring soon" write works on the grant as it is under the write lock: a
+/// secret taken between its look at the grants and its write stays in force (found by review:
+/// it used to write back the copy it had read, with the old secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_expiring_soon_write_never_undoes_a_secret_taken_meanwhile() {
+    use pglease::config::Role;
+    use pglease::grants::{FileStore, GrantRequest, GrantService, GrantStore};
+    use std::sync::Arc;
+    let person = |name: &str, roles: &[Role]| pglease::people::Principal { person: name.into(), roles: roles.iter().copied().collect(), groups: Default::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grants.jsonl");
+    let scopes = Arc::new(pglease::scopes::Scopes::from_config(&pglease::demo::demo_scopes()));
+    let store: Arc<dyn GrantStore> = Arc::new(FileStore::new(&path));
+    let grants = GrantService::open(store, scopes, pglease::events::Events::new(), pglease::session::SessionRegistry::new()).await.unwrap();
+    let (alice, bob) = (person("alice", &[Role::Engineer]), person("bob", &[Role::Approver]));
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let req = GrantRequest { scope: "orders-read".into(), duration: Duration::from_secs(4), reason: "t".into(), user: None, break_glass: false };
+        let id = grants.request(&alice, req).await.unwrap().grant.id;
+        grants.approve(&bob, &id).await.unwrap();
+        ids.push(id);
+    }
+    // Notice due at 2 s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let g2 = grants.clone();
+    let reaper = tokio::spawn(async move { g2.expire_due().await });
+    tokio::task::yield_now().await;
+    let mut taken = Vec::new();
+    for id in ids.iter().skip(1) {
+        let (g, a, id) = (grants.clone(), alice.clone(), id.clone());
+        taken.push(tokio::spawn(async move { g.take_secret(&a, &id).await.unwrap().grant }));
+    }
+    reaper.await.unwrap().unwrap();
+    let mut fresh_grants = Vec::new();
+    for t in taken {
+        fresh_grants.push(t.await.unwrap());
+    }
+    let mut reverted = 0;
+    let stored = FileStore::new(&path).load().await.unwrap();
+    for fresh in fresh_grants {
+        let now = stored.iter().find(|g| g.id == fresh.id).unwrap();
+        let mem = grants.credential(&fresh.login, &fresh.database).map(|c| c.verifier.to_text());
+        assert_eq!(mem.as_deref(), Some(fresh.verifier.as_str()), "the fresh secret is the one in force");
+        if now.verifier != fresh.verifier {
+            reverted += 1;
+            eprintln!("grant {}: the secret taken is no longer the stored one (noticed={} stored v{} fresh v{} fresh noticed={})", fresh.id, now.expiry_noticed, now.version, fresh.version, fresh.expiry_noticed);
+        }
+    }
+    assert_eq!(reverted, 0);
+}
+

@@ -604,13 +604,14 @@ impl GrantService {
     /// Records the end of every grant past its window; returns the next deadline, if any.
     pub async fn expire_due(&self) -> Result<Option<SystemTime>, GrantError> {
         let now = SystemTime::now();
-        let due: Vec<Grant> = self.read().values().filter(|g| g.status == GrantStatus::Active && g.expires_at.is_some_and(|e| e <= now)).cloned().collect();
-        for mut g in due {
+        let due: Vec<String> = self.read().values().filter(|g| g.status == GrantStatus::Active && g.expires_at.is_some_and(|e| e <= now)).map(|g| g.id.clone()).collect();
+        for id in due {
             let _w = self.write.lock().await;
-            // Re-check under the write lock: a revoke may have won the race.
-            if self.get_raw(&g.id).map(|c| c.status) != Some(GrantStatus::Active) {
+            // The grant as it is now, under the write lock: a revoke or a new secret may have
+            // come in since the list above, and must not be written over.
+            let Some(mut g) = self.get_raw(&id).filter(|c| c.status == GrantStatus::Active) else {
                 continue;
-            }
+            };
             g.status = GrantStatus::Expired;
             g.ended_at = g.expires_at;
             g.end_reason = Some("expired".into());
@@ -626,12 +627,12 @@ impl GrantService {
             self.end_sessions(&g.id, &format!("pglease: grant {} for scope \"{}\" expired at {at}", g.id, g.scope));
         }
         // "Expiring soon", once per grant: the write decides which instance sends it.
-        let noticed: Vec<Grant> = self.read().values().filter(|g| g.notice_at().is_some_and(|t| t <= now) && g.expires_at.is_some_and(|e| e > now)).cloned().collect();
-        for mut g in noticed {
+        let noticed: Vec<String> = self.read().values().filter(|g| g.notice_at().is_some_and(|t| t <= now) && g.expires_at.is_some_and(|e| e > now)).map(|g| g.id.clone()).collect();
+        for id in noticed {
             let _w = self.write.lock().await;
-            if self.get_raw(&g.id).is_none_or(|c| c.notice_at().is_none()) {
+            let Some(mut g) = self.get_raw(&id).filter(|c| c.notice_at().is_some()) else {
                 continue;
-            }
+            };
             g.expiry_noticed = true;
             let g = match self.save(g).await {
                 Ok(g) => g,
