@@ -262,22 +262,23 @@ impl App {
         // The audit log failing (every statement refused) is an event, and so is its recovery.
         let (health, events, s) = (self.audit.health(), self.events.clone(), shutdown.clone());
         tasks.push(tokio::spawn(async move {
-            let mut failing = false;
+            let (mut seen, mut reported) = (health.failures().0, false);
             loop {
                 tokio::select! {
                     _ = s.cancelled() => return,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
-                match (health.failing(), failing) {
-                    (Some(error), false) => {
-                        failing = true;
-                        events.emit(crate::events::Event::AuditFailing { error });
-                    }
-                    (None, true) => {
-                        failing = false;
-                        events.emit(crate::events::Event::AuditRecovered);
-                    }
-                    _ => {}
+                // New failures since the last look, even ones that cleared meanwhile (their
+                // statements were refused all the same).
+                let (failures, error) = health.failures();
+                if failures > seen && !reported {
+                    reported = true;
+                    events.emit(crate::events::Event::AuditFailing { error });
+                }
+                seen = failures;
+                if reported && !health.is_failing() {
+                    reported = false;
+                    events.emit(crate::events::Event::AuditRecovered);
                 }
             }
         }));

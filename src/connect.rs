@@ -92,9 +92,12 @@ pub fn run(api: &ApiClient, options: &ConnectOptions) -> Result<Ended, CliError>
                 Some(d) => d.clone(),
                 None => default_duration(&scope),
             };
+            // Ctrl-C is watched for from before the request exists: one pressed while it is
+            // being made withdraws it as soon as it does.
+            let mut interrupted = crate::signals::Interrupts::new().map_err(|e| CliError::Unreachable(format!("cannot watch for Ctrl-C: {e}")))?;
             let requested = api.post("/grants", json!({ "scope": options.scope, "duration": duration, "reason": reason }))?;
             let ready = into_ready(requested)?;
-            match wait_for_approval(api, &me, &scope, &ready.grant, options.poll_every)? {
+            match wait_for_approval(api, &me, &scope, &ready.grant, options.poll_every, &mut interrupted)? {
                 Some(active) => Ready { grant: active, password: ready.password },
                 None => return Ok(Ended::Withdrawn(ready.grant["id"].as_str().unwrap_or_default().to_owned())),
             }
@@ -147,12 +150,11 @@ fn status(line: &str) {
 }
 
 /// Polls the pending grant until it is decided; `None` when Ctrl-C withdrew it.
-fn wait_for_approval(api: &ApiClient, me: &str, scope: &Value, grant: &Value, every: Duration) -> Result<Option<Value>, CliError> {
+fn wait_for_approval(api: &ApiClient, me: &str, scope: &Value, grant: &Value, every: Duration, interrupted: &mut crate::signals::Interrupts) -> Result<Option<Value>, CliError> {
     let id = grant["id"].as_str().unwrap_or_default().to_owned();
     let path = format!("/grants/{id}");
     let started = Instant::now();
     let live = std::io::stderr().is_terminal();
-    let mut interrupted = crate::signals::Interrupts::new().map_err(|e| CliError::Unreachable(format!("cannot watch for Ctrl-C: {e}")))?;
     status(&format!("requested grant {id} for {} ({}); waiting for {} to approve it (Ctrl-C withdraws the request)", grant["scope"].as_str().unwrap_or(""), grant["duration_secs"].as_u64().map(|s| crate::time::human_duration(Duration::from_secs(s))).unwrap_or_default(), approvers(scope)));
     loop {
         let g = api.get(&path)?;
@@ -180,7 +182,10 @@ fn wait_for_approval(api: &ApiClient, me: &str, scope: &Value, grant: &Value, ev
             if live {
                 eprintln!();
             }
-            api.post(&format!("{path}/revoke"), json!({ "reason": format!("withdrawn by {me}: pglease connect was interrupted") }))?;
+            let withdrawn = api.post(&format!("{path}/revoke"), json!({ "reason": format!("withdrawn by {me}: pglease connect was interrupted") }));
+            if let Err(e) = withdrawn {
+                return Err(refused(format!("could not withdraw request {id} ({e}); it may still be pending: pglease grant revoke {id} --reason \"…\"")));
+            }
             status(&format!("request {id} withdrawn"));
             return Ok(None);
         }
@@ -239,6 +244,8 @@ fn exec(options: &ConnectOptions, env: &[(&'static str, String)]) -> CliError {
     for name in OVERRIDING {
         command.env_remove(name);
     }
+    // The client needs the connection, not the admin API's token.
+    command.env_remove("PGLEASE_ADMIN_TOKEN");
     command.envs(env.iter().map(|(k, v)| (k, v)));
     let e = command.exec();
     let hint = if options.exec.is_none() && e.kind() == std::io::ErrorKind::NotFound { " (install the PostgreSQL client, or name another with --exec)" } else { "" };

@@ -71,8 +71,9 @@ async fn connect_requests_waits_for_approval_and_runs_psql() {
     let all = env.api(Some(CAROL), "GET", "/grants", json!({})).await.unwrap();
     assert_eq!(all.as_array().unwrap().len(), 1, "no second grant: {all}");
 
-    // Another client, the same way; the secret is in its environment, never on its command line.
-    let child = connect(&env, ALICE, &["read", "--exec", "sh", "--", "-c", r#"test -n "$PGPASSWORD" && echo "$PGSSLMODE $PGUSER $PGDATABASE" && test -f "$PGSSLROOTCERT""#]);
+    // Another client, the same way; the secret is in its environment, never on its command
+    // line, and the admin token is not passed on.
+    let child = connect(&env, ALICE, &["read", "--exec", "sh", "--", "-c", r#"test -n "$PGPASSWORD" && test -z "$PGLEASE_ADMIN_TOKEN" && echo "$PGSSLMODE $PGUSER $PGDATABASE" && test -f "$PGSSLROOTCERT""#]);
     let (code, stdout, stderr) = finish(child).await;
     assert_eq!(code, Some(0), "{stderr}");
     let login = all[0]["login"].as_str().unwrap();

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use std::sync::mpsc as std_mpsc;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -75,10 +76,12 @@ pub struct AuditLog {
     health: Arc<Health>,
 }
 
-/// Whether the last write failed, and why: watched to tell people (`AuditFailing` events).
+/// How writes have gone: watched to tell people (`AuditFailing` events). Failures are
+/// counted, so that one that cleared before anybody looked is still seen.
 #[derive(Default)]
 pub struct Health {
     failing: std::sync::atomic::AtomicBool,
+    failures: AtomicU64,
     error: Mutex<String>,
 }
 
@@ -88,14 +91,20 @@ impl Health {
             Ok(_) => self.failing.store(false, std::sync::atomic::Ordering::Relaxed),
             Err(e) => {
                 *unpoisoned(&self.error) = e.0.clone();
+                self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.failing.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
 
-    /// The last write's error, while writes fail.
-    pub fn failing(&self) -> Option<String> {
-        self.failing.load(std::sync::atomic::Ordering::Relaxed).then(|| unpoisoned(&self.error).clone())
+    /// Whether writes fail now.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failed writes so far, and the last one's error.
+    pub fn failures(&self) -> (u64, String) {
+        (self.failures.load(std::sync::atomic::Ordering::Relaxed), unpoisoned(&self.error).clone())
     }
 }
 

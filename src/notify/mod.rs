@@ -67,6 +67,10 @@ impl Target {
     /// The `index`-th target of the config; `default_links` is the admin API's URL.
     pub fn open(config: &NotifyConfig, index: usize, default_links: &str) -> anyhow::Result<Self> {
         let url = config.url(index)?;
+        // Checked here for a URL read from the environment or a file; the message does not
+        // repeat it (a Slack webhook URL is a secret).
+        let scheme_ok = url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        anyhow::ensure!(scheme_ok, "notify[{index}].url: not an http or https URL");
         let secret = config.secret(index)?;
         let outbox = Outbox::open(&config.outbox()).map_err(|e| anyhow::anyhow!("notify[{index}].outbox: cannot open {}: {e}", config.outbox().display()))?;
         let mut tls = ureq::tls::TlsConfig::builder();
@@ -115,7 +119,11 @@ impl Target {
             }
             NotifyKind::Slack => {
                 let text = summary(kind, &fields);
-                let context = [grant.map(|g| format!("grant `{g}`")), fields["scope"].as_str().map(|s| format!("scope `{s}`")), link.map(|l| format!("<{l}|details>"))];
+                let context = [
+                    grant.map(|g| format!("grant `{}`", slack_escape(&g))),
+                    fields["scope"].as_str().map(|s| format!("scope `{}`", slack_escape(s))),
+                    link.map(|l| format!("<{}|details>", slack_escape(&l))),
+                ];
                 let context: Vec<String> = context.into_iter().flatten().collect();
                 json!({
                     "text": text,
@@ -174,7 +182,6 @@ impl Target {
         let Some(woken) = self.woken.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
         let mut cursor = self.outbox.cursor();
         let mut failures: u32 = 0;
-        let mut first_failure: Option<SystemTime> = None;
         while !shutdown.is_cancelled() {
             metrics::gauge!("pglease_notify_backlog_bytes", "target" => self.name.clone()).set(self.outbox.backlog(cursor) as f64);
             let next = match self.outbox.next(cursor) {
@@ -198,17 +205,18 @@ impl Target {
                     if failures > 0 {
                         tracing::info!(target = %self.name, after = failures, "notification receiver answered again");
                     }
-                    (failures, first_failure) = (0, None);
+                    failures = 0;
                     cursor = self.advance(after, cursor);
                 }
                 Err((permanent, why)) => {
                     metrics::counter!("pglease_notify_failures_total", "target" => self.name.clone()).increment(1);
-                    let since = *first_failure.get_or_insert_with(SystemTime::now);
-                    let too_old = since.elapsed().unwrap_or_default() > GIVE_UP_AFTER;
+                    // The message's own age, so that a restart does not start the count again.
+                    let made = message["at"].as_str().and_then(|t| crate::time::parse_rfc3339(t).ok()).unwrap_or_else(SystemTime::now);
+                    let too_old = made.elapsed().unwrap_or_default() > GIVE_UP_AFTER;
                     if permanent || too_old {
                         tracing::error!(target = %self.name, id, why, "notification given up on; set aside in the dead-letter file");
                         self.dead_letter(&line);
-                        (failures, first_failure) = (0, None);
+                        failures = 0;
                         cursor = self.advance(after, cursor);
                         continue;
                     }
@@ -243,7 +251,10 @@ impl Target {
         metrics::counter!("pglease_notify_dead_letters_total", "target" => self.name.clone()).increment(1);
         let mut path = self.outbox_path();
         path.as_mut_os_string().push(".dead");
-        let written = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+        let written = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path).and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()))
+        };
         if let Err(e) = written {
             tracing::error!(target = %self.name, error = %e, path = %path.display(), "cannot write the dead-letter file");
         }
@@ -271,9 +282,15 @@ pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     crate::people::hex(&mac.finalize().into_bytes())
 }
 
-/// One line for people.
+/// Text as Slack shows it literally: `&`, `<` and `>` escaped, so that a reason cannot ping a
+/// channel (`<!channel>`) or show a link of its own.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// One line for people (Slack's mrkdwn; every value from a request escaped).
 fn summary(kind: &str, f: &Value) -> String {
-    let s = |k: &str| f[k].as_str().unwrap_or("?").to_owned();
+    let s = |k: &str| slack_escape(f[k].as_str().unwrap_or("?"));
     let duration = f["duration_secs"].as_u64().map(|d| crate::time::human_duration(Duration::from_secs(d))).unwrap_or_default();
     match kind {
         "requested" => format!("{} requests *{}* for {duration}: {} — approve with `pglease grant approve {}`", s("user"), s("scope"), s("reason"), s("grant")),
@@ -312,6 +329,14 @@ impl EventSink for NotifySink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_cannot_ping_or_link_in_slack() {
+        let f = json!({"user": "mallory", "scope": "read", "grant": "g1", "duration_secs": 600, "reason": "<!channel> <https://evil.example|Approve here> & more"});
+        let text = summary("requested", &f);
+        assert!(!text.contains("<!channel>") && !text.contains("<https://evil"), "{text}");
+        assert!(text.contains("&lt;!channel&gt;") && text.contains("&amp; more"), "{text}");
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_with_jitter() {

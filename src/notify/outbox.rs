@@ -20,23 +20,47 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Opens (or creates, mode 0600) the outbox at `path`.
+    /// Opens (or creates, mode 0600) the outbox at `path`, which no other process may have
+    /// open. What a crash left behind is put right: a last line without its newline (a push
+    /// cut short) is dropped, and a cursor that is not at the start of a message goes back to
+    /// the start (messages are sent again rather than lost).
     pub fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
         let file = OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)?;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::other(format!("{} is in use by another process (each instance needs an outbox of its own)", path.display())));
+        }
+        let content = std::fs::read(path)?;
+        let whole = content.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < content.len() {
+            file.set_len(whole as u64)?;
+            file.sync_data()?;
+        }
         let mut cursor_path = path.as_os_str().to_owned();
         cursor_path.push(".cursor");
-        Ok(Self { path: path.to_owned(), cursor_path: cursor_path.into(), file: Mutex::new(file) })
+        let outbox = Self { path: path.to_owned(), cursor_path: cursor_path.into(), file: Mutex::new(file) };
+        let cursor = outbox.cursor() as usize;
+        if cursor > whole || (cursor > 0 && content[cursor - 1] != b'\n') {
+            outbox.write_cursor(0)?;
+        }
+        Ok(outbox)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, File> {
         self.file.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one message (a JSON text without newlines) and syncs it to disk.
+    /// Appends one message (a JSON text without newlines) and syncs it to disk. A push that
+    /// fails leaves nothing behind (the next one would be glued to it).
     pub fn push(&self, message: &str) -> std::io::Result<()> {
         let mut file = self.lock();
-        file.write_all(format!("{message}\n").as_bytes())?;
-        file.sync_data()
+        let before = file.metadata()?.len();
+        let written = file.write_all(format!("{message}\n").as_bytes()).and_then(|()| file.sync_data());
+        if written.is_err() {
+            let _ = file.set_len(before);
+        }
+        written
     }
 
     /// The offset of the first message not delivered yet.
@@ -63,15 +87,24 @@ impl Outbox {
     /// Records that everything before `cursor` is delivered; returns the cursor to go on
     /// from (0 when the outbox was emptied because it was all delivered and large).
     pub fn commit(&self, cursor: u64) -> std::io::Result<u64> {
-        let file = self.lock();
-        let cursor = if cursor >= COMPACT_BYTES && file.metadata()?.len() == cursor {
-            file.set_len(0)?;
-            file.sync_data()?;
-            0
-        } else {
-            cursor
-        };
-        // Written whole, then renamed over the old one: a crash leaves one or the other.
+        {
+            let file = self.lock();
+            if cursor >= COMPACT_BYTES && file.metadata()?.len() == cursor {
+                // The cursor first: a crash in between sends the old messages again, never
+                // skips new ones.
+                self.write_cursor(0)?;
+                file.set_len(0)?;
+                file.sync_data()?;
+                return Ok(0);
+            }
+        }
+        self.write_cursor(cursor)?;
+        Ok(cursor)
+    }
+
+    /// Written whole, then renamed over the old one, and the directory synced: after a crash
+    /// the cursor is one or the other.
+    fn write_cursor(&self, cursor: u64) -> std::io::Result<()> {
         let mut tmp = self.cursor_path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -79,7 +112,8 @@ impl Outbox {
         f.write_all(cursor.to_string().as_bytes())?;
         f.sync_data()?;
         std::fs::rename(&tmp, &self.cursor_path)?;
-        Ok(cursor)
+        let dir = self.cursor_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(dir)?.sync_all()
     }
 
     pub fn path(&self) -> &Path {
@@ -114,5 +148,29 @@ mod tests {
         // A half-written line is not a message yet.
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"n\":").unwrap();
         assert!(outbox.next(after).unwrap().is_none());
+        // Another process cannot share it.
+        assert!(Outbox::open(&path).is_err());
+    }
+
+    #[test]
+    fn what_a_crash_leaves_is_put_right_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        // A push cut short: dropped, so the next message is whole.
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":").unwrap();
+        let outbox = Outbox::open(&path).unwrap();
+        outbox.push(r#"{"n":2}"#).unwrap();
+        let (first, after) = outbox.next(0).unwrap().unwrap();
+        let (second, _) = outbox.next(after).unwrap().unwrap();
+        assert_eq!((first.as_str(), second.as_str()), (r#"{"n":1}"#, r#"{"n":2}"#));
+        drop(outbox);
+        // A cursor past the end (the file emptied, its cursor not yet written): from the start.
+        std::fs::write(dir.path().join("out.jsonl.cursor"), "1000").unwrap();
+        let outbox = Outbox::open(&path).unwrap();
+        assert_eq!(outbox.cursor(), 0);
+        drop(outbox);
+        // A cursor in the middle of a message: from the start, too.
+        std::fs::write(dir.path().join("out.jsonl.cursor"), "3").unwrap();
+        assert_eq!(Outbox::open(&path).unwrap().cursor(), 0);
     }
 }

@@ -344,6 +344,8 @@ impl GrantsEnv {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+        // Nothing of the stopped instance stays alive here (its outboxes are locked while it is).
+        self.grants = None;
     }
 
     /// Calls the admin API as the holder of `token`; returns (HTTP-ish status, JSON).
