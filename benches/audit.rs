@@ -55,6 +55,7 @@ fn main() {
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
+                public_host: None,
                 tls_ca: None,
                 tls_cert: Some(dir.path().join("c.pem")),
                 tls_key: Some(dir.path().join("k.pem")),

@@ -225,6 +225,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
     Config {
         listen: ListenConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
+            public_host: None,
             tls_ca: None,
             tls_cert: None,
             tls_key: None,

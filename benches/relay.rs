@@ -41,6 +41,7 @@ fn relay(c: &mut Criterion) {
 
     let listen = ListenConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
+        public_host: None,
         tls_ca: None,
         tls_cert: None,
         tls_key: None,

@@ -206,7 +206,11 @@ impl App {
             let api = Arc::get_mut(api).expect("not shared before start");
             api.proxy_port = proxy_addr.port();
             let ip = proxy_addr.ip();
-            api.proxy_host = if ip.is_unspecified() { "127.0.0.1".to_owned() } else { ip.to_string() };
+            api.proxy_host = match &self.config.listen.public_host {
+                Some(host) => host.clone(),
+                None if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                None => ip.to_string(),
+            };
         }
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();

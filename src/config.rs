@@ -395,6 +395,11 @@ mod humantime_vec {
 pub struct ListenConfig {
     /// Address of the Postgres-protocol listener.
     pub addr: SocketAddr,
+    /// The host name clients reach the proxy by (behind a load balancer: its name), for
+    /// connection lines and `pglease connect`; it must be in `tls_cert`. Default: `addr`'s
+    /// address (127.0.0.1 when `addr` listens on every address).
+    #[serde(default)]
+    pub public_host: Option<String>,
     /// PEM certificate chain presented to clients.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
@@ -667,6 +672,11 @@ impl Config {
         }
         if u.connect_timeout.is_zero() {
             return Err(ConfigError::invalid("upstream.connect_timeout", "must be more than 0s"));
+        }
+        if let Some(host) = &self.listen.public_host
+            && (host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/'))
+        {
+            return Err(ConfigError::invalid("listen.public_host", "a host name or address, nothing else"));
         }
         if let Some(cp) = &self.control_plane {
             let info = crate::conninfo::parse(&cp.dsn).map_err(|e| ConfigError::invalid("control_plane.dsn", e.to_string()))?;

@@ -337,6 +337,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
     let base = Config {
         listen: ListenConfig {
             addr: options.listen,
+            public_host: None,
             tls_ca: Some(ca_cert.clone()),
             tls_cert: Some(cert),
             tls_key: Some(key),

@@ -177,8 +177,9 @@ fn governs_differently(old: &ScopeConfig, new: &ScopeConfig) -> bool {
 
 /// Keys changed in `next` that only take effect at restart.
 fn restart_only_changes(old: &Config, next: &Config) -> Vec<&'static str> {
-    let checks: [(&'static str, bool); 11] = [
+    let checks: [(&'static str, bool); 12] = [
         ("listen.addr", old.listen.addr != next.listen.addr),
+        ("listen.public_host", old.listen.public_host != next.listen.public_host),
         ("listen.max_connections", old.listen.max_connections != next.listen.max_connections),
         ("listen.workers", old.listen.workers != next.listen.workers),
         ("admin", old.admin != next.admin),

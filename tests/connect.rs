@@ -121,3 +121,17 @@ async fn ctrl_c_withdraws_the_request_and_a_denial_is_an_error() {
     let all = env.api(Some(CAROL), "GET", "/grants", json!({})).await.unwrap();
     assert_eq!(all.as_array().unwrap().len(), 2, "only the two requests above: {all}");
 }
+
+/// Behind a load balancer the proxy is reached by a name of its own (`listen.public_host`):
+/// connect hands that name out, and verify-full checks the proxy's certificate against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_uses_the_proxys_public_name() {
+    let env = GrantsEnv::start(EnvOptions { public_host: Some("localhost".into()), ..EnvOptions::default() }).await;
+    let who = env.api(Some(ALICE), "GET", "/whoami", json!({})).await.unwrap();
+    assert_eq!((who["person"].as_str(), who["proxy"]["host"].as_str()), (Some("alice"), Some("localhost")));
+    let child = connect(&env, ALICE, &["read", "--reason", "by name", "--", "-At", "-c", "SHOW ssl"]);
+    let g = pending(&env, "read").await;
+    env.api(Some(BOB), "POST", &format!("/grants/{}/approve", g["id"].as_str().unwrap()), json!({})).await.unwrap();
+    let (code, stdout, stderr) = finish(child).await;
+    assert_eq!((code, stdout.trim()), (Some(0), "on"), "{stderr}");
+}

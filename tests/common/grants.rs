@@ -48,6 +48,8 @@ pub struct EnvOptions {
     pub control_plane_timing: Option<(Duration, Duration)>,
     /// Notification targets (their outboxes default to the env's directory).
     pub notify: Vec<NotifyConfig>,
+    /// `listen.public_host`.
+    pub public_host: Option<String>,
 }
 
 /// Where a control-plane cluster of a test's own listens.
@@ -76,6 +78,7 @@ impl Default for EnvOptions {
             control_plane_cluster: None,
             control_plane_timing: None,
             notify: Vec::new(),
+            public_host: None,
         }
     }
 }
@@ -186,6 +189,7 @@ impl GrantsEnv {
         let config = Config {
             listen: ListenConfig {
                 addr: "127.0.0.1:0".parse().unwrap(),
+                public_host: options.public_host.clone(),
                 tls_ca: Some(h.ca_file.clone()),
                 tls_cert: Some(h.cert_file.clone()),
                 tls_key: Some(h.key_file.clone()),

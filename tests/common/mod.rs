@@ -136,6 +136,7 @@ impl TestProxy {
         let h = harness().await;
         let listen = ListenConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
+            public_host: None,
             tls_ca: None,
             tls_cert: Some(h.cert_file.clone()),
             tls_key: Some(h.key_file.clone()),
