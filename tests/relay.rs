@@ -248,20 +248,11 @@ async fn an_address_that_keeps_missing_cancel_keys_is_ignored_for_a_while() {
     let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     for guess in 0..32u32 {
         let mut raw = common::raw::Raw::plain(proxy.addr).await;
-        let mut packet = 16i32.to_be_bytes().to_vec();
-        packet.extend_from_slice(&80877102u32.to_be_bytes());
-        packet.extend_from_slice(&pid.to_be_bytes());
-        packet.extend_from_slice(&guess.to_be_bytes());
-        raw.send(&packet).await;
+        raw.send(&cancel_request(pid, guess)).await;
         assert!(raw.recv().await.is_none());
     }
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
-    let running = common::eventually(Duration::from_secs(10), || async {
-        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active' AND datname = current_database()", &[]).await.unwrap().get(0);
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(running.is_some(), "sleep started");
+    sleep_started(&direct).await;
     token.cancel_query(common::tls_connector()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), sleeper).await.unwrap().unwrap().expect("the right key, from a throttled address, cancelled nothing");
     // Logins from the address are not slowed by it.
@@ -286,24 +277,30 @@ async fn a_pid_takes_no_more_cancels_after_32_wrong_secrets_from_anywhere() {
         socket.bind(std::net::SocketAddr::from(([127, 0, 1, 1 + guess as u8], 0))).unwrap();
         let stream = socket.connect(proxy.addr).await.unwrap();
         let mut raw = common::raw::Raw::from_io(Box::new(stream));
-        let mut packet = 16i32.to_be_bytes().to_vec();
-        packet.extend_from_slice(&80877102u32.to_be_bytes());
-        packet.extend_from_slice(&pid.to_be_bytes());
-        packet.extend_from_slice(&guess.to_be_bytes());
-        raw.send(&packet).await;
+        raw.send(&cancel_request(pid, guess)).await;
         assert!(raw.recv().await.is_none());
     }
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
-    let running = common::eventually(Duration::from_secs(10), || async {
-        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active' AND datname = current_database()", &[]).await.unwrap().get(0);
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(running.is_some(), "sleep started");
+    sleep_started(&direct).await;
     // The right key, from a fresh address.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(std::net::SocketAddr::from(([127, 0, 2, 1], 0))).unwrap();
     let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut common::tls_connector(), "localhost").unwrap();
     token.cancel_query_raw(socket.connect(proxy.addr).await.unwrap(), tls).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), sleeper).await.unwrap().unwrap().expect("the locked pid's statement was not cancelled");
+}
+
+/// A CancelRequest packet for `pid` with a 4-byte secret.
+fn cancel_request(pid: i32, secret: u32) -> Vec<u8> {
+    [16i32.to_be_bytes(), 80877102u32.to_be_bytes(), pid.to_be_bytes(), secret.to_be_bytes()].concat()
+}
+
+/// Waits until this database's `SELECT pg_sleep(1.5)` runs upstream.
+async fn sleep_started(direct: &tokio_postgres::Client) {
+    let running = common::eventually(Duration::from_secs(10), || async {
+        let n: i64 = direct.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1.5)' AND state = 'active' AND datname = current_database()", &[]).await.unwrap().get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "sleep started");
 }
