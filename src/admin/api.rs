@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
-use crate::control_plane::fleet::{Fleet, FleetSession, KillError};
+use crate::control_plane::fleet::{Fleet, KillError};
 use crate::events::{Event, Events};
 use crate::error::{ClientError, sqlstate};
 use crate::grants::{GrantError, GrantRequest, GrantService, GrantView, NewGrant, StoreError};
@@ -229,38 +229,7 @@ async fn show_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Pat
     Ok(Json(state.grants.show(&who, &id)?))
 }
 
-/// A live session as `session list` shows it (`instance` with a control plane).
-#[derive(Serialize, Deserialize)]
-pub struct SessionView {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-    pub id: u64,
-    pub user: String,
-    pub login: String,
-    pub grant: Option<String>,
-    pub scope: Option<String>,
-    pub database: String,
-    pub client: String,
-    pub since: String,
-    pub statements: u64,
-}
-
-impl From<FleetSession> for SessionView {
-    fn from(s: FleetSession) -> Self {
-        Self {
-            instance: Some(s.instance),
-            id: s.id,
-            user: s.user,
-            login: s.login,
-            grant: s.grant,
-            scope: s.scope,
-            database: s.database,
-            client: s.client,
-            since: s.since,
-            statements: s.statements,
-        }
-    }
-}
+pub use crate::session::SessionView;
 
 fn control_plane_down(e: String) -> ApiError {
     tracing::error!(error = %e, "control plane failure");
@@ -279,27 +248,9 @@ async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller, 
     require(&who, who.can_read_all(), "list sessions")?;
     if let Some(fleet) = state.fleet.get() {
         let all = if q.local { fleet.local() } else { fleet.list().await.map_err(control_plane_down)? };
-        return Ok(Json(all.into_iter().map(SessionView::from).collect()));
+        return Ok(Json(all));
     }
-    Ok(Json(
-        state
-            .sessions
-            .list()
-            .iter()
-            .map(|h| SessionView {
-                instance: None,
-                id: h.id,
-                user: h.identity.person.clone(),
-                login: h.identity.login.clone(),
-                grant: h.identity.grant_id.clone(),
-                scope: h.identity.scope.clone(),
-                database: h.database.clone(),
-                client: h.client_addr.to_string(),
-                since: crate::time::rfc3339(h.started_at),
-                statements: h.statements(),
-            })
-            .collect(),
-    ))
+    Ok(Json(state.sessions.list().iter().map(|h| SessionView::of(h, None)).collect()))
 }
 
 #[derive(Deserialize)]

@@ -17,13 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::Conn;
 use crate::cancel::CancelRegistry;
 use crate::error::{ClientError, sqlstate};
-use crate::session::SessionRegistry;
+use crate::session::{SessionRegistry, SessionView};
 
 /// "There are requests for you in `pglease.requests`"; the payload is the instance's id.
 pub const REQUESTS_CHANNEL: &str = "pglease_requests";
@@ -39,21 +38,6 @@ pub const GONE_AFTER: Duration = Duration::from_secs(10);
 const REQUEST_TTL: Duration = Duration::from_secs(30);
 /// The rows of an instance silent this long are removed.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
-
-/// A session anywhere in the fleet, as `session list` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FleetSession {
-    pub instance: String,
-    pub id: u64,
-    pub user: String,
-    pub login: String,
-    pub grant: Option<String>,
-    pub scope: Option<String>,
-    pub database: String,
-    pub client: String,
-    pub since: String,
-    pub statements: u64,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KillError {
@@ -212,7 +196,7 @@ impl Fleet {
 
     /// Every live session in the fleet: this instance's as they are now, the others' as last
     /// published (at most [`HEARTBEAT`] old).
-    pub async fn list(&self) -> Result<Vec<FleetSession>, String> {
+    pub async fn list(&self) -> Result<Vec<SessionView>, String> {
         let gone = interval(GONE_AFTER);
         let rows = self
             .conn
@@ -227,9 +211,9 @@ impl Fleet {
                 .await
             })
             .await?;
-        let mut all: Vec<FleetSession> = self.local();
-        all.extend(rows.iter().map(|r| FleetSession {
-            instance: r.get(0),
+        let mut all: Vec<SessionView> = self.local();
+        all.extend(rows.iter().map(|r| SessionView {
+            instance: Some(r.get(0)),
             id: r.get::<_, i64>(1) as u64,
             user: r.get(2),
             login: r.get(3),
@@ -245,23 +229,8 @@ impl Fleet {
     }
 
     /// This instance's sessions, as the fleet shows them.
-    pub fn local(&self) -> Vec<FleetSession> {
-        self.sessions
-            .list()
-            .iter()
-            .map(|h| FleetSession {
-                instance: self.instance.clone(),
-                id: h.id,
-                user: h.identity.person.clone(),
-                login: h.identity.login.clone(),
-                grant: h.identity.grant_id.clone(),
-                scope: h.identity.scope.clone(),
-                database: h.database.clone(),
-                client: h.client_addr.to_string(),
-                since: crate::time::rfc3339(h.started_at),
-                statements: h.statements(),
-            })
-            .collect()
+    pub fn local(&self) -> Vec<SessionView> {
+        self.sessions.list().iter().map(|h| SessionView::of(h, Some(&self.instance))).collect()
     }
 
     /// Ends session `id` wherever it is (on `instance`, when given); returns the instance it

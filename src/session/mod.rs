@@ -30,7 +30,7 @@ use crate::error::{ClientError, sqlstate};
 use crate::stream::Stream;
 use crate::upstream::Upstream;
 pub use hooks::{BackendAction, BackendEvent, PassThrough, SessionContext, SessionHooks, Verdict};
-pub use registry::{SessionHandle, SessionRegistry};
+pub use registry::{SessionHandle, SessionRegistry, SessionView};
 
 /// Size of the write buffers in each direction. Together with the read buffers (bounded by
 /// the frame limits) this bounds a session's memory whatever the peers do.

@@ -65,6 +65,39 @@ pub struct SessionRegistry {
     changed: tokio::sync::Notify,
 }
 
+/// A live session as `session list` shows it; `instance` with a control plane.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub id: u64,
+    pub user: String,
+    pub login: String,
+    pub grant: Option<String>,
+    pub scope: Option<String>,
+    pub database: String,
+    pub client: String,
+    pub since: String,
+    pub statements: u64,
+}
+
+impl SessionView {
+    pub fn of(h: &SessionHandle, instance: Option<&str>) -> Self {
+        Self {
+            instance: instance.map(str::to_owned),
+            id: h.id,
+            user: h.identity.person.clone(),
+            login: h.identity.login.clone(),
+            grant: h.identity.grant_id.clone(),
+            scope: h.identity.scope.clone(),
+            database: h.database.clone(),
+            client: h.client_addr.to_string(),
+            since: crate::time::rfc3339(h.started_at),
+            statements: h.statements(),
+        }
+    }
+}
+
 /// Removes the session from the registry when dropped.
 pub struct Registered {
     registry: Arc<SessionRegistry>,
