@@ -89,6 +89,7 @@ fn main() {
             people: BTreeMap::new(),
             control_plane: None,
             notify: Vec::new(),
+            identity: Default::default(),
         };
         let (login, secret, running) = rt.block_on(async {
             let mut people = People::default();

@@ -259,6 +259,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
         people: BTreeMap::new(),
             control_plane: None,
             notify: Vec::new(),
+            identity: Default::default(),
     }
 }
 

@@ -43,11 +43,16 @@ impl ApiClient {
     }
 
     fn finish(&self, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value, CliError> {
+        self.answer(result).map(|(_, body)| body)
+    }
+
+    /// A response's status and JSON body; a status other than 2xx is the API's refusal.
+    fn answer(&self, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<(u16, Value), CliError> {
         let mut resp = result.map_err(|e| CliError::Unreachable(format!("cannot reach the admin API at {}: {e}", self.base)))?;
         let status = resp.status();
         let body: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
         if status.is_success() {
-            Ok(body)
+            Ok((status.as_u16(), body))
         } else {
             let message = body.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| format!("HTTP {status}"));
             Err(CliError::Refused(format!("{message} (HTTP {})", status.as_u16())))
@@ -61,6 +66,18 @@ impl ApiClient {
     pub fn get(&self, path: &str) -> Result<Value, CliError> {
         let r = self.agent.get(format!("{}/api{path}", self.base)).header("Authorization", self.auth()).call();
         self.finish(r)
+    }
+
+    /// A call that needs no token (signing in).
+    pub fn post_anonymous(&self, path: &str, body: Value) -> Result<Value, CliError> {
+        let r = self.agent.post(format!("{}/api{path}", self.base)).send_json(body);
+        self.finish(r)
+    }
+
+    /// The same, with the HTTP status of a success (the device poll answers 202 while pending).
+    pub fn post_anonymous_status(&self, path: &str, body: Value) -> Result<(u16, Value), CliError> {
+        let r = self.agent.post(format!("{}/api{path}", self.base)).send_json(body);
+        self.answer(r)
     }
 
     pub fn post(&self, path: &str, body: Value) -> Result<Value, CliError> {

@@ -54,6 +54,149 @@ pub struct Config {
     /// Where grant events are sent (approvers told of requests, and so on).
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// Sign-in with the company's identity provider, next to `people`' static tokens.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// OpenID Connect: `pglease login` signs people in with the identity provider.
+    pub oidc: Option<OidcConfig>,
+}
+
+/// `[identity.oidc]`: pglease is a confidential client of the identity provider.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer URL; its `/.well-known/openid-configuration` is read. https, or http on a
+    /// loopback address only.
+    pub issuer: String,
+    pub client_id: String,
+    /// The client secret (environment variable or file).
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes asked for, besides `openid`. Add `offline_access` where the identity provider
+    /// issues refresh tokens only with it, and `groups` where it sends groups only with it.
+    #[serde(default = "default_oidc_scopes")]
+    pub scopes: Vec<String>,
+    /// The ID token claim that names the person: "email" (default), "preferred_username",
+    /// "sub", or another string claim.
+    #[serde(default = "default_person_claim")]
+    pub person_claim: String,
+    /// The ID token claim that lists the person's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Which groups give which role: `approver = ["dba"]`. A person in none of them cannot
+    /// sign in. Scopes' `approvers` name groups too.
+    pub roles: OidcRoles,
+    /// A signed-in session lasts at most this long; then `pglease login` again.
+    #[serde(default = "default_session_ttl", with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// A session's roles and groups are read from the identity provider again (refresh
+    /// token) when it is used this long after the last time: someone removed from a group
+    /// there loses its rights here within this bound. Without a refresh token from the
+    /// provider, the bound is `session_ttl`.
+    #[serde(default = "default_refresh_every", with = "humantime_serde")]
+    pub refresh_every: Duration,
+    /// Clock difference allowed when checking ID tokens' times.
+    #[serde(default = "default_clock_skew", with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Also accept the identity provider's own ID tokens (audience `client_id`) as bearer
+    /// tokens on the admin API, as Kubernetes does: for automation that has them.
+    #[serde(default)]
+    pub bearer_id_tokens: bool,
+    /// CA file for an identity provider with a private CA (default: the public web roots).
+    pub ca_file: Option<PathBuf>,
+    /// Where sign-ins are kept (SHA-256 of each session token) without a control plane.
+    #[serde(default = "default_logins_file")]
+    pub logins_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OidcRoles {
+    #[serde(default)]
+    pub engineer: Vec<String>,
+    #[serde(default)]
+    pub approver: Vec<String>,
+    #[serde(default)]
+    pub auditor: Vec<String>,
+    #[serde(default)]
+    pub admin: Vec<String>,
+}
+
+impl OidcRoles {
+    /// The roles that `groups` give.
+    pub fn of(&self, groups: &std::collections::BTreeSet<String>) -> std::collections::BTreeSet<Role> {
+        [(Role::Engineer, &self.engineer), (Role::Approver, &self.approver), (Role::Auditor, &self.auditor), (Role::Admin, &self.admin)]
+            .into_iter()
+            .filter(|(_, names)| names.iter().any(|n| groups.contains(n)))
+            .map(|(role, _)| role)
+            .collect()
+    }
+}
+
+fn default_oidc_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into(), "profile".into()]
+}
+fn default_person_claim() -> String {
+    "email".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_session_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_refresh_every() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_clock_skew() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_logins_file() -> PathBuf {
+    PathBuf::from("pglease-logins.json")
+}
+
+impl OidcConfig {
+    pub fn client_secret(&self) -> Result<String, ConfigError> {
+        read_named_secret("identity.oidc.client_secret", self.client_secret_env.as_deref(), self.client_secret_file.as_deref())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let issuer = url::Url::parse(&self.issuer).map_err(|e| ConfigError::invalid("identity.oidc.issuer", format!("not a URL: {e}")))?;
+        let loopback = match issuer.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
+        if issuer.scheme() != "https" && !(issuer.scheme() == "http" && loopback) {
+            return Err(ConfigError::invalid("identity.oidc.issuer", "must be https (http only on a loopback address, for tests)"));
+        }
+        if self.client_id.is_empty() {
+            return Err(ConfigError::invalid("identity.oidc.client_id", "must not be empty"));
+        }
+        if self.client_secret_env.is_some() == self.client_secret_file.is_some() {
+            return Err(ConfigError::invalid("identity.oidc.client_secret_env", "set exactly one of client_secret_env and client_secret_file"));
+        }
+        if self.person_claim.is_empty() {
+            return Err(ConfigError::invalid("identity.oidc.person_claim", "must not be empty"));
+        }
+        let r = &self.roles;
+        if r.engineer.is_empty() && r.approver.is_empty() && r.auditor.is_empty() && r.admin.is_empty() {
+            return Err(ConfigError::invalid("identity.oidc.roles", "must map at least one group to a role, or nobody can sign in"));
+        }
+        if self.session_ttl.is_zero() {
+            return Err(ConfigError::invalid("identity.oidc.session_ttl", "must be more than 0s"));
+        }
+        if self.refresh_every.is_zero() || self.refresh_every > self.session_ttl {
+            return Err(ConfigError::invalid("identity.oidc.refresh_every", "must be more than 0s and at most session_ttl"));
+        }
+        Ok(())
+    }
 }
 
 /// One notification target (`[[notify]]`).
@@ -678,6 +821,9 @@ impl Config {
         {
             return Err(ConfigError::invalid("listen.public_host", "a host name or address, nothing else"));
         }
+        if let Some(oidc) = &self.identity.oidc {
+            oidc.validate()?;
+        }
         if let Some(cp) = &self.control_plane {
             let info = crate::conninfo::parse(&cp.dsn).map_err(|e| ConfigError::invalid("control_plane.dsn", e.to_string()))?;
             if info.password.is_some() {
@@ -800,6 +946,15 @@ impl UpstreamConfig {
 /// Names of scopes and people: they appear in logins and logs, so keep them plain.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 40 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A person's name: a plain name, or what an identity provider calls them (an email
+/// address): letters, digits and `-_.@+`, at most 64 bytes.
+pub fn valid_person(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '@', '-'])
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'))
 }
 
 impl ScopeConfig {

@@ -371,6 +371,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         people: BTreeMap::new(),
         control_plane,
         notify: Vec::new(),
+        identity: Default::default(),
     };
     let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();
 

@@ -17,7 +17,8 @@ struct Cli {
     command: Command,
 }
 
-/// How admin commands reach the API (the bearer token comes from PGLEASE_ADMIN_TOKEN).
+/// How admin commands reach the API (the bearer token comes from PGLEASE_ADMIN_TOKEN, else
+/// from `pglease login`).
 #[derive(clap::Args, Clone)]
 struct ApiArgs {
     /// Admin API of a running pglease.
@@ -370,6 +371,23 @@ enum Command {
         #[command(subcommand)]
         command: ControlPlaneCommand,
     },
+    /// Sign in with the identity provider (OpenID Connect): a browser on this machine, or
+    /// the device flow on a machine without one. Admin commands then use the session.
+    Login {
+        /// Use the device flow (enter a code on another device) even where a browser could open.
+        #[arg(long)]
+        device: bool,
+        /// Print the sign-in URL instead of opening a browser (then open it on this machine).
+        #[arg(long, conflicts_with = "device")]
+        no_browser: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// End the sign-in `pglease login` made, here and on the server.
+    Logout {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Admin API tokens.
     Token {
         #[command(subcommand)]
@@ -467,7 +485,7 @@ fn main() -> std::process::ExitCode {
     // over sockets, where SIGPIPE must stay ignored.
     let prints_only = matches!(
         cli.command,
-        Command::Grant { .. } | Command::Session { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Completions { .. } | Command::Man { .. }
+        Command::Grant { .. } | Command::Session { .. } | Command::Login { .. } | Command::Logout { .. } | Command::Scope { .. } | Command::Token { .. } | Command::Completions { .. } | Command::Man { .. }
     ) || matches!(&cli.command, Command::Audit { command } if !matches!(command, AuditCommand::Replay { target: Some(_), dry_run: false, .. }));
     if prints_only {
         // A command whose output goes to `| head` ends quietly when the reader leaves, as
@@ -481,7 +499,7 @@ fn main() -> std::process::ExitCode {
         Command::Grant { command, api } => Some(grant(command, &api)),
         Command::Session { command, api } => Some(session(command, &api)),
         Command::Connect { scope, reason, duration, database, ca, exec, print_env, admin_url, args } => {
-            let api = pglease::cli::ApiClient::new(&admin_url, std::env::var("PGLEASE_ADMIN_TOKEN").ok());
+            let api = pglease::cli::ApiClient::new(&admin_url, pglease::login::admin_token(&admin_url));
             let options = pglease::connect::ConnectOptions { scope, reason, duration, database, ca, exec, print_env, args, poll_every: std::time::Duration::from_secs(1) };
             match pglease::connect::run(&api, &options) {
                 Ok(pglease::connect::Ended::Printed) => return std::process::ExitCode::SUCCESS,
@@ -490,6 +508,12 @@ fn main() -> std::process::ExitCode {
                 Err(e) => Some(Err(e)),
             }
         }
+        Command::Login { device, no_browser, api } => {
+            use pglease::login::Flow;
+            let flow = if device || (!no_browser && !pglease::login::has_browser()) { Flow::Device } else { Flow::Browser { open: !no_browser } };
+            Some(pglease::login::login(&client(&api), &api.admin_url, flow, api.json))
+        }
+        Command::Logout { api } => Some(pglease::login::logout(&client(&api), &api.admin_url)),
         Command::Scope { command } => Some(scope(command)),
         Command::Audit { command } => return audit(command),
         Command::Completions { shell } => {
@@ -527,7 +551,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn client(api: &ApiArgs) -> pglease::cli::ApiClient {
-    pglease::cli::ApiClient::new(&api.admin_url, std::env::var("PGLEASE_ADMIN_TOKEN").ok())
+    pglease::cli::ApiClient::new(&api.admin_url, pglease::login::admin_token(&api.admin_url))
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -971,6 +995,8 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             Command::Grant { .. }
             | Command::Session { .. }
             | Command::Connect { .. }
+            | Command::Login { .. }
+            | Command::Logout { .. }
             | Command::Scope { .. }
             | Command::Token { .. }
             | Command::Audit { .. }

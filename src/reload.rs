@@ -36,7 +36,7 @@ pub struct ReloadReport {
 /// scopes, people (admin tokens), grant settings. Sessions of a scope whose rules changed, or
 /// that was removed, are ended with `FATAL 57P01`: nobody keeps working under rules the DBA
 /// has just withdrawn. The rest (`listen.addr`, `listen.max_connections`, `listen.workers`, `admin`, `upstream`,
-/// `audit`, `grants.store`, `grants.events_log`, `log`) takes effect at restart; a change to
+/// `audit`, `grants.store`, `grants.events_log`, `log`, `control_plane`, `notify`, `identity`) takes effect at restart; a change to
 /// those is reported and otherwise ignored.
 pub struct Reloader {
     proxy: Arc<Proxy>,
@@ -177,7 +177,7 @@ fn governs_differently(old: &ScopeConfig, new: &ScopeConfig) -> bool {
 
 /// Keys changed in `next` that only take effect at restart.
 fn restart_only_changes(old: &Config, next: &Config) -> Vec<&'static str> {
-    let checks: [(&'static str, bool); 12] = [
+    let checks: [(&'static str, bool); 13] = [
         ("listen.addr", old.listen.addr != next.listen.addr),
         ("listen.public_host", old.listen.public_host != next.listen.public_host),
         ("listen.max_connections", old.listen.max_connections != next.listen.max_connections),
@@ -190,6 +190,7 @@ fn restart_only_changes(old: &Config, next: &Config) -> Vec<&'static str> {
         ("log", old.log != next.log),
         ("control_plane", old.control_plane != next.control_plane),
         ("notify", old.notify != next.notify),
+        ("identity", old.identity != next.identity),
     ];
     checks.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
 }

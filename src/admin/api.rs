@@ -35,6 +35,8 @@ pub struct ApiState {
     pub client_ca: Option<std::path::PathBuf>,
     /// The fleet this instance is part of, with a control plane (set once it listens).
     pub fleet: std::sync::OnceLock<Arc<Fleet>>,
+    /// Sign-in with the identity provider (`[identity.oidc]`).
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl ApiState {
@@ -57,11 +59,18 @@ pub fn router(state: Arc<ApiState>) -> Router<super::AdminState> {
         .route("/whoami", get(whoami))
         .route("/scopes", get(list_scopes))
         .route("/scopes/{name}", get(show_scope))
+        .merge(super::login::router())
         .with_state(state)
 }
 
 /// An API error: a status and a message.
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -92,19 +101,27 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "missing bearer token (set PGLEASE_ADMIN_TOKEN)".into()))?;
-        state
-            .people
-            .load()
-            .authenticate(token.trim())
-            .map(Caller)
-            .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))
+        let token = bearer(&parts.headers).ok_or_else(|| {
+            let how = if state.identity.is_some() { "run pglease login, or set PGLEASE_ADMIN_TOKEN" } else { "set PGLEASE_ADMIN_TOKEN" };
+            ApiError(StatusCode::UNAUTHORIZED, format!("missing bearer token ({how})"))
+        })?;
+        if let Some(who) = state.people.load().authenticate(token) {
+            return Ok(Caller(who));
+        }
+        if let Some(identity) = &state.identity
+            && let Some(result) = identity.authenticate(token).await
+        {
+            return result.map(Caller).map_err(ApiError::from);
+        }
+        Err(ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))
     }
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
+    (!token.is_empty()).then_some(token)
 }
 
 fn require(who: &Principal, ok: bool, what: &str) -> Result<(), ApiError> {

@@ -4,6 +4,7 @@
 //! ([`api`]).
 
 pub mod api;
+pub mod login;
 
 use std::sync::{Arc, OnceLock};
 

@@ -360,7 +360,7 @@ impl GrantService {
         if user != who.person && !who.can_approve() {
             return Err(GrantError::Forbidden("only approvers may request grants for someone else".into()));
         }
-        if !crate::config::valid_name(&user) {
+        if !crate::config::valid_person(&user) {
             return Err(GrantError::Invalid(format!("invalid user name {user:?}")));
         }
         let scopes = self.scopes();

@@ -73,22 +73,7 @@ impl Target {
         anyhow::ensure!(scheme_ok, "notify[{index}].url: not an http or https URL");
         let secret = config.secret(index)?;
         let outbox = Outbox::open(&config.outbox()).map_err(|e| anyhow::anyhow!("notify[{index}].outbox: cannot open {}: {e}", config.outbox().display()))?;
-        let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("notify[{index}].ca_file: cannot read {}: {e}", ca.display()))?;
-            let certs: Vec<_> = ureq::tls::parse_pem(&pem).filter_map(|i| match i {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            }).collect();
-            anyhow::ensure!(!certs.is_empty(), "notify[{index}].ca_file: no certificate in {}", ca.display());
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
-        }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .tls_config(tls.build())
-            .build()
-            .into();
+        let agent = crate::outbound::agent(config.ca_file.as_deref(), &format!("notify[{index}].ca_file")).map_err(|e| anyhow::anyhow!(e))?;
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let events = if config.events.is_empty() { NOTIFY_EVENTS.iter().map(|e| e.to_string()).collect() } else { config.events.clone() };
         Ok(Self {

@@ -50,6 +50,8 @@ pub struct EnvOptions {
     pub notify: Vec<NotifyConfig>,
     /// `listen.public_host`.
     pub public_host: Option<String>,
+    /// `[identity]`: sign-in with an identity provider.
+    pub identity: pglease::config::IdentityConfig,
 }
 
 /// Where a control-plane cluster of a test's own listens.
@@ -79,6 +81,7 @@ impl Default for EnvOptions {
             control_plane_timing: None,
             notify: Vec::new(),
             public_host: None,
+            identity: Default::default(),
         }
     }
 }
@@ -239,6 +242,7 @@ impl GrantsEnv {
                 stale_after: options.control_plane_timing.map_or(Duration::from_secs(30), |t| t.1),
             }),
             notify: options.notify.clone(),
+            identity: options.identity.clone(),
             audit: AuditConfig {
                 path: dir.path().join("audit.jsonl"),
                 anchor: Some(dir.path().join("audit.anchor")),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod grants;
+pub mod idp;
 pub mod raw;
 
 use std::net::SocketAddr;
