@@ -45,7 +45,8 @@ install_missing() {
 }
 
 # The driver workloads of tests/drivers.rs: psycopg 3 and asyncpg (PyPI), node-postgres (npm,
-# pinned by tests/drivers/node/package-lock.json), the PostgreSQL JDBC driver (Debian).
+# pinned by tests/drivers/node/package-lock.json), the PostgreSQL JDBC driver (Debian); and the
+# OpenID provider of tests/oidc.rs (npm).
 install_drivers() {
     command -v python3 >/dev/null || die "missing: python3 (for the psycopg and asyncpg workloads)"
     command -v node >/dev/null || die "missing: node (for the node-postgres workload)"
@@ -59,6 +60,12 @@ install_drivers() {
     if [ ! -d tests/drivers/node/node_modules/pg ]; then
         echo "installing: node-postgres (npm ci)" >&2
         (cd tests/drivers/node && npm ci --no-audit --no-fund --silent) >&2
+    fi
+    # The OpenID provider tests/oidc.rs signs in through (oidc-provider, pinned by
+    # tests/oidc/package-lock.json).
+    if [ ! -d tests/oidc/node_modules/oidc-provider ]; then
+        echo "installing: oidc-provider (npm ci)" >&2
+        (cd tests/oidc && npm ci --no-audit --no-fund --silent) >&2
     fi
     if [ ! -f /usr/share/java/postgresql.jar ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -90,6 +90,7 @@ pub struct OidcConfig {
     pub groups_claim: String,
     /// Which groups give which role: `approver = ["dba"]`. A person in none of them cannot
     /// sign in. Scopes' `approvers` name groups too.
+    #[serde(default)]
     pub roles: OidcRoles,
     /// A signed-in session lasts at most this long; then `pglease login` again.
     #[serde(default = "default_session_ttl", with = "humantime_serde")]
@@ -157,10 +158,35 @@ fn default_clock_skew() -> Duration {
     Duration::from_secs(30)
 }
 fn default_logins_file() -> PathBuf {
-    PathBuf::from("pglease-logins.json")
+    OidcConfig::default_logins_file()
+}
+
+impl IdentityConfig {
+    /// A file holding just an `[identity.oidc]` table (`pglease demo --identity FILE`), checked
+    /// as in a whole config; errors name the key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            identity: IdentityConfig,
+        }
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+        let deserializer = toml::Deserializer::parse(&text).map_err(|e| ConfigError::Syntax(e.to_string().trim_end().to_owned()))?;
+        let file: File = serde_path_to_error::deserialize(deserializer).map_err(|e| ConfigError::Invalid { key: e.path().to_string(), message: e.into_inner().message().to_owned() })?;
+        match &file.identity.oidc {
+            Some(oidc) => oidc.validate()?,
+            None => return Err(ConfigError::invalid("identity.oidc", format!("{} has no [identity.oidc] table", path.display()))),
+        }
+        Ok(file.identity)
+    }
 }
 
 impl OidcConfig {
+    pub fn default_logins_file() -> PathBuf {
+        PathBuf::from("pglease-logins.json")
+    }
+
     pub fn client_secret(&self) -> Result<String, ConfigError> {
         read_named_secret("identity.oidc.client_secret", self.client_secret_env.as_deref(), self.client_secret_file.as_deref())
     }
@@ -1127,6 +1153,51 @@ mod tests {
         }
         let ok = Config::parse(&format!("{base}\n[control_plane]\ndsn = \"host=cp dbname=pglease\"\n")).unwrap();
         assert_eq!(ok.control_plane.unwrap().stale_after, std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn identity_errors_name_the_key_and_the_documented_example_parses() {
+        let base = include_str!("../config/pglease.toml");
+        let oidc = "[identity.oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"pglease\"\nclient_secret_env = \"S\"\n";
+        let roles = "[identity.oidc.roles]\napprover = [\"dba\"]\n";
+        for (section, key) in [
+            (format!("{oidc}{roles}").replace("https://idp", "http://idp"), "identity.oidc.issuer"),
+            (format!("{oidc}{roles}").replace("https://idp.example.com", "not a url"), "identity.oidc.issuer"),
+            (format!("{oidc}{roles}").replace("client_secret_env = \"S\"\n", ""), "identity.oidc.client_secret_env"),
+            (format!("{oidc}client_secret_file = \"/x\"\n{roles}"), "identity.oidc.client_secret_env"),
+            (oidc.to_owned(), "identity.oidc.roles"),
+            (format!("{oidc}[identity.oidc.roles]\n"), "identity.oidc.roles"),
+            (format!("{oidc}refresh_every = \"13h\"\n{roles}"), "identity.oidc.refresh_every"),
+            (format!("{oidc}{roles}wizard = [\"x\"]\n"), "wizard"),
+        ] {
+            let e = Config::parse(&format!("{base}\n{section}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{section}: {e}");
+        }
+        // The commented example in config/pglease.toml, uncommented, is a valid config.
+        let start = base.find("# [identity.oidc]\n").unwrap();
+        let end = start + base[start..].find("\n\n").unwrap();
+        let example: String = base[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .map(|l| format!("{}\n", l.split("   #").next().unwrap().split("  #").next().unwrap().trim_end()))
+            .collect();
+        let c = Config::parse(&format!("{base}\n{example}")).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        let o = c.identity.oidc.unwrap();
+        assert_eq!((o.issuer.as_str(), o.person_claim.as_str(), o.refresh_every), ("https://login.example.com/realms/eng", "email", Duration::from_secs(300)));
+        assert_eq!(o.roles.approver, ["dba"]);
+        let groups: std::collections::BTreeSet<String> = ["dba".to_owned()].into();
+        assert_eq!(o.roles.of(&groups), [Role::Approver].into());
+    }
+
+    #[test]
+    fn person_names_from_an_identity_provider() {
+        for ok in ["alice", "alice@example.com", "a.b+c@x.io", "svc_ci-1"] {
+            assert!(valid_person(ok), "{ok}");
+        }
+        for bad in ["", ".alice", "@x", "-x", "alice smith", "a'b", "a\"b", "a;b", &"a".repeat(65)] {
+            assert!(!valid_person(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct DemoOptions {
     pub check: bool,
     /// How many proxy instances (1 to [`MAX_INSTANCES`]); more than one share a control plane.
     pub instances: usize,
+    /// Sign-in with an identity provider too (`[identity.oidc]`), next to the static tokens.
+    pub identity: crate::config::IdentityConfig,
 }
 
 /// The sample schema of `PRODUCT.md`, seeded with generated rows.
@@ -371,7 +373,14 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         people: BTreeMap::new(),
         control_plane,
         notify: Vec::new(),
-        identity: Default::default(),
+        identity: {
+            let mut identity = options.identity.clone();
+            // Sign-ins are throwaway like the rest, unless the file says where they go.
+            if let Some(oidc) = identity.oidc.as_mut().filter(|o| o.logins_file == crate::config::OidcConfig::default_logins_file()) {
+                oidc.logins_file = work.join("logins.json");
+            }
+            identity
+        },
     };
     let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();
 
@@ -466,6 +475,9 @@ async fn present(cluster: &Cluster, options: &DemoOptions, instances: &[Instance
         println!("  PGLEASE_ADMIN_TOKEN={} {pglease} grant approve <id>", tokens["bob"]);
         println!();
         println!("Tokens: alice (engineer) {}  bob (approver, dba) {}  carol (auditor) {}", tokens["alice"], tokens["bob"], tokens["carol"]);
+        if let Some(oidc) = &options.identity.oidc {
+            println!("Or sign in with {}: {pglease} login --admin-url {admin_url}", oidc.issuer);
+        }
         println!("Audit log: {}   CA certificate: {}", first.audit_log.display(), ca_cert.display());
         if instances.len() > 1 {
             println!("(each instance writes its own audit log next to it: audit-demo-2.jsonl, …)");

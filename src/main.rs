@@ -464,6 +464,10 @@ enum Command {
         /// Proxy instances on one control plane (1 to 9), on consecutive ports from --listen and --admin.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
         instances: u8,
+        /// A TOML file with an [identity.oidc] table (as in pglease.toml): people may also
+        /// sign in with that identity provider (pglease login).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -1004,9 +1008,13 @@ fn run_server_command(command: Command) -> std::process::ExitCode {
             | Command::Man { .. } => {
                 unreachable!("handled in main")
             }
-            Command::Demo { dir, listen, admin, json, check, instances } => {
+            Command::Demo { dir, listen, admin, json, check, instances, identity } => {
                 init_tracing("warn,pglease=info", LogFormat::Text);
-                pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json, check, instances: instances.into() }).await
+                let identity = match identity {
+                    Some(path) => pglease::config::IdentityConfig::load(&path)?,
+                    None => Default::default(),
+                };
+                pglease::demo::run(pglease::demo::DemoOptions { dir, listen, admin, json, check, instances: instances.into(), identity }).await
             }
         }
     });

@@ -74,14 +74,25 @@ async fn login_until(env: &GrantsEnv, home: &Path, args: &[&str], pick: impl Fn(
     (child, found, rest)
 }
 
+/// Calls the admin API at `admin_url` as the holder of `token`.
+async fn api_at(admin_url: &str, token: Option<&str>, path: &str, body: Value) -> Result<Value, String> {
+    let client = pglease::cli::ApiClient::new(admin_url, token.map(str::to_owned));
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || if body.is_null() { client.get(&path) } else { client.post(&path, body) }).await.unwrap().map_err(|e| e.to_string())
+}
+
+async fn sign_in(env: &GrantsEnv, person: &str) -> String {
+    sign_in_at(&env.admin_url, person).await
+}
+
 /// Signs `person` in through the admin API's code flow (what `pglease login` does, without
 /// the loopback listener); returns the session token.
-async fn sign_in(env: &GrantsEnv, person: &str) -> String {
+async fn sign_in_at(admin_url: &str, person: &str) -> String {
     let redirect = "http://127.0.0.1:9/callback";
     let verifier = "verifier-".repeat(6);
     let challenge = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, <sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
     let (state, nonce) = ("state-0123456789abcdef", "nonce-0123456789abcdef");
-    let start = env.api(None, "POST", "/login/start", json!({ "redirect_uri": redirect, "state": state, "nonce": nonce, "code_challenge": challenge })).await.unwrap();
+    let start = api_at(admin_url, None, "/login/start", json!({ "redirect_uri": redirect, "state": state, "nonce": nonce, "code_challenge": challenge })).await.unwrap();
     let url = start["authorize_url"].as_str().unwrap().to_owned();
     let person = person.to_owned();
     let back = tokio::task::spawn_blocking(move || Browser::new().sign_in(&url, &person)).await.unwrap();
@@ -89,7 +100,7 @@ async fn sign_in(env: &GrantsEnv, person: &str) -> String {
     assert!(back.as_str().starts_with(redirect), "{back}");
     assert_eq!(back.query_pairs().find(|(k, _)| k == "state").unwrap().1, state);
     let code = back.query_pairs().find(|(k, _)| k == "code").unwrap().1.into_owned();
-    let done = env.api(None, "POST", "/login/finish", json!({ "code": code, "code_verifier": verifier, "redirect_uri": redirect, "nonce": nonce })).await.unwrap();
+    let done = api_at(admin_url, None, "/login/finish", json!({ "code": code, "code_verifier": verifier, "redirect_uri": redirect, "nonce": nonce })).await.unwrap();
     done["token"].as_str().unwrap().to_owned()
 }
 
@@ -294,4 +305,53 @@ async fn forged_expired_and_foreign_id_tokens_are_refused() {
         .await
         .unwrap_err();
     assert!(err.contains("401") && err.contains("the identity provider refused"), "{err}");
+}
+
+/// `pglease demo --identity FILE`: the demo's static tokens keep working, and people sign in
+/// with the identity provider the file names (the same `[identity.oidc]` table as in
+/// pglease.toml).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_takes_an_identity_provider_next_to_its_tokens() {
+    let idp = Idp::start().await;
+    let c = idp.config();
+    let file = idp.dir.path().join("identity.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[identity.oidc]\nissuer = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nscopes = [\"openid\", \"email\", \"groups\"]\n\n[identity.oidc.roles]\nengineer = [\"eng\"]\napprover = [\"dba\"]\n",
+            c.issuer,
+            c.client_id,
+            c.client_secret_file.unwrap().display()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglease"))
+        .args(["demo", "--json", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--identity"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.expect("demo up within 120s").unwrap().expect("a JSON line");
+    let info: Value = serde_json::from_str(&line).unwrap();
+    let admin_url = info["admin_url"].as_str().unwrap();
+
+    let bob = sign_in_at(admin_url, "bob").await;
+    let me = api_at(admin_url, Some(&bob), "/whoami", Value::Null).await.unwrap();
+    assert_eq!((&me["person"], &me["roles"]), (&json!("bob@example.com"), &json!(["approver"])));
+    let alice = info["tokens"]["alice"].as_str().unwrap();
+    let g = api_at(admin_url, Some(alice), "/grants", json!({ "scope": "orders-read", "duration": "10m", "reason": "r" })).await.unwrap();
+    let g = api_at(admin_url, Some(&bob), &format!("/grants/{}/approve", g["id"].as_str().unwrap()), json!({})).await.unwrap();
+    assert_eq!((&g["status"], &g["decided_by"]), (&json!("active"), &json!("bob@example.com")));
+
+    // A file that is not a valid identity table is refused, naming the key.
+    std::fs::write(&file, "[identity.oidc]\nissuer = \"http://idp.example.com\"\nclient_id = \"x\"\nclient_secret_env = \"X\"\n").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglease")).args(["demo", "--identity"]).arg(&file).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("identity.oidc.issuer"), "{stderr}");
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 }
