@@ -173,27 +173,23 @@ impl App {
             .with_events(events.clone())
             .with_grant_settings(grant_settings(config));
         let proxy = Arc::new(proxy);
-        let identity = match &config.identity.oidc {
-            Some(oidc) => {
-                let logins: Arc<dyn crate::identity::LoginStore> = match &control_plane {
-                    Some((conninfo, _)) => Arc::new(crate::identity::logins::PgLoginStore::new(conninfo)),
-                    None => Arc::new(crate::identity::logins::FileLoginStore::open(oidc.logins_file.clone()).map_err(anyhow::Error::msg).context("identity.oidc.logins_file")?),
-                };
-                let provider = crate::identity::Oidc::new(oidc.clone()).map_err(anyhow::Error::msg)?;
-                let identity = Arc::new(crate::identity::Identity::new(provider, logins));
-                // Read the provider's discovery document now, so a wrong issuer shows in the
-                // log at start rather than at the first sign-in.
-                let warm = identity.clone();
-                tokio::spawn(async move {
-                    match warm.call(|o| o.discover()).await {
-                        Ok(()) => tracing::info!(issuer = %warm.oidc().config().issuer, "identity provider discovered"),
-                        Err(e) => tracing::warn!(error = %e, "identity provider not reachable yet; sign-ins fail until it is"),
-                    }
-                });
-                Some(identity)
-            }
-            None => None,
+        let logins: Arc<dyn crate::identity::LoginStore> = match &control_plane {
+            Some((conninfo, _)) => Arc::new(crate::identity::logins::PgLoginStore::new(conninfo)),
+            None => Arc::new(crate::identity::logins::FileLoginStore::open(config.identity.logins_file.clone()).map_err(anyhow::Error::msg).context("identity.logins_file")?),
         };
+        let provider = config.identity.oidc.clone().map(crate::identity::Oidc::new).transpose().map_err(anyhow::Error::msg)?;
+        let identity = Arc::new(crate::identity::Identity::new(provider, logins));
+        if let Some(oidc) = identity.oidc() {
+            // Read the provider's discovery document now, so a wrong issuer shows in the log at
+            // start rather than at the first sign-in.
+            let (warm, issuer) = (identity.clone(), oidc.config().issuer.clone());
+            tokio::spawn(async move {
+                match warm.call(|o| o.discover()).await {
+                    Ok(()) => tracing::info!(%issuer, "identity provider discovered"),
+                    Err(e) => tracing::warn!(error = %e, "identity provider not reachable yet; sign-ins fail until it is"),
+                }
+            });
+        }
         let api = Arc::new(ApiState {
             identity,
             grants: grants.clone(),

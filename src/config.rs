@@ -59,11 +59,22 @@ pub struct Config {
     pub identity: IdentityConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// OpenID Connect: `pglease login` signs people in with the identity provider.
+    /// OpenID Connect: `pglease login` and the console sign people in with the identity provider.
     pub oidc: Option<OidcConfig>,
+    /// Where sign-ins (the console's, and `pglease login`'s) are kept without a control plane:
+    /// the SHA-256 of each session token, who it is, until when. With a control plane: the
+    /// `pglease.logins` table.
+    #[serde(default = "default_logins_file")]
+    pub logins_file: PathBuf,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self { oidc: None, logins_file: default_logins_file() }
+    }
 }
 
 /// `[identity.oidc]`: pglease is a confidential client of the identity provider.
@@ -110,9 +121,6 @@ pub struct OidcConfig {
     pub bearer_id_tokens: bool,
     /// CA file for an identity provider with a private CA (default: the public web roots).
     pub ca_file: Option<PathBuf>,
-    /// Where sign-ins are kept (SHA-256 of each session token) without a control plane.
-    #[serde(default = "default_logins_file")]
-    pub logins_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -158,7 +166,7 @@ fn default_clock_skew() -> Duration {
     Duration::from_secs(30)
 }
 fn default_logins_file() -> PathBuf {
-    OidcConfig::default_logins_file()
+    PathBuf::from("pglease-logins.json")
 }
 
 impl IdentityConfig {
@@ -183,10 +191,6 @@ impl IdentityConfig {
 }
 
 impl OidcConfig {
-    pub fn default_logins_file() -> PathBuf {
-        PathBuf::from("pglease-logins.json")
-    }
-
     pub fn client_secret(&self) -> Result<String, ConfigError> {
         read_named_secret("identity.oidc.client_secret", self.client_secret_env.as_deref(), self.client_secret_file.as_deref())
     }

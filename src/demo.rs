@@ -374,12 +374,8 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
         control_plane,
         notify: Vec::new(),
         identity: {
-            let mut identity = options.identity.clone();
-            // Sign-ins are throwaway like the rest, unless the file says where they go.
-            if let Some(oidc) = identity.oidc.as_mut().filter(|o| o.logins_file == crate::config::OidcConfig::default_logins_file()) {
-                oidc.logins_file = work.join("logins.json");
-            }
-            identity
+            // Sign-ins are throwaway like the rest.
+            crate::config::IdentityConfig { logins_file: work.join("logins.json"), ..options.identity.clone() }
         },
     };
     let tokens: BTreeMap<&str, String> = ["alice", "bob", "carol"].into_iter().map(|p| (p, format!("plt_{}", random_secret()))).collect();

@@ -81,6 +81,11 @@ impl People {
         found
     }
 
+    /// The person named `person`, as the config has them now.
+    pub fn principal(&self, person: &str) -> Option<Principal> {
+        self.entries.iter().find(|e| e.principal.person == person).map(|e| e.principal.clone())
+    }
+
     pub fn exists(&self, person: &str) -> bool {
         self.entries.iter().any(|e| e.principal.person == person)
     }

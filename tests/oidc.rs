@@ -18,7 +18,8 @@ use tokio::io::AsyncBufReadExt;
 async fn env_with(idp: &Idp, control_plane: bool, edit: impl FnOnce(&mut OidcConfig)) -> GrantsEnv {
     let mut oidc = idp.config();
     edit(&mut oidc);
-    GrantsEnv::start(EnvOptions { control_plane, identity: IdentityConfig { oidc: Some(oidc) }, ..EnvOptions::default() }).await
+    let logins_file = idp.dir.path().join("logins.json");
+    GrantsEnv::start(EnvOptions { control_plane, identity: IdentityConfig { oidc: Some(oidc), logins_file }, ..EnvOptions::default() }).await
 }
 
 /// The real `pglease ARGS`, its sign-in kept under `home` (XDG_CONFIG_HOME), no browser to

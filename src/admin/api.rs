@@ -35,8 +35,8 @@ pub struct ApiState {
     pub client_ca: Option<std::path::PathBuf>,
     /// The fleet this instance is part of, with a control plane (set once it listens).
     pub fleet: std::sync::OnceLock<Arc<Fleet>>,
-    /// Sign-in with the identity provider (`[identity.oidc]`).
-    pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Sign-ins: the identity provider's (`[identity.oidc]`) and the console's.
+    pub identity: Arc<crate::identity::Identity>,
 }
 
 impl ApiState {
@@ -102,15 +102,14 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or_else(|| {
-            let how = if state.identity.is_some() { "run pglease login, or set PGLEASE_ADMIN_TOKEN" } else { "set PGLEASE_ADMIN_TOKEN" };
+            let how = if state.identity.oidc().is_some() { "run pglease login, or set PGLEASE_ADMIN_TOKEN" } else { "set PGLEASE_ADMIN_TOKEN" };
             ApiError(StatusCode::UNAUTHORIZED, format!("missing bearer token ({how})"))
         })?;
-        if let Some(who) = state.people.load().authenticate(token) {
+        let people = state.people.load_full();
+        if let Some(who) = people.authenticate(token) {
             return Ok(Caller(who));
         }
-        if let Some(identity) = &state.identity
-            && let Some(result) = identity.authenticate(token).await
-        {
+        if let Some(result) = state.identity.authenticate(token, &people).await {
             return result.map(Caller).map_err(ApiError::from);
         }
         Err(ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))

@@ -40,7 +40,7 @@ impl From<AuthError> for ApiError {
 }
 
 fn identity(state: &ApiState) -> Result<&Arc<Identity>, ApiError> {
-    state.identity.as_ref().ok_or_else(|| {
+    state.identity.oidc().map(|_| &state.identity).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "this pglease has no identity provider ([identity.oidc]); use a token from an admin (PGLEASE_ADMIN_TOKEN)")
     })
 }
@@ -69,7 +69,8 @@ impl From<NewLogin> for LoginView {
 
 async fn describe(State(state): State<Arc<ApiState>>) -> Result<Json<serde_json::Value>, ApiError> {
     let id = identity(&state)?;
-    Ok(Json(serde_json::json!({ "issuer": id.oidc().config().issuer })))
+    let issuer = id.oidc().map(|o| o.config().issuer.clone());
+    Ok(Json(serde_json::json!({ "issuer": issuer })))
 }
 
 #[derive(Deserialize)]
@@ -163,7 +164,7 @@ async fn device_poll(State(state): State<Arc<ApiState>>, Json(body): Json<PollBo
 
 /// Ends the caller's session (`pglease logout`). A static token has nothing to end.
 async fn logout(State(state): State<Arc<ApiState>>, Caller(who): Caller, headers: axum::http::HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = identity(&state)?;
+    let id = &state.identity;
     let token = super::api::bearer(&headers).unwrap_or_default();
     if !token.starts_with(crate::identity::logins::TOKEN_PREFIX) {
         return Err(bad(format!("{} signed in with a static token; there is no session to end", who.person)));

@@ -27,9 +27,23 @@ use crate::control_plane::conn::Conn;
 /// Session tokens start with this, so a leaked one is recognisable (secret scanners).
 pub const TOKEN_PREFIX: &str = "pls_";
 
+/// How a person signed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// With the identity provider: roles and groups are the provider's, read again on refresh.
+    #[default]
+    Oidc,
+    /// In the console with a static token of `[people]`: roles and groups are read from the
+    /// config at every call (a reload that changes them applies at once).
+    Token,
+}
+
 /// One signed-in person.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Login {
+    #[serde(default)]
+    pub via: Via,
     pub person: String,
     pub roles: BTreeSet<Role>,
     pub groups: BTreeSet<String>,
@@ -228,6 +242,7 @@ mod tests {
         let path = dir.path().join("logins.json");
         let now = SystemTime::now();
         let login = |ttl: i64| Login {
+            via: Via::Oidc,
             person: "alice@example.com".into(),
             roles: [Role::Engineer].into(),
             groups: ["eng".to_owned()].into(),

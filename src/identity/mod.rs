@@ -22,7 +22,6 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 
-use crate::config::Role;
 use crate::people::Principal;
 pub use logins::{Login, LoginStore};
 pub use oidc::{Oidc, OidcError};
@@ -54,7 +53,8 @@ pub struct NewLogin {
 }
 
 pub struct Identity {
-    oidc: Arc<Oidc>,
+    /// The identity provider, when `[identity.oidc]` names one.
+    oidc: Option<Arc<Oidc>>,
     logins: Arc<dyn LoginStore>,
     /// One refresh at a time per session (a rotating refresh token is good for one use).
     refreshing: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -63,23 +63,27 @@ pub struct Identity {
 const RUN_PGLEASE_LOGIN: &str = "run pglease login";
 
 impl Identity {
-    pub fn new(oidc: Oidc, logins: Arc<dyn LoginStore>) -> Self {
-        Self { oidc: Arc::new(oidc), logins, refreshing: DashMap::new() }
+    pub fn new(oidc: Option<Oidc>, logins: Arc<dyn LoginStore>) -> Self {
+        Self { oidc: oidc.map(Arc::new), logins, refreshing: DashMap::new() }
     }
 
-    pub fn oidc(&self) -> &Arc<Oidc> {
-        &self.oidc
+    pub fn oidc(&self) -> Option<&Arc<Oidc>> {
+        self.oidc.as_ref()
+    }
+
+    fn provider(&self) -> Result<&Arc<Oidc>, AuthError> {
+        self.oidc.as_ref().ok_or_else(|| AuthError::Unauthorized("this pglease has no identity provider ([identity.oidc])".into()))
     }
 
     /// Runs a blocking call to the identity provider off the async threads.
     pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&Oidc) -> Result<T, OidcError> + Send + 'static) -> Result<T, AuthError> {
-        let oidc = self.oidc.clone();
+        let oidc = self.provider()?.clone();
         tokio::task::spawn_blocking(move || f(&oidc)).await.map_err(|e| AuthError::Unavailable(format!("identity provider call failed: {e}")))?.map_err(AuthError::from)
     }
 
     /// Starts a session for someone the provider has just vouched for.
     pub async fn sign_in(&self, signed: oidc::SignedIn) -> Result<NewLogin, AuthError> {
-        let config = self.oidc.config();
+        let config = self.provider()?.config();
         let roles = config.roles.of(&signed.person.groups);
         if roles.is_empty() {
             return Err(AuthError::Unauthorized(format!(
@@ -90,6 +94,7 @@ impl Identity {
         let (token, hash) = logins::new_token();
         let now = SystemTime::now();
         let login = Login {
+            via: logins::Via::Oidc,
             person: signed.person.name,
             roles,
             groups: signed.person.groups,
@@ -106,21 +111,46 @@ impl Identity {
         Ok(NewLogin { token, login })
     }
 
+    /// Starts a console session for someone who gave a static token of `[people]`.
+    pub async fn sign_in_with_token(&self, who: &Principal, ttl: std::time::Duration) -> Result<NewLogin, AuthError> {
+        let (token, hash) = logins::new_token();
+        let now = SystemTime::now();
+        let login = Login {
+            via: logins::Via::Token,
+            person: who.person.clone(),
+            roles: who.roles.clone(),
+            groups: who.groups.clone(),
+            issued_at: now,
+            expires_at: now + ttl,
+            refreshed_at: now,
+            sealed_refresh: None,
+        };
+        self.logins.put(&hash, &login).await.map_err(store_down)?;
+        Ok(NewLogin { token, login })
+    }
+
     /// Ends the session `token` stands for (`pglease logout`).
     pub async fn sign_out(&self, token: &str) -> Result<(), AuthError> {
         self.logins.delete(&logins::token_sha256(token)).await.map_err(store_down)
     }
 
     /// The person behind a session token or (with `bearer_id_tokens`) an ID token; `None`
-    /// when the token is neither (a static token, or nothing pglease issued).
-    pub async fn authenticate(&self, token: &str) -> Option<Result<Principal, AuthError>> {
+    /// when the token is neither (a static token, or nothing pglease issued). `people` are the
+    /// static tokens' people: a console session opened with one takes their roles from there.
+    pub async fn authenticate(&self, token: &str, people: &crate::people::People) -> Option<Result<Principal, AuthError>> {
         if token.starts_with(logins::TOKEN_PREFIX) {
-            return Some(self.session(token).await);
+            return Some(self.session(token).await.and_then(|login| match login.via {
+                logins::Via::Oidc => Ok(principal(login)),
+                logins::Via::Token => people
+                    .principal(&login.person)
+                    .ok_or_else(|| AuthError::Unauthorized(format!("{} is no longer in [people]; sign in again", login.person))),
+            }));
         }
-        if self.oidc.config().bearer_id_tokens && token.split('.').count() == 3 {
+        let oidc = self.oidc.as_ref()?;
+        if oidc.config().bearer_id_tokens && token.split('.').count() == 3 {
             let jwt = token.to_owned();
             return Some(self.call(move |o| o.verify_bearer(&jwt)).await.and_then(|person| {
-                let roles = self.oidc.config().roles.of(&person.groups);
+                let roles = oidc.config().roles.of(&person.groups);
                 if roles.is_empty() {
                     return Err(AuthError::Unauthorized(format!("{} is in none of the groups that give a role here (identity.oidc.roles)", person.name)));
                 }
@@ -130,20 +160,22 @@ impl Identity {
         None
     }
 
-    async fn session(&self, token: &str) -> Result<Principal, AuthError> {
+    /// The sign-in `token` stands for, its roles read again from the provider if they are due.
+    async fn session(&self, token: &str) -> Result<Login, AuthError> {
         let hash = logins::token_sha256(token);
         let login = self.current(&hash).await?;
-        if login.sealed_refresh.is_none() || login.refreshed_at.elapsed().unwrap_or_default() < self.oidc.config().refresh_every {
-            return Ok(principal(login));
+        let due = |l: &Login| l.sealed_refresh.is_some() && self.oidc.as_ref().is_some_and(|o| l.refreshed_at.elapsed().unwrap_or_default() >= o.config().refresh_every);
+        if login.via != logins::Via::Oidc || !due(&login) {
+            return Ok(login);
         }
         let lock = self.refreshing.entry(hash.clone()).or_default().clone();
-        let _one = lock.lock().await;
+        let one = lock.lock().await;
         // Another call may have refreshed it while this one waited.
         let login = self.current(&hash).await?;
-        let result = self.refresh(token, &hash, login).await;
-        drop(_one);
+        let result = if due(&login) { self.refresh(token, &hash, login).await } else { Ok(login) };
+        drop(one);
         self.refreshing.remove_if(&hash, |_, l| Arc::strong_count(l) <= 1);
-        result.map(principal)
+        result
     }
 
     async fn current(&self, hash: &str) -> Result<Login, AuthError> {
@@ -155,8 +187,8 @@ impl Identity {
 
     /// Reads roles and groups from the provider again, if they are due.
     async fn refresh(&self, token: &str, hash: &str, mut login: Login) -> Result<Login, AuthError> {
-        let config = self.oidc.config();
-        let Some(sealed) = login.sealed_refresh.clone().filter(|_| login.refreshed_at.elapsed().unwrap_or_default() >= config.refresh_every) else {
+        let config = self.provider()?.config();
+        let Some(sealed) = login.sealed_refresh.clone() else {
             return Ok(login);
         };
         let refresh_token = logins::open(token, &sealed).ok_or_else(|| AuthError::Unauthorized(format!("this sign-in cannot be renewed; {RUN_PGLEASE_LOGIN}")))?;
@@ -197,9 +229,4 @@ fn principal(login: Login) -> Principal {
 fn store_down(why: String) -> AuthError {
     tracing::error!(error = %why, "sign-in store failure");
     AuthError::Unavailable("sign-ins cannot be read or written now; try again shortly".into())
-}
-
-/// Roles a set of groups gives (for callers that have only the config).
-pub fn roles_of(config: &crate::config::OidcConfig, groups: &std::collections::BTreeSet<String>) -> std::collections::BTreeSet<Role> {
-    config.roles.of(groups)
 }

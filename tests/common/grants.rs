@@ -242,7 +242,13 @@ impl GrantsEnv {
                 stale_after: options.control_plane_timing.map_or(Duration::from_secs(30), |t| t.1),
             }),
             notify: options.notify.clone(),
-            identity: options.identity.clone(),
+            identity: {
+                let mut identity = options.identity.clone();
+                if identity.logins_file == pglease::config::IdentityConfig::default().logins_file {
+                    identity.logins_file = dir.path().join("logins.json");
+                }
+                identity
+            },
             audit: AuditConfig {
                 path: dir.path().join("audit.jsonl"),
                 anchor: Some(dir.path().join("audit.anchor")),

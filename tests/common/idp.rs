@@ -129,7 +129,6 @@ impl Idp {
             clock_skew: Duration::from_secs(0),
             bearer_id_tokens: false,
             ca_file: None,
-            logins_file: self.dir.path().join("logins.json"),
         }
     }
 
