@@ -251,7 +251,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
             allow_cleartext: false,
             connect_timeout: Duration::from_secs(30),
         },
-        admin: AdminConfig { addr: "127.0.0.1:0".parse().unwrap() },
+        admin: AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), public_url: None },
         log: LogConfig::default(),
         grants: GrantsConfig { store: dir.join(format!("grants-{tag}.jsonl")), ..GrantsConfig::default() },
         audit: AuditConfig { path: dir.join(format!("audit-{tag}.jsonl")), durability, ..AuditConfig::default() },

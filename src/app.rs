@@ -192,6 +192,9 @@ impl App {
         }
         let api = Arc::new(ApiState {
             identity,
+            console_url: config.admin.public_url.clone().unwrap_or_else(|| format!("http://{}", config.admin.addr)),
+            audit_log: config.audit.path.clone(),
+            audit_anchor: config.audit.anchor.clone(),
             grants: grants.clone(),
             people: arc_swap::ArcSwap::from_pointee(people),
             sessions: sessions.clone(),
@@ -223,6 +226,9 @@ impl App {
         if let Some(api) = self.admin.api.as_mut() {
             let api = Arc::get_mut(api).expect("not shared before start");
             api.proxy_port = proxy_addr.port();
+            if self.config.admin.public_url.is_none() {
+                api.console_url = format!("http://{admin_addr}");
+            }
             let ip = proxy_addr.ip();
             api.proxy_host = match &self.config.listen.public_host {
                 Some(host) => host.clone(),

@@ -115,10 +115,16 @@ pub struct OidcConfig {
     /// Clock difference allowed when checking ID tokens' times.
     #[serde(default = "default_clock_skew", with = "humantime_serde")]
     pub clock_skew: Duration,
-    /// Also accept the identity provider's own ID tokens (audience `client_id`) as bearer
-    /// tokens on the admin API, as Kubernetes does: for automation that has them.
+    /// Also accept the identity provider's own ID tokens (audience `client_id`, issued less
+    /// than `refresh_every` ago) as bearer tokens on the admin API, as Kubernetes does: for
+    /// automation that has them.
     #[serde(default)]
     pub bearer_id_tokens: bool,
+    /// Offer the device flow (`pglease login` on a machine without a browser). Anyone can
+    /// start one and send the code to someone else to approve ("device code phishing"); turn
+    /// it off where nobody signs in from headless machines.
+    #[serde(default = "default_true")]
+    pub device_flow: bool,
     /// CA file for an identity provider with a private CA (default: the public web roots).
     pub ca_file: Option<PathBuf>,
 }
@@ -149,6 +155,9 @@ impl OidcRoles {
 
 fn default_oidc_scopes() -> Vec<String> {
     vec!["openid".into(), "email".into(), "profile".into()]
+}
+fn default_true() -> bool {
+    true
 }
 fn default_person_claim() -> String {
     "email".into()
@@ -221,6 +230,9 @@ impl OidcConfig {
         }
         if self.session_ttl.is_zero() {
             return Err(ConfigError::invalid("identity.oidc.session_ttl", "must be more than 0s"));
+        }
+        if self.clock_skew > Duration::from_secs(300) {
+            return Err(ConfigError::invalid("identity.oidc.clock_skew", "at most 5m"));
         }
         if self.refresh_every.is_zero() || self.refresh_every > self.session_ttl {
             return Err(ConfigError::invalid("identity.oidc.refresh_every", "must be more than 0s and at most session_ttl"));
@@ -654,14 +666,18 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the admin HTTP listener (`/metrics`, `/healthz`).
+    /// Address of the admin HTTP listener (`/metrics`, `/healthz`, the API, the console).
     #[serde(default = "default_admin_addr")]
     pub addr: SocketAddr,
+    /// The console's address as people's browsers reach it (behind a TLS-terminating proxy:
+    /// `https://pglease.example.com`); the identity provider redirects to
+    /// `{public_url}/auth/callback`. Default: `http://` and `addr`.
+    pub public_url: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { addr: default_admin_addr() }
+        Self { addr: default_admin_addr(), public_url: None }
     }
 }
 
@@ -853,6 +869,12 @@ impl Config {
         }
         if let Some(oidc) = &self.identity.oidc {
             oidc.validate()?;
+        }
+        if let Some(url) = &self.admin.public_url {
+            let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.path() == "/" && u.query().is_none());
+            if !ok {
+                return Err(ConfigError::invalid("admin.public_url", "an http(s) URL with no path, e.g. https://pglease.example.com"));
+            }
         }
         if let Some(cp) = &self.control_plane {
             let info = crate::conninfo::parse(&cp.dsn).map_err(|e| ConfigError::invalid("control_plane.dsn", e.to_string()))?;

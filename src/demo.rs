@@ -365,7 +365,7 @@ async fn serve(cluster: &Cluster, options: &DemoOptions) -> anyhow::Result<()> {
             allow_cleartext: false,
             connect_timeout: Duration::from_secs(10),
         },
-        admin: AdminConfig { addr: options.admin },
+        admin: AdminConfig { addr: options.admin, public_url: None },
         log: LogConfig::default(),
         grants: GrantsConfig { store: work.join("grants.jsonl"), ..GrantsConfig::default() },
         audit: crate::config::AuditConfig { path: work.join("audit.jsonl"), anchor: Some(work.join("audit.anchor")), ..Default::default() },

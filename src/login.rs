@@ -136,6 +136,10 @@ fn browser(api: &ApiClient, open: bool) -> Result<Value, CliError> {
     let (state, nonce) = (random_text(24), random_text(24));
     let started = api.post_anonymous("/login/start", json!({ "redirect_uri": redirect_uri, "state": state, "nonce": nonce, "code_challenge": challenge }))?;
     let url = started["authorize_url"].as_str().ok_or_else(|| CliError::Unreachable("the admin API sent no authorization URL".into()))?;
+    // Only a web page is handed to the browser opener (never file: or an app's own scheme).
+    if !url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "https" | "http")) {
+        return Err(CliError::Unreachable("the admin API sent an authorization URL that is not http(s)".into()));
+    }
     let opened = open && open_browser(url);
     eprintln!("{}", if opened { "Opening the browser to sign in. If it does not open, visit:" } else { "To sign in, open this in a browser on this machine:" });
     eprintln!("  {url}");
@@ -167,12 +171,24 @@ fn wait_for_code(listener: &TcpListener, state: &str) -> Result<String, CliError
     }
 }
 
-/// One request to the loopback port: `Some` when it was the redirect for this sign-in.
+/// One request to the loopback port: `Some` when it was the redirect for this sign-in. A
+/// connection has two seconds in all to send its request line (a browser needs far less), so
+/// nothing local can hold the listener.
 fn callback(mut stream: TcpStream, state: &str) -> Option<Result<String, CliError>> {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
+        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
     let mut line = String::new();
-    BufReader::new((&stream).take(8192)).read_line(&mut line).ok()?;
+    BufReader::new(head.as_slice()).read_line(&mut line).ok()?;
     let target = line.strip_prefix("GET ")?.split(' ').next()?;
     let url = url::Url::parse(&format!("http://127.0.0.1{target}")).ok()?;
     let reply = |stream: &mut TcpStream, status: &str, text: &str| {
@@ -223,7 +239,7 @@ fn device(api: &ApiClient) -> Result<Value, CliError> {
 }
 
 /// Ends the kept sign-in, here and on the server.
-pub fn logout(api: &ApiClient, admin_url: &str) -> Result<(), CliError> {
+pub fn logout(admin_url: &str) -> Result<(), CliError> {
     let Some(path) = session_file().filter(|p| p.exists()) else {
         println!("Not signed in.");
         return Ok(());
@@ -235,7 +251,6 @@ pub fn logout(api: &ApiClient, admin_url: &str) -> Result<(), CliError> {
         _ => None,
     };
     std::fs::remove_file(&path).map_err(|e| CliError::Refused(format!("cannot remove {}: {e}", path.display())))?;
-    let _ = api;
     match ended {
         Some(Ok(_)) => println!("Signed out{}.", saved.map(|s| format!(" {}", s.person)).unwrap_or_default()),
         Some(Err(e)) => {

@@ -517,7 +517,7 @@ fn main() -> std::process::ExitCode {
             let flow = if device || (!no_browser && !pglease::login::has_browser()) { Flow::Device } else { Flow::Browser { open: !no_browser } };
             Some(pglease::login::login(&client(&api), &api.admin_url, flow, api.json))
         }
-        Command::Logout { api } => Some(pglease::login::logout(&client(&api), &api.admin_url)),
+        Command::Logout { api } => Some(pglease::login::logout(&api.admin_url)),
         Command::Scope { command } => Some(scope(command)),
         Command::Audit { command } => return audit(command),
         Command::Completions { shell } => {

@@ -27,6 +27,10 @@ pub struct Scope {
     pub break_glass: Option<Duration>,
     /// What a session of the scope may do, as configured.
     pub rules: Rules,
+    /// The scope as configured, for deciding statements offline (the console's check box)
+    /// and for its role's SQL.
+    #[serde(skip)]
+    pub config: ScopeConfig,
 }
 
 /// A scope's statement rules as configured (for `scope show`); the policy compiles them.
@@ -79,6 +83,7 @@ impl Scope {
                 statements: c.statements.clone(),
                 catalog: c.catalog,
             },
+            config: c.clone(),
         }
     }
 }

@@ -86,9 +86,17 @@ async fn sign_in(env: &GrantsEnv, person: &str) -> String {
     sign_in_at(&env.admin_url, person).await
 }
 
+async fn try_sign_in(env: &GrantsEnv, person: &str) -> Result<String, String> {
+    try_sign_in_at(&env.admin_url, person).await
+}
+
 /// Signs `person` in through the admin API's code flow (what `pglease login` does, without
 /// the loopback listener); returns the session token.
 async fn sign_in_at(admin_url: &str, person: &str) -> String {
+    try_sign_in_at(admin_url, person).await.unwrap()
+}
+
+async fn try_sign_in_at(admin_url: &str, person: &str) -> Result<String, String> {
     let redirect = "http://127.0.0.1:9/callback";
     let verifier = "verifier-".repeat(6);
     let challenge = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, <sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
@@ -101,8 +109,8 @@ async fn sign_in_at(admin_url: &str, person: &str) -> String {
     assert!(back.as_str().starts_with(redirect), "{back}");
     assert_eq!(back.query_pairs().find(|(k, _)| k == "state").unwrap().1, state);
     let code = back.query_pairs().find(|(k, _)| k == "code").unwrap().1.into_owned();
-    let done = api_at(admin_url, None, "/login/finish", json!({ "code": code, "code_verifier": verifier, "redirect_uri": redirect, "nonce": nonce })).await.unwrap();
-    done["token"].as_str().unwrap().to_owned()
+    let done = api_at(admin_url, None, "/login/finish", json!({ "code": code, "code_verifier": verifier, "redirect_uri": redirect, "nonce": nonce })).await?;
+    Ok(done["token"].as_str().unwrap().to_owned())
 }
 
 async fn whoami(env: &GrantsEnv, token: &str) -> Result<Value, String> {
@@ -306,6 +314,32 @@ async fn forged_expired_and_foreign_id_tokens_are_refused() {
         .await
         .unwrap_err();
     assert!(err.contains("401") && err.contains("the identity provider refused"), "{err}");
+}
+
+/// Without a refresh token from the provider, a session lasts `refresh_every` (its groups
+/// cannot be read again, so they may be stale no longer than that); a provider person whose
+/// name is also a static `[people]` name is refused (one name, one person).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_role_bound_holds_without_refresh_tokens_and_names_do_not_collide() {
+    let idp = Idp::start_with(false).await;
+    let mut env = env_with(&idp, false, |c| c.refresh_every = Duration::from_secs(2)).await;
+    let bob = sign_in(&env, "bob").await;
+    assert_eq!(whoami(&env, &bob).await.unwrap()["person"], "bob@example.com");
+    let logins: Value = serde_json::from_str(&std::fs::read_to_string(idp.dir.path().join("logins.json")).unwrap()).unwrap();
+    let row = logins.as_object().unwrap().values().next().unwrap().clone();
+    assert!(row["sealed_refresh"].is_null(), "{row}");
+    let lasts = pglease::time::parse_rfc3339(row["expires_at"].as_str().unwrap()).unwrap().duration_since(pglease::time::parse_rfc3339(row["issued_at"].as_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(lasts, Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let err = whoami(&env, &bob).await.unwrap_err();
+    assert!(err.contains("401") && err.contains("has ended"), "{err}");
+    env.stop().await;
+
+    // The test env's static people are alice, bob, carol and dave: by preferred_username, the
+    // provider's alice would be the static alice.
+    let env = env_with(&idp, false, |c| c.person_claim = "preferred_username".into()).await;
+    let err = try_sign_in(&env, "alice").await.unwrap_err();
+    assert!(err.contains("401") && err.contains("also a person of [people]"), "{err}");
 }
 
 /// `pglease demo --identity FILE`: the demo's static tokens keep working, and people sign in

@@ -37,6 +37,11 @@ pub struct ApiState {
     pub fleet: std::sync::OnceLock<Arc<Fleet>>,
     /// Sign-ins: the identity provider's (`[identity.oidc]`) and the console's.
     pub identity: Arc<crate::identity::Identity>,
+    /// The console's address as browsers reach it (`admin.public_url`, else the bound address).
+    pub console_url: String,
+    /// This instance's audit log and anchor, for the console's audit pages.
+    pub audit_log: std::path::PathBuf,
+    pub audit_anchor: Option<std::path::PathBuf>,
 }
 
 impl ApiState {
@@ -69,6 +74,14 @@ pub struct ApiError(StatusCode, String);
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError(status, message.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    pub fn message(&self) -> &str {
+        &self.1
     }
 }
 
@@ -123,7 +136,7 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-fn require(who: &Principal, ok: bool, what: &str) -> Result<(), ApiError> {
+pub fn require(who: &Principal, ok: bool, what: &str) -> Result<(), ApiError> {
     if ok { Ok(()) } else { Err(ApiError(StatusCode::FORBIDDEN, format!("{} may not {what}", who.person))) }
 }
 
@@ -261,12 +274,17 @@ pub struct SessionsQuery {
 }
 
 async fn list_sessions(State(state): State<Arc<ApiState>>, Caller(who): Caller, Query(q): Query<SessionsQuery>) -> Result<Json<Vec<SessionView>>, ApiError> {
-    require(&who, who.can_read_all(), "list sessions")?;
+    sessions_of(&state, &who, q.local).await.map(Json)
+}
+
+/// The live sessions `who` may see: this instance's, and with a control plane (unless
+/// `local`) the whole fleet's. The JSON API and the console both answer with this.
+pub async fn sessions_of(state: &ApiState, who: &Principal, local: bool) -> Result<Vec<SessionView>, ApiError> {
+    require(who, who.can_read_all(), "list sessions")?;
     if let Some(fleet) = state.fleet.get() {
-        let all = if q.local { fleet.local() } else { fleet.list().await.map_err(control_plane_down)? };
-        return Ok(Json(all));
+        return if local { Ok(fleet.local()) } else { fleet.list().await.map_err(control_plane_down) };
     }
-    Ok(Json(state.sessions.list().iter().map(|h| SessionView::of(h, None)).collect()))
+    Ok(state.sessions.list().iter().map(|h| SessionView::of(h, None)).collect())
 }
 
 #[derive(Deserialize)]
@@ -275,27 +293,30 @@ pub struct KillQuery {
     pub instance: Option<String>,
 }
 
-/// Ends a session; with a control plane, on whichever instance has it.
 async fn kill_session(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<u64>, Query(q): Query<KillQuery>) -> Result<Json<serde_json::Value>, ApiError> {
-    require(&who, who.has(Role::Approver), "kill sessions")?;
+    Ok(Json(match kill(&state, &who, id, q.instance.as_deref()).await? {
+        Some(instance) => serde_json::json!({ "killed": id, "instance": instance }),
+        None => serde_json::json!({ "killed": id }),
+    }))
+}
+
+/// Ends a session; with a control plane, on whichever instance has it (returned).
+pub async fn kill(state: &ApiState, who: &Principal, id: u64, instance: Option<&str>) -> Result<Option<String>, ApiError> {
+    require(who, who.has(Role::Approver), "kill sessions")?;
     // With a control plane the instance that has the session ends it and records the event.
-    let instance = match state.fleet.get() {
-        Some(fleet) => Some(fleet.kill(id, q.instance.as_deref(), &who.person).await.map_err(|e| match e {
+    match state.fleet.get() {
+        Some(fleet) => Ok(Some(fleet.kill(id, instance, &who.person).await.map_err(|e| match e {
             KillError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             KillError::Ambiguous { .. } => ApiError(StatusCode::CONFLICT, e.to_string()),
             KillError::Unavailable(why) => control_plane_down(why),
-        })?),
+        })?)),
         None => {
             let handle = state.sessions.get(id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no live session {id}")))?;
             handle.kill(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, format!("pglease: session {id} was ended by {}", who.person)));
             state.events.emit(Event::SessionKilled { session: id, by: who.person.clone() });
-            None
+            Ok(None)
         }
-    };
-    Ok(Json(match instance {
-        Some(instance) => serde_json::json!({ "killed": id, "instance": instance }),
-        None => serde_json::json!({ "killed": id }),
-    }))
+    }
 }
 
 /// The caller as the API knows them (person, roles, groups), and where clients reach the

@@ -16,11 +16,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::api::{ApiError, ApiState, Caller};
+use super::api::{ApiError, ApiState};
 use crate::identity::{AuthError, Identity, NewLogin};
 use crate::identity::oidc::{DevicePoll, DeviceStart};
 
 pub fn router() -> Router<Arc<ApiState>> {
+    // Answers carry tokens or codes: never cached (RFC 6749 §5.1).
+    let no_store = axum::middleware::map_response(|mut r: axum::response::Response| async move {
+        r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+        r
+    });
     Router::new()
         .route("/login", get(describe))
         .route("/login/start", post(start))
@@ -28,6 +33,7 @@ pub fn router() -> Router<Arc<ApiState>> {
         .route("/login/device", post(device))
         .route("/login/device/poll", post(device_poll))
         .route("/logout", post(logout))
+        .layer(no_store)
 }
 
 impl From<AuthError> for ApiError {
@@ -108,10 +114,10 @@ async fn start(State(state): State<Arc<ApiState>>, Json(body): Json<StartBody>) 
     if !unreserved(&body.state, 16, 128) || !unreserved(&body.nonce, 16, 128) {
         return Err(bad("state and nonce must be 16 to 128 unreserved characters"));
     }
-    if body.code_challenge.len() != 43 || !unreserved(&body.code_challenge, 43, 43) {
+    if !unreserved(&body.code_challenge, 43, 43) {
         return Err(bad("code_challenge must be an S256 PKCE challenge (43 characters)"));
     }
-    let url = id.call(move |o| o.authorize_url(&body.redirect_uri, &body.state, &body.nonce, &body.code_challenge)).await?;
+    let url = id.call_anonymous(move |o| o.authorize_url(&body.redirect_uri, &body.state, &body.nonce, &body.code_challenge)).await?;
     Ok(Json(serde_json::json!({ "authorize_url": url })))
 }
 
@@ -133,13 +139,16 @@ async fn finish(State(state): State<Arc<ApiState>>, Json(body): Json<FinishBody>
     if body.code.is_empty() || body.code.len() > 2048 {
         return Err(bad("code is missing or too long"));
     }
-    let signed = id.call(move |o| o.finish_code(&body.code, &body.code_verifier, &body.redirect_uri, &body.nonce)).await?;
-    Ok(Json(id.sign_in(signed).await?.into()))
+    let signed = id.call_anonymous(move |o| o.finish_code(&body.code, &body.code_verifier, &body.redirect_uri, &body.nonce)).await?;
+    Ok(Json(id.sign_in(signed, &state.people.load()).await?.into()))
 }
 
 async fn device(State(state): State<Arc<ApiState>>) -> Result<Json<DeviceStart>, ApiError> {
     let id = identity(&state)?;
-    Ok(Json(id.call(|o| o.start_device()).await?))
+    if id.oidc().is_some_and(|o| !o.config().device_flow) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "the device flow is turned off here (identity.oidc.device_flow); sign in on a machine with a browser"));
+    }
+    Ok(Json(id.call_anonymous(|o| o.start_device()).await?))
 }
 
 #[derive(Deserialize)]
@@ -150,25 +159,29 @@ pub struct PollBody {
 
 async fn device_poll(State(state): State<Arc<ApiState>>, Json(body): Json<PollBody>) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let id = identity(&state)?;
+    if id.oidc().is_some_and(|o| !o.config().device_flow) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "the device flow is turned off here (identity.oidc.device_flow)"));
+    }
     if body.device_code.is_empty() || body.device_code.len() > 2048 {
         return Err(bad("device_code is missing or too long"));
     }
-    match id.call(move |o| o.poll_device(&body.device_code)).await? {
+    match id.call_anonymous(move |o| o.poll_device(&body.device_code)).await? {
         DevicePoll::Pending { slow_down } => Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "pending": true, "slow_down": slow_down })))),
         DevicePoll::Done(signed) => {
-            let view = LoginView::from(id.sign_in(signed).await?);
+            let view = LoginView::from(id.sign_in(signed, &state.people.load()).await?);
             Ok((StatusCode::OK, Json(serde_json::to_value(view).expect("serializes"))))
         }
     }
 }
 
-/// Ends the caller's session (`pglease logout`). A static token has nothing to end.
-async fn logout(State(state): State<Arc<ApiState>>, Caller(who): Caller, headers: axum::http::HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = &state.identity;
-    let token = super::api::bearer(&headers).unwrap_or_default();
+/// Ends the session the bearer token stands for (`pglease logout`): by its hash, without
+/// authenticating it first (so a sign-out works while the identity provider is away). A token
+/// that is not a session token has nothing to end.
+async fn logout(State(state): State<Arc<ApiState>>, headers: axum::http::HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    let token = super::api::bearer(&headers).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
     if !token.starts_with(crate::identity::logins::TOKEN_PREFIX) {
-        return Err(bad(format!("{} signed in with a static token; there is no session to end", who.person)));
+        return Err(bad("only a session token (from pglease login) can be signed out; static tokens are removed from [people]"));
     }
-    id.sign_out(token).await?;
-    Ok(Json(serde_json::json!({ "signed_out": who.person })))
+    state.identity.sign_out(token).await?;
+    Ok(Json(serde_json::json!({ "signed_out": true })))
 }

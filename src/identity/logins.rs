@@ -45,8 +45,13 @@ pub struct Login {
     #[serde(default)]
     pub via: Via,
     pub person: String,
+    /// The roles at sign-in (what the person was told); calls use the roles their groups give
+    /// under the config in force.
     pub roles: BTreeSet<Role>,
     pub groups: BTreeSet<String>,
+    /// The identity provider's subject (`sub`); a refresh must name the same one.
+    #[serde(default)]
+    pub subject: Option<String>,
     #[serde(with = "crate::time::serde_rfc3339")]
     pub issued_at: SystemTime,
     #[serde(with = "crate::time::serde_rfc3339")]
@@ -114,11 +119,17 @@ pub fn open(token: &str, sealed: &str) -> Option<String> {
 pub trait LoginStore: Send + Sync {
     async fn get(&self, token_sha256: &str) -> Result<Option<Login>, String>;
     async fn put(&self, token_sha256: &str, login: &Login) -> Result<(), String>;
+    /// Replaces the row only if it is still there with `refreshed_at` as read; false if not.
+    async fn update(&self, token_sha256: &str, read: SystemTime, login: &Login) -> Result<bool, String>;
     async fn delete(&self, token_sha256: &str) -> Result<(), String>;
 }
 
 /// One JSON file (mode 0600), read at start, written whole (temporary file, fsync, rename).
 pub struct FileLoginStore {
+    inner: std::sync::Arc<FileInner>,
+}
+
+struct FileInner {
     path: PathBuf,
     logins: Mutex<BTreeMap<String, Login>>,
 }
@@ -130,9 +141,17 @@ impl FileLoginStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        Ok(Self { path, logins: Mutex::new(logins) })
+        Ok(Self { inner: std::sync::Arc::new(FileInner { path, logins: Mutex::new(logins) }) })
     }
 
+    /// Runs a change off the async threads (it writes and fsyncs the file).
+    async fn change<T: Send + 'static>(&self, f: impl FnOnce(&mut BTreeMap<String, Login>) -> T + Send + 'static) -> Result<T, String> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.change(f)).await.map_err(|e| format!("sign-in store task failed: {e}"))?
+    }
+}
+
+impl FileInner {
     fn write(&self, logins: &BTreeMap<String, Login>) -> Result<(), String> {
         use std::io::Write;
         use std::os::unix::fs::PermissionsExt;
@@ -146,31 +165,44 @@ impl FileLoginStore {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)
     }
 
-    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, Login>)) -> Result<(), String> {
+    fn change<T>(&self, f: impl FnOnce(&mut BTreeMap<String, Login>) -> T) -> Result<T, String> {
         let mut logins = self.logins.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = logins.clone();
-        f(&mut next);
+        let out = f(&mut next);
         let now = SystemTime::now();
         next.retain(|_, l| l.expires_at > now);
         self.write(&next)?;
         *logins = next;
-        Ok(())
+        Ok(out)
     }
 }
 
 #[async_trait::async_trait]
 impl LoginStore for FileLoginStore {
     async fn get(&self, token_sha256: &str) -> Result<Option<Login>, String> {
-        Ok(self.logins.lock().unwrap_or_else(|p| p.into_inner()).get(token_sha256).cloned())
+        Ok(self.inner.logins.lock().unwrap_or_else(|p| p.into_inner()).get(token_sha256).cloned())
     }
 
     async fn put(&self, token_sha256: &str, login: &Login) -> Result<(), String> {
-        let login = login.clone();
-        tokio::task::block_in_place(|| self.change(|m| drop(m.insert(token_sha256.to_owned(), login))))
+        let (key, login) = (token_sha256.to_owned(), login.clone());
+        self.change(move |m| drop(m.insert(key, login))).await
+    }
+
+    async fn update(&self, token_sha256: &str, read: SystemTime, login: &Login) -> Result<bool, String> {
+        let (key, login) = (token_sha256.to_owned(), login.clone());
+        self.change(move |m| match m.get_mut(&key) {
+            Some(row) if row.refreshed_at == read => {
+                *row = login;
+                true
+            }
+            _ => false,
+        })
+        .await
     }
 
     async fn delete(&self, token_sha256: &str) -> Result<(), String> {
-        tokio::task::block_in_place(|| self.change(|m| drop(m.remove(token_sha256))))
+        let key = token_sha256.to_owned();
+        self.change(move |m| drop(m.remove(&key))).await
     }
 }
 
@@ -212,6 +244,23 @@ impl LoginStore for PgLoginStore {
             .map(drop)
     }
 
+    async fn update(&self, token_sha256: &str, read: SystemTime, login: &Login) -> Result<bool, String> {
+        let body = serde_json::to_string(login).expect("logins serialize");
+        let read = crate::time::rfc3339(read);
+        let expires = crate::time::rfc3339(login.expires_at);
+        let n = self
+            .conn
+            .with(async |c| {
+                c.execute(
+                    "UPDATE pglease.logins SET body = $2::text::jsonb, expires_at = $4::text::timestamptz WHERE token_sha256 = $1 AND body->>'refreshed_at' = $3",
+                    &[&token_sha256, &body, &read, &expires],
+                )
+                .await
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
     async fn delete(&self, token_sha256: &str) -> Result<(), String> {
         self.conn.with(async |c| c.execute("DELETE FROM pglease.logins WHERE token_sha256 = $1", &[&token_sha256]).await).await.map(drop)
     }
@@ -243,6 +292,7 @@ mod tests {
         let now = SystemTime::now();
         let login = |ttl: i64| Login {
             via: Via::Oidc,
+            subject: None,
             person: "alice@example.com".into(),
             roles: [Role::Engineer].into(),
             groups: ["eng".to_owned()].into(),
@@ -259,7 +309,13 @@ mod tests {
         let again = FileLoginStore::open(path.clone()).unwrap();
         assert_eq!(again.get("a").await.unwrap().unwrap().person, "alice@example.com");
         assert_eq!(again.get("b").await.unwrap(), None);
+        let a = again.get("a").await.unwrap().unwrap();
+        let mut later = a.clone();
+        later.refreshed_at = a.refreshed_at + std::time::Duration::from_secs(1);
+        assert!(again.update("a", a.refreshed_at, &later).await.unwrap());
+        assert!(!again.update("a", a.refreshed_at, &later).await.unwrap(), "a second writer that read the old row loses");
         again.delete("a").await.unwrap();
+        assert!(!again.update("a", later.refreshed_at, &later).await.unwrap(), "a deleted sign-in stays deleted");
         assert_eq!(FileLoginStore::open(path).unwrap().get("a").await.unwrap(), None);
     }
 }

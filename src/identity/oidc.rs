@@ -29,6 +29,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::OidcConfig;
 
+/// The ID token signatures accepted.
+const ASYMMETRIC: &[CoreJwsSigningAlgorithm] = &[
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha384,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha512,
+    CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+    CoreJwsSigningAlgorithm::EcdsaP384Sha384,
+    CoreJwsSigningAlgorithm::EdDsa,
+];
+
 /// Discovery and keys are read again after this long in any case.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(3600);
 /// A token signed with an unknown key reads the keys again, but not more often than this (a
@@ -106,6 +119,9 @@ pub enum OidcError {
 pub struct Person {
     pub name: String,
     pub groups: BTreeSet<String>,
+    /// The provider's stable id for them (`iss` is fixed per config): a refresh that names
+    /// someone else ends the session.
+    pub subject: String,
 }
 
 /// What a sign-in (code, device or refresh) brought.
@@ -137,11 +153,18 @@ struct Discovered {
     at: Instant,
 }
 
+#[derive(Default)]
+struct Discovery {
+    last: Option<Discovered>,
+    /// When reading it last failed: no new attempt within [`REDISCOVER_AT_MOST`].
+    failed_at: Option<Instant>,
+}
+
 pub struct Oidc {
     config: OidcConfig,
     secret: ClientSecret,
     agent: ureq::Agent,
-    discovered: Mutex<Option<Discovered>>,
+    discovered: Mutex<Discovery>,
 }
 
 /// The error the HTTP adapter gives `openidconnect`.
@@ -153,7 +176,7 @@ impl Oidc {
     pub fn new(config: OidcConfig) -> Result<Self, String> {
         let secret = config.client_secret().map_err(|e| e.to_string())?;
         let agent = crate::outbound::agent(config.ca_file.as_deref(), "identity.oidc.ca_file")?;
-        Ok(Self { config, secret: ClientSecret::new(secret), agent, discovered: Mutex::new(None) })
+        Ok(Self { config, secret: ClientSecret::new(secret), agent, discovered: Mutex::new(Discovery::default()) })
     }
 
     pub fn config(&self) -> &OidcConfig {
@@ -175,23 +198,29 @@ impl Oidc {
     fn metadata(&self, stale: bool) -> Result<Metadata, OidcError> {
         let mut slot = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = |d: &Discovered| d.at.elapsed() < REDISCOVER_EVERY && !(stale && d.at.elapsed() >= REDISCOVER_AT_MOST);
-        if let Some(d) = slot.as_ref().filter(|d| fresh(d)) {
+        if let Some(d) = slot.last.as_ref().filter(|d| fresh(d)) {
             return Ok(d.metadata.clone());
+        }
+        // Keys a little old are better than none while the provider is briefly away; and a
+        // provider that just failed is not asked again at once by every caller.
+        let fallback = |slot: &Discovery, why: String| match slot.last.as_ref() {
+            Some(d) if d.at.elapsed() < REDISCOVER_EVERY * 2 => Ok(d.metadata.clone()),
+            _ => Err(OidcError::Unavailable(why)),
+        };
+        if slot.failed_at.is_some_and(|t| t.elapsed() < REDISCOVER_AT_MOST) {
+            return fallback(&slot, format!("discovery at {} failed moments ago", self.config.issuer));
         }
         let issuer = IssuerUrl::new(self.config.issuer.clone()).map_err(|e| OidcError::Refused(format!("identity.oidc.issuer: {e}")))?;
         match Metadata::discover(&issuer, &self.http()) {
             Ok(metadata) => {
-                *slot = Some(Discovered { metadata: metadata.clone(), at: Instant::now() });
+                *slot = Discovery { last: Some(Discovered { metadata: metadata.clone(), at: Instant::now() }), failed_at: None };
                 Ok(metadata)
             }
-            // Keys a few minutes old are better than none while the provider is briefly away.
-            Err(e) => match slot.as_ref() {
-                Some(d) if d.at.elapsed() < REDISCOVER_EVERY * 2 => {
-                    tracing::warn!(error = %e, "could not read the identity provider's keys again; using the ones read before");
-                    Ok(d.metadata.clone())
-                }
-                _ => Err(OidcError::Unavailable(format!("discovery at {}: {}", self.config.issuer, describe(&e)))),
-            },
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "could not read the identity provider's discovery document and keys");
+                slot.failed_at = Some(Instant::now());
+                fallback(&slot, format!("discovery at {}: {}", self.config.issuer, describe(&e)))
+            }
         }
     }
 
@@ -294,7 +323,10 @@ impl Oidc {
         }
     }
 
-    /// Reads the person's claims again with a refresh token.
+    /// Reads the person's claims again with a refresh token. Only the provider refusing the
+    /// grant (`invalid_grant`: signed out, disabled, revoked) is `Refused`; anything else
+    /// (an error of the provider's, a key not fetched yet) is `Unavailable`, and the session
+    /// is kept for a later try.
     pub fn refresh(&self, refresh_token: &str) -> Result<SignedIn, OidcError> {
         let client = self.client(self.metadata(false)?);
         let token = RefreshToken::new(refresh_token.to_owned());
@@ -302,11 +334,47 @@ impl Oidc {
             .exchange_refresh_token(&token)
             .map_err(|e| OidcError::Unavailable(format!("the provider has no token endpoint: {e}")))?
             .request(&self.http())
-            .map_err(token_error)?;
-        let mut signed = self.signed_in(&tokens, None)?;
-        // A provider that does not rotate refresh tokens answers without one: keep the old.
-        signed.refresh_token.get_or_insert_with(|| refresh_token.to_owned());
-        Ok(signed)
+            .map_err(|e| match e {
+                openidconnect::RequestTokenError::ServerResponse(r) if *r.error() == openidconnect::core::CoreErrorResponseType::InvalidGrant => {
+                    OidcError::Refused(format!("the identity provider refused: {r}"))
+                }
+                other => OidcError::Unavailable(describe(&other)),
+            })?;
+        let again = |e: OidcError| match e {
+            OidcError::Refused(why) => OidcError::Unavailable(why),
+            other => other,
+        };
+        let person = match tokens.id_token() {
+            Some(id_token) => self.verify(id_token, None).map_err(again)?,
+            // OpenID Connect lets a refresh answer without an ID token: ask userinfo.
+            None => self.userinfo(&client, tokens.access_token()).map_err(again)?,
+        };
+        let refresh_token = tokens.refresh_token().map(|t| t.secret().clone()).unwrap_or_else(|| refresh_token.to_owned());
+        Ok(SignedIn { person, refresh_token: Some(refresh_token) })
+    }
+
+    fn userinfo(&self, client: &Client, access_token: &openidconnect::AccessToken) -> Result<Person, OidcError> {
+        let claims: openidconnect::UserInfoClaims<OtherClaims, CoreGenderClaim> = client
+            .user_info(access_token.clone(), None)
+            .map_err(|_| OidcError::Unavailable("the refresh brought no ID token and the provider has no userinfo endpoint".into()))?
+            .request(&self.http())
+            .map_err(|e| OidcError::Unavailable(format!("userinfo: {}", describe(&e))))?;
+        self.person_of(claims.subject(), claims.email().map(|e| e.to_string()), claims.email_verified(), claims.preferred_username().map(|u| u.to_string()), &claims.additional_claims().claims)
+    }
+
+    /// Tells the provider a refresh token is no longer needed (sign-out); best effort.
+    pub fn revoke(&self, refresh_token: &str) -> Result<(), OidcError> {
+        let metadata = self.metadata(false)?;
+        let Some(url) = metadata.additional_metadata().revocation_endpoint.clone() else {
+            return Ok(());
+        };
+        let url = openidconnect::RevocationUrl::new(url).map_err(|e| OidcError::Unavailable(format!("revocation_endpoint: {e}")))?;
+        self.client(metadata)
+            .set_revocation_url(url)
+            .revoke_token(CoreRevocableToken::RefreshToken(RefreshToken::new(refresh_token.to_owned())))
+            .map_err(|e| OidcError::Unavailable(e.to_string()))?
+            .request(&self.http())
+            .map_err(|e| OidcError::Unavailable(describe(&e)))
     }
 
     fn signed_in(&self, tokens: &Tokens, nonce: Option<&str>) -> Result<SignedIn, OidcError> {
@@ -316,16 +384,32 @@ impl Oidc {
     }
 
     /// Verifies an ID token given as a bearer token (`bearer_id_tokens`).
+    ///
+    /// Such a token cannot be revoked, so it is taken only while younger than
+    /// `refresh_every` (the same bound on stale roles as a session's): the holder gets a fresh
+    /// one from the provider after that.
     pub fn verify_bearer(&self, jwt: &str) -> Result<Person, OidcError> {
         let token: IdToken = jwt.parse().map_err(|_| OidcError::Refused("not a well-formed ID token".into()))?;
-        self.verify(&token, None)
+        let (person, issued) = self.verified(&token, None)?;
+        let age = chrono::Utc::now().signed_duration_since(issued);
+        if age > chrono::Duration::from_std(self.config.refresh_every + self.config.clock_skew).unwrap_or(chrono::Duration::MAX) {
+            return Err(OidcError::Refused(format!("the ID token was issued more than {} ago (identity.oidc.refresh_every); get a fresh one", crate::time::human_duration(self.config.refresh_every))));
+        }
+        Ok(person)
     }
 
     /// Issuer, audience, expiry, signature and (for the code flow) nonce; then the person.
     fn verify(&self, token: &IdToken, nonce: Option<&str>) -> Result<Person, OidcError> {
+        self.verified(token, nonce).map(|(person, _)| person)
+    }
+
+    /// [`verify`](Self::verify), with the token's issue time.
+    fn verified(&self, token: &IdToken, nonce: Option<&str>) -> Result<(Person, chrono::DateTime<chrono::Utc>), OidcError> {
         let attempt = |metadata: Metadata| -> Result<IdTokenClaims, ClaimsVerificationError> {
             let client = self.client(metadata);
-            let verifier = client.id_token_verifier().set_time_fn(time_with_skew(self.config.clock_skew));
+            // Asymmetric signatures only: an HMAC one would be keyed with the client secret,
+            // which pglease holds too (a leaked secret must not mint ID tokens).
+            let verifier = client.id_token_verifier().set_allowed_algs(ASYMMETRIC.iter().cloned()).set_time_fn(time_with_skew(self.config.clock_skew));
             let nonce = nonce.map(|n| Nonce::new(n.to_owned()));
             let check_nonce = |got: Option<&Nonce>| match (&nonce, got) {
                 (None, _) => Ok(()),
@@ -340,22 +424,34 @@ impl Oidc {
             other => other,
         }
         .map_err(|e| OidcError::Refused(verification_message(&e)))?;
-        self.person(&claims)
+        Ok((self.person(&claims)?, claims.issue_time()))
     }
 
     fn person(&self, claims: &IdTokenClaims) -> Result<Person, OidcError> {
-        let other = &claims.additional_claims().claims;
+        self.person_of(claims.subject(), claims.email().map(|e| e.to_string()), claims.email_verified(), claims.preferred_username().map(|u| u.to_string()), &claims.additional_claims().claims)
+    }
+
+    /// The person the claims name (`person_claim`) and their groups (`groups_claim`).
+    fn person_of(
+        &self,
+        subject: &openidconnect::SubjectIdentifier,
+        email: Option<String>,
+        email_verified: Option<bool>,
+        preferred_username: Option<String>,
+        other: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<Person, OidcError> {
         let claim = self.config.person_claim.as_str();
         let name = match claim {
-            "sub" => Some(claims.subject().to_string()),
+            "sub" => Some(subject.to_string()),
             "email" => {
-                // An address the provider has not verified does not name anyone.
-                if claims.email_verified() == Some(false) {
-                    return Err(OidcError::Refused("the identity provider has not verified this email address".into()));
+                // Only an address the provider says it verified names someone: anyone may
+                // type any address into an account at many providers.
+                if email_verified != Some(true) {
+                    return Err(OidcError::Refused("the identity provider does not say this email address is verified (email_verified); use another person_claim".into()));
                 }
-                claims.email().map(|e| e.to_string())
+                email
             }
-            "preferred_username" => claims.preferred_username().map(|u| u.to_string()),
+            "preferred_username" => preferred_username,
             _ => other.get(claim).and_then(|v| v.as_str()).map(str::to_owned),
         }
         .ok_or_else(|| OidcError::Refused(format!("the ID token has no {claim:?} claim (identity.oidc.person_claim)")))?;
@@ -368,7 +464,7 @@ impl Oidc {
             Some(serde_json::Value::String(one)) => [one.clone()].into(),
             Some(_) => return Err(OidcError::Refused(format!("the {:?} claim is not a list of groups", self.config.groups_claim))),
         };
-        Ok(Person { name, groups })
+        Ok(Person { name, groups, subject: subject.to_string() })
     }
 }
 

@@ -218,7 +218,7 @@ impl GrantsEnv {
                 allow_cleartext: false,
                 connect_timeout: Duration::from_secs(5),
             },
-            admin: AdminConfig { addr: "127.0.0.1:0".parse().unwrap() },
+            admin: AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), public_url: None },
             log: LogConfig::default(),
             grants: GrantsConfig {
                 store: dir.path().join("grants.jsonl"),

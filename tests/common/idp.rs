@@ -32,6 +32,11 @@ fn free_port() -> u16 {
 
 impl Idp {
     pub async fn start() -> Idp {
+        Self::start_with(true).await
+    }
+
+    /// A provider that gives refresh tokens (as most can be set up to), or none.
+    pub async fn start_with(refresh_tokens: bool) -> Idp {
         let dir = tempfile::tempdir().unwrap();
         let client = |id: &str, secret: &str| {
             json!({
@@ -42,6 +47,9 @@ impl Idp {
             })
         };
         std::fs::write(dir.path().join("clients.json"), json!([client(CLIENT_ID, CLIENT_SECRET), client(OTHER_CLIENT_ID, OTHER_CLIENT_SECRET)]).to_string()).unwrap();
+        if !refresh_tokens {
+            std::fs::write(dir.path().join("no-refresh-tokens"), "").unwrap();
+        }
         let mut idp = Idp { issuer: String::new(), port: free_port(), dir, child: None };
         idp.issuer = format!("http://127.0.0.1:{}", idp.port);
         for (person, groups) in [("alice", &["eng"][..]), ("bob", &["dba"][..]), ("dave", &["eng"][..])] {
@@ -128,6 +136,7 @@ impl Idp {
             refresh_every: Duration::from_secs(300),
             clock_skew: Duration::from_secs(0),
             bearer_id_tokens: false,
+            device_flow: true,
             ca_file: None,
         }
     }

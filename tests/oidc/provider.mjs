@@ -3,6 +3,7 @@
 //
 //   node provider.mjs PORT STATE_DIR
 //
+// STATE_DIR/no-refresh-tokens: if present, no refresh tokens are issued.
 // STATE_DIR/clients.json: the clients ([{client_id, client_secret, ...}]), written by the test.
 // STATE_DIR/keys.json: the signing keys; made on first start. Started with ROTATE=1, a new key
 // is put first (signs from now on) and the old ones are kept (tokens they signed still verify).
@@ -46,8 +47,9 @@ const provider = new Provider(issuer, {
     deviceFlow: { enabled: true },
     revocation: { enabled: true },
   },
-  // A refresh token for every client allowed the grant (as Okta or Keycloak can be set up).
-  issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // A refresh token for every client allowed the grant (as Okta or Keycloak can be set up),
+  // or none when STATE_DIR/no-refresh-tokens exists (as many providers without offline_access).
+  issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token') && !existsSync(join(dir, 'no-refresh-tokens')),
   pkce: { required: () => true },
   ttl: {
     // dave's ID tokens expire at once: the expired-token test signs in as dave.
