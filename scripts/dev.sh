@@ -46,7 +46,8 @@ install_missing() {
 
 # The driver workloads of tests/drivers.rs: psycopg 3 and asyncpg (PyPI), node-postgres (npm,
 # pinned by tests/drivers/node/package-lock.json), the PostgreSQL JDBC driver (Debian); and the
-# OpenID provider of tests/oidc.rs (npm).
+# OpenID provider of tests/oidc.rs (npm); headless Chromium and chromedriver for tests/console.rs
+# (Debian).
 install_drivers() {
     command -v python3 >/dev/null || die "missing: python3 (for the psycopg and asyncpg workloads)"
     command -v node >/dev/null || die "missing: node (for the node-postgres workload)"
@@ -75,6 +76,17 @@ install_drivers() {
             apt-get install -y -qq --no-install-recommends libpostgresql-jdbc-java >&2
         else
             die "missing: /usr/share/java/postgresql.jar (apt-get install libpostgresql-jdbc-java)"
+        fi
+    fi
+    # The console's browser tests drive headless Chromium over WebDriver (chromedriver).
+    if [ ! -x /usr/bin/chromedriver ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing: chromium chromium-driver" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq >&2
+            apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+        else
+            die "missing: /usr/bin/chromedriver (apt-get install chromium chromium-driver)"
         fi
     fi
 }

@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connect;
+pub mod console;
 pub mod conninfo;
 pub mod control_plane;
 pub mod demo;

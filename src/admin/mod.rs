@@ -1,7 +1,7 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process is
 //! up; what it knows of its control plane), `/readyz` (it can take logins now: a load balancer
-//! drains it while this is 503), and the JSON API for grants, sessions and scopes under `/api`
-//! ([`api`]).
+//! drains it while this is 503), the JSON API for grants, sessions and scopes under `/api`
+//! ([`api`]), and the web console everywhere else ([`crate::console`]).
 
 pub mod api;
 pub mod login;
@@ -64,7 +64,7 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     let mut router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).route("/readyz", get(readyz));
     if let Some(api) = &state.api {
-        router = router.nest("/api", api::router(api.clone()));
+        router = router.nest("/api", api::router(api.clone())).merge(crate::console::router(api.clone()));
     }
     router.with_state(state)
 }

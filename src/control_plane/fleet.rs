@@ -223,6 +223,7 @@ impl Fleet {
             client: r.get(7),
             since: r.get(8),
             statements: r.get::<_, i64>(9) as u64,
+            last_statement: None,
         }));
         all.sort_by(|a, b| (&a.since, &a.instance, a.id).cmp(&(&b.since, &b.instance, b.id)));
         Ok(all)

@@ -464,6 +464,17 @@ impl GrantService {
         Ok(())
     }
 
+    /// Whether `who` may approve or deny this pending grant (what the console offers them;
+    /// the same check [`approve`](Self::approve) and [`deny`](Self::deny) make).
+    pub fn may_decide(&self, who: &Principal, g: &GrantView) -> bool {
+        self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by)).is_ok()
+    }
+
+    /// Whether `who` may end this grant (an approver, or its own user withdrawing or ending it).
+    pub fn may_revoke(&self, who: &Principal, g: &GrantView) -> bool {
+        who.can_approve() || who.person == g.user
+    }
+
     pub async fn approve(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {
         retrying!(self.activate(who, id, true))
     }
@@ -555,7 +566,7 @@ impl GrantService {
         }
         let _w = self.write.lock().await;
         let mut g = self.get_for_change(id).await?;
-        if !who.can_approve() && who.person != g.user {
+        if !self.may_revoke(who, &GrantView::of(&g, SystemTime::now())) {
             return Err(GrantError::Forbidden(format!("{} may not revoke grant {id}", who.person)));
         }
         let now = SystemTime::now();

@@ -22,6 +22,8 @@ pub struct SessionHandle {
     pub backend_pid: i32,
     pub started_at: SystemTime,
     statements: AtomicU64,
+    /// When the last statement came, in milliseconds since the Unix epoch (0: none yet).
+    last_statement_ms: AtomicU64,
     kill: CancellationToken,
     /// The `FATAL` the client gets when the session is ended from outside.
     reason: Mutex<Option<ClientError>>,
@@ -50,6 +52,16 @@ impl SessionHandle {
 
     pub fn count_statement(&self) {
         self.statements.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.last_statement_ms.store(now.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// When the last statement came, if one has.
+    pub fn last_statement(&self) -> Option<SystemTime> {
+        match self.last_statement_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+        }
     }
 
     pub fn statements(&self) -> u64 {
@@ -79,6 +91,9 @@ pub struct SessionView {
     pub client: String,
     pub since: String,
     pub statements: u64,
+    /// When its last statement came (known for this instance's sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_statement: Option<String>,
 }
 
 impl SessionView {
@@ -94,6 +109,7 @@ impl SessionView {
             client: h.client_addr.to_string(),
             since: crate::time::rfc3339(h.started_at),
             statements: h.statements(),
+            last_statement: h.last_statement().map(crate::time::rfc3339),
         }
     }
 }
@@ -126,6 +142,7 @@ impl SessionRegistry {
             backend_pid,
             started_at: SystemTime::now(),
             statements: AtomicU64::new(0),
+            last_statement_ms: AtomicU64::new(0),
             kill: CancellationToken::new(),
             reason: Mutex::new(None),
         });

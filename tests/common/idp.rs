@@ -41,7 +41,8 @@ impl Idp {
         let client = |id: &str, secret: &str| {
             json!({
                 "client_id": id, "client_secret": secret, "application_type": "native",
-                "redirect_uris": ["http://127.0.0.1/callback"],
+                // The CLI's loopback redirect and the console's (any port: a native client).
+                "redirect_uris": ["http://127.0.0.1/callback", "http://127.0.0.1/auth/callback"],
                 "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
                 "response_types": ["code"], "token_endpoint_auth_method": "client_secret_basic",
             })

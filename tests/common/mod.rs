@@ -2,6 +2,7 @@
 //! database per test, and a real pglease proxy in front of it on a free port.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod grants;
 pub mod idp;
 pub mod raw;

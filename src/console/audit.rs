@@ -1,0 +1,311 @@
+//! Auditors' pages over this instance's audit log: the sessions (the filters of
+//! `pglease audit sessions`, paged on the server), one session as a timeline (each statement
+//! with its decision and why, the SQL as sent and as run, parameters as the audit policy kept
+//! them, rows, time, error), the chain's verification, and the overview's charts.
+//!
+//! The log is read by [`crate::audit::reader`] (the same code as the CLI), off the async
+//! threads; the chain's verification is cached until the log grows.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::auth::Viewer;
+use super::charts;
+use super::page::{self, ago, page};
+use crate::admin::api::ApiState;
+use crate::audit::reader::{self, SessionFilter, SessionSummary, ShownStatement, Source};
+
+/// Sessions per page of the list.
+const PER_PAGE: usize = 50;
+/// The overview's charts read at most this much of the end of the current log file.
+const CHART_TAIL_BYTES: u64 = 16 << 20;
+
+fn forbidden(viewer: &Viewer) -> Response {
+    page::error_page(Some(viewer), StatusCode::FORBIDDEN, &format!("{} may not read the audit log (auditors and approvers may)", viewer.who.person))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
+}
+
+/// The chain's verification, cached by the log file's length and modification time.
+fn verification(log: &Path, anchor: Option<&Path>) -> Result<reader::VerifyReport, String> {
+    type Cached = (PathBuf, u64, Option<SystemTime>, Result<(u64, String, u64), String>);
+    static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
+    let meta = std::fs::metadata(log).ok();
+    let key = (meta.as_ref().map(|m| m.len()).unwrap_or(0), meta.and_then(|m| m.modified().ok()));
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((path, len, modified, result)) = cache.as_ref()
+        && path == log
+        && (*len, *modified) == key
+    {
+        return result.clone().map(|(records, head, anchors_checked)| reader::VerifyReport { records, head, anchors_checked });
+    }
+    let result = reader::verify(log, anchor).map(|r| (r.records, r.head, r.anchors_checked));
+    *cache = Some((log.to_owned(), key.0, key.1, result.clone()));
+    result.map(|(records, head, anchors_checked)| reader::VerifyReport { records, head, anchors_checked })
+}
+
+fn chain_status(report: &Result<reader::VerifyReport, String>) -> Markup {
+    html! {
+        @match report {
+            Ok(r) => p.chain.ok #chain role="status" { span.badge.status-active { "chain intact" } " " (r.records) " records, head " code { (r.head.get(..16).unwrap_or(&r.head)) "…" }
+                @if r.anchors_checked > 0 { ", " (r.anchors_checked) " anchored heads found" } },
+            Err(e) => p.chain.broken.alert #chain role="alert" { span.badge.alert { "chain broken" } " " (e) },
+        }
+    }
+}
+
+#[derive(Deserialize, Default, Clone)]
+pub struct Filter {
+    pub user: Option<String>,
+    pub grant: Option<String>,
+    pub scope: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub decision: Option<String>,
+    pub page: Option<usize>,
+}
+
+impl Filter {
+    fn reader(&self) -> SessionFilter {
+        let f = |o: &Option<String>| o.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
+        SessionFilter { user: f(&self.user), grant: f(&self.grant), scope: f(&self.scope), since: f(&self.since), until: f(&self.until), decision: f(&self.decision) }
+    }
+
+    fn query(&self, page: usize) -> String {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [("user", &self.user), ("grant", &self.grant), ("scope", &self.scope), ("since", &self.since), ("until", &self.until), ("decision", &self.decision)] {
+            if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+                q.append_pair(k, v);
+            }
+        }
+        q.append_pair("page", &page.to_string());
+        q.finish()
+    }
+}
+
+/// The sessions in the log, newest first, filtered and paged.
+pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(f): Query<Filter>) -> Response {
+    if !viewer.who.can_read_all() {
+        return forbidden(&viewer);
+    }
+    let (log, anchor, filter) = (state.audit_log.clone(), state.audit_anchor.clone(), f.reader());
+    let read = blocking(move || {
+        let mut all = reader::sessions(Source::File(&log), &filter)?;
+        all.reverse();
+        Ok((all, verification(&log, anchor.as_deref())))
+    })
+    .await;
+    let (all, chain) = match read {
+        Ok(r) => r,
+        Err(e) => return page::error_page(Some(&viewer), StatusCode::SERVICE_UNAVAILABLE, &format!("The audit log cannot be read: {e}")),
+    };
+    let pages = all.len().div_ceil(PER_PAGE).max(1);
+    let current = f.page.unwrap_or(1).clamp(1, pages);
+    let shown: Vec<&SessionSummary> = all.iter().skip((current - 1) * PER_PAGE).take(PER_PAGE).collect();
+    let text = |o: &Option<String>| o.clone().unwrap_or_default();
+    let body = html! {
+        (chain_status(&chain))
+        form.filters method="get" action="/audit" {
+            label { "Person " input type="text" name="user" value=(text(&f.user)); }
+            label { "Grant " input type="text" name="grant" value=(text(&f.grant)); }
+            label { "Scope " input type="text" name="scope" value=(text(&f.scope)); }
+            label { "Since " input type="text" name="since" placeholder="2026-12-01T00:00:00Z" value=(text(&f.since)); }
+            label { "Until " input type="text" name="until" value=(text(&f.until)); }
+            label { "With a statement "
+                select name="decision" {
+                    option value="" { "any" }
+                    @for d in ["allow", "rewrite", "deny"] { option value=(d) selected[f.decision.as_deref() == Some(d)] { (d) } }
+                }
+            }
+            button type="submit" { "Search" }
+        }
+        p.muted { (all.len()) " sessions" @if pages > 1 { ", page " (current) " of " (pages) } }
+        div.table-wrap {
+            table #audit-sessions {
+                caption.visually-hidden { "Audited sessions" }
+                thead { tr { th scope="col" { "Session" } th scope="col" { "Person" } th scope="col" { "Scope" } th scope="col" { "Grant" } th scope="col" { "Client" } th scope="col" { "Started" } th scope="col" { "Ended" } th scope="col" { "Statements" } th scope="col" { "Refused" } th scope="col" { "Errors" } } }
+                tbody {
+                    @for s in &shown {
+                        tr id={ "audit-session-" (s.session) } {
+                            td { a href={ "/audit/sessions/" (s.session) } { (s.session) } }
+                            td { (s.user) }
+                            td { (s.scope.as_deref().unwrap_or("—")) }
+                            td { @if let Some(g) = &s.grant { code { (g) } } }
+                            td { (s.client) }
+                            td { @if let Some(t) = &s.started_at { (ago(t)) } }
+                            td { @if let Some(t) = &s.ended_at { (ago(t)) } @else { span.badge.status-active { "live" } } }
+                            td { (s.statements) }
+                            td { @if s.denied > 0 { span.badge.alert { (s.denied) } } @else { "0" } }
+                            td { (s.errors) }
+                        }
+                    }
+                    @if shown.is_empty() { tr.empty { td colspan="10" { "No sessions match." } } }
+                }
+            }
+        }
+        @if pages > 1 {
+            nav.pager aria-label="Pages" {
+                @if current > 1 { a rel="prev" href={ "/audit?" (f.query(current - 1)) } { "← Newer" } }
+                @if current < pages { a rel="next" href={ "/audit?" (f.query(current + 1)) } { "Older →" } }
+            }
+        }
+    };
+    page(&viewer, "/audit", "Audit", body).into_response()
+}
+
+/// One session's statements, in order, as a timeline.
+pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPath(id): UrlPath<u64>) -> Response {
+    if !viewer.who.can_read_all() {
+        return forbidden(&viewer);
+    }
+    let log = state.audit_log.clone();
+    let read = blocking(move || {
+        let filter = SessionFilter::default();
+        let summary = reader::sessions(Source::File(&log), &filter)?.into_iter().find(|s| s.session == id);
+        Ok((summary, reader::show_session(Source::File(&log), id)?))
+    })
+    .await;
+    let (summary, statements) = match read {
+        Ok(r) => r,
+        Err(e) => return page::error_page(Some(&viewer), StatusCode::SERVICE_UNAVAILABLE, &format!("The audit log cannot be read: {e}")),
+    };
+    let Some(s) = summary else {
+        return page::error_page(Some(&viewer), StatusCode::NOT_FOUND, &format!("No session {id} in this instance's audit log."));
+    };
+    let body = html! {
+        p.lead {
+            strong { (s.user) } " as " code { (s.login) } " under scope " (s.scope.as_deref().unwrap_or("—"))
+            @if let Some(g) = &s.grant { ", grant " code { (g) } }
+            ", from " (s.client)
+            @if let Some(t) = &s.started_at { ", started " (ago(t)) }
+            @if let Some(t) = &s.ended_at { ", ended " (ago(t)) }
+            "."
+        }
+        p.muted { (s.statements) " statements, " (s.denied) " refused, " (s.errors) " errors. Replay them against another database with "
+            code { "pglease audit replay LOG --session " (s.session) " --target DSN" } "." }
+        ol.timeline #timeline {
+            @for st in &statements { (statement(st)) }
+        }
+    };
+    page(&viewer, "/audit", &format!("Session {id}"), body).into_response()
+}
+
+fn statement(st: &ShownStatement) -> Markup {
+    let class = match st.decision.as_str() {
+        "deny" => "deny",
+        "rewrite" => "rewrite",
+        _ => "allow",
+    };
+    let params = match &st.params {
+        serde_json::Value::Array(a) if a.is_empty() => None,
+        serde_json::Value::Null => None,
+        other => Some(serde_json::to_string(other).unwrap_or_default()),
+    };
+    html! {
+        li class={ "statement " (class) } id={ "stmt-" (st.stmt) } {
+            div.statement-head {
+                span class={ "badge decision-" (class) } { (match class { "deny" => "refused", "rewrite" => "rewritten", _ => "allowed" }) }
+                " " time datetime=(st.at) title=(st.at) { (st.at.get(11..23).unwrap_or(&st.at)) }
+                " · " (st.protocol)
+                @if let Some(rows) = st.rows { " · " (rows) " rows" }
+                @if let Some(us) = st.duration_us { " · " (format_duration(us)) }
+                @if st.skipped { " · " span.muted { "not run (an earlier error in the pipeline)" } }
+            }
+            @if let Some(reason) = &st.reason { p.why { (reason) } }
+            pre.sql { code { (st.sql) } }
+            @if let Some(ran) = st.sql_ran.as_ref().filter(|r| **r != st.sql) {
+                p.muted { "As run:" }
+                pre.sql.ran { code { (ran) } }
+            }
+            @if let Some(p) = params { p.params { "Parameters: " code { (p) } } }
+            // A refusal's error repeats its reason: shown once.
+            @if let Some(e) = st.error.as_ref().filter(|e| Some(*e) != st.reason.as_ref()) { p.error { code { (st.error_code.as_deref().unwrap_or("")) } " " (e) } }
+        }
+    }
+}
+
+fn format_duration(us: u64) -> String {
+    match us {
+        0..1000 => format!("{us} µs"),
+        1000..1_000_000 => format!("{:.1} ms", us as f64 / 1000.0),
+        _ => format!("{:.2} s", us as f64 / 1e6),
+    }
+}
+
+/// Statements per minute over the last hour and refusals per scope, from the end of the
+/// current log file (at most [`CHART_TAIL_BYTES`] of it).
+fn chart_data(log: &Path) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), String> {
+    let mut file = match std::fs::File::open(log) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e.to_string()),
+    };
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let start = len.saturating_sub(CHART_TAIL_BYTES);
+    file.seek(std::io::SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    let mut lines = std::io::BufReader::new(file.take(len - start)).lines();
+    if start > 0 {
+        lines.next(); // a partial line
+    }
+    let now = SystemTime::now();
+    let hour_ago = crate::time::rfc3339(now - Duration::from_secs(3600));
+    let mut per_minute: BTreeMap<String, u64> = BTreeMap::new();
+    let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
+    for line in lines {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if v["kind"] != "statement" {
+            continue;
+        }
+        let at = v["at"].as_str().unwrap_or_default();
+        if at >= hour_ago.as_str() && at.len() >= 16 {
+            *per_minute.entry(at[11..16].to_owned()).or_default() += 1;
+        }
+        if v["decision"] == "deny" {
+            *refusals.entry(v["scope"].as_str().unwrap_or("(none)").to_owned()).or_default() += 1;
+        }
+    }
+    // Every minute of the last hour, in order, empty ones as 0.
+    let minutes: Vec<(String, u64)> = (0..60)
+        .rev()
+        .map(|m| {
+            let t = crate::time::rfc3339(now - Duration::from_secs(60 * m));
+            let key = t[11..16].to_owned();
+            let n = per_minute.get(&key).copied().unwrap_or(0);
+            (key, n)
+        })
+        .collect();
+    let mut refusals: Vec<(String, u64)> = refusals.into_iter().collect();
+    refusals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Ok((minutes, refusals))
+}
+
+/// The overview's charts, for those who may read the audit log.
+pub fn overview_charts(state: &ApiState, viewer: &Viewer) -> Markup {
+    if !viewer.who.can_read_all() {
+        return html! {};
+    }
+    match chart_data(&state.audit_log) {
+        Ok((minutes, refusals)) => html! {
+            section.charts aria-labelledby="activity-h" {
+                h2 #activity-h { "Activity on this instance" }
+                div.chart-grid {
+                    figure { figcaption { "Statements per minute, last hour" } (charts::series("chart-statements", "Statements per minute, last hour", &minutes)) }
+                    figure { figcaption { "Refused statements by scope" } (charts::bars("chart-refusals", "Refused statements by scope", &refusals, true)) }
+                }
+            }
+        },
+        Err(e) => html! { p.alert { "The audit log cannot be read for the charts: " (e) } },
+    }
+}

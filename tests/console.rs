@@ -1,0 +1,224 @@
+//! The web console in a real browser (headless Chromium over WebDriver, tests/common/browser.rs)
+//! against a real pglease in front of a real Postgres, with real psql: an approver signs in,
+//! approves a request, watches the engineer's session appear live, kills it (psql gets the
+//! FATAL), reads its audit timeline with the refused statement and why, and checks a statement
+//! in the scope box; forms without the CSRF token, from another origin, or without a session
+//! are refused. Signing in through a real OpenID provider in the browser too. Screenshots of
+//! each page are written to target/console-screenshots/ (and to $PGLEASE_SCREENSHOTS).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::browser::Browser;
+use common::grants::{ALICE, BOB, CAROL, EnvOptions, GrantsEnv};
+use common::idp::Idp;
+use fantoccini::Locator;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+const T: Duration = Duration::from_secs(20);
+
+/// An HTTP client that, unlike the browser, sends what the test says (no cookies of its own).
+fn raw() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).build().into()
+}
+
+/// POSTs a form as a script on another page might: (status, body).
+async fn post(url: String, cookie: Option<String>, origin: Option<String>, form: String) -> (u16, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut req = raw().post(&url).content_type("application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            req = req.header("Cookie", format!("pglease_session={c}"));
+        }
+        if let Some(o) = origin {
+            req = req.header("Origin", o);
+        }
+        let mut resp = req.send(form.as_bytes()).unwrap();
+        (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap_or_default())
+    })
+    .await
+    .unwrap()
+}
+
+async fn grant_status(env: &GrantsEnv, id: &str) -> String {
+    env.api(Some(BOB), "GET", &format!("/grants/{id}"), json!({})).await.unwrap()["status"].as_str().unwrap().to_owned()
+}
+
+/// An interactive psql through the proxy, reading statements from its stdin.
+fn psql(env: &GrantsEnv, login: &str, password: &str) -> tokio::process::Child {
+    tokio::process::Command::new(common::pg_bin("psql"))
+        .arg(format!("host=127.0.0.1 port={} user={login} dbname={} sslmode=require", env.proxy_addr.port(), env.database))
+        .args(["-X", "-v", "ON_ERROR_STOP=0"])
+        .env("PGPASSWORD", password)
+        .env_remove("PGHOST")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approver_works_the_console_in_a_real_browser() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let admin = env.admin_url.clone();
+    let b = Browser::start().await;
+
+    // Not signed in: a page leads to the sign-in page, and back after it.
+    b.goto(&format!("{admin}/sessions")).await;
+    b.find("#token").await;
+    assert!(b.current_url().await.contains("/login?next=%2Fsessions"), "{}", b.current_url().await);
+    b.screenshot("signin").await;
+    b.fill("#token", "plt_not-a-token").await;
+    b.click("#signin-token").await;
+    b.wait_for_text("p.alert", "not known", T).await;
+    b.fill("#token", BOB).await;
+    b.click("#signin-token").await;
+    b.wait_for_text("h1", "Live sessions", T).await;
+    assert_eq!(b.text("#whoami").await, "bob");
+    let cookies = b.cookies().await;
+    let session = cookies.iter().find(|c| c.0 == "pglease_session").expect("a session cookie");
+    assert!(session.1.starts_with("pls_") && session.2 && session.3, "HttpOnly and Secure: {session:?}");
+    assert_eq!(session.4.as_deref(), Some("Strict"));
+    let cookie = session.1.clone();
+
+    // alice asks; bob's inbox shows the request with its scope's rules; he approves.
+    let g = env.api(Some(ALICE), "POST", "/grants", json!({ "scope": "read", "duration": "30m", "reason": "INC-7: count the rows of t" })).await.unwrap();
+    let id = g["id"].as_str().unwrap().to_owned();
+    let other = env.api(Some(ALICE), "POST", "/grants", json!({ "scope": "read", "duration": "10m", "reason": "a second request" })).await.unwrap();
+    let other_id = other["id"].as_str().unwrap().to_owned();
+    b.goto(&format!("{admin}/")).await;
+    let card = b.wait_for_text(&format!("#request-{id}"), "INC-7", T).await;
+    assert!(card.contains("alice") && card.contains("read") && card.contains("30m"), "{card}");
+    b.screenshot("inbox").await;
+    b.click(&format!("#request-{id} button.approve")).await;
+    b.wait_for_text("#notice", &format!("Grant {id} approved"), T).await;
+    assert_eq!(grant_status(&env, &id).await, "active");
+
+    // The sessions page is open when alice connects: her session appears without a reload.
+    b.goto(&format!("{admin}/sessions")).await;
+    b.wait_for_text("#sessions-body", "No live sessions", T).await;
+    let mut client = psql(&env, g["login"].as_str().unwrap(), g["password"].as_str().unwrap());
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"SELECT count(*) FROM t;\nDELETE FROM t;\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let row = b.wait_for_text("#sessions-body", "alice", T).await;
+    assert!(row.contains(&id), "{row}");
+    b.wait_for_text("#sessions-body", "2", T).await;
+    b.screenshot("sessions").await;
+
+    // bob kills it; psql is told why.
+    b.click("#sessions-body form.kill button").await;
+    b.wait_for_text("#notice", "ended", T).await;
+    let _ = stdin.write_all(b"SELECT 1;\n").await;
+    drop(stdin);
+    let out = tokio::time::timeout(T, client.wait_with_output()).await.expect("psql ended").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FATAL") && stderr.contains("was ended by bob"), "{stderr}");
+    assert!(stderr.contains("does not allow DELETE"), "the refusal reached psql: {stderr}");
+    b.wait_for_text("#sessions-body", "No live sessions", T).await;
+
+    // The audit timeline has the refused statement with its reason.
+    b.goto(&format!("{admin}/audit")).await;
+    b.wait_for_text("#chain", "chain intact", T).await;
+    b.click("#audit-sessions tbody tr a").await;
+    let timeline = b.wait_for_text("#timeline", "refused", T).await;
+    assert!(timeline.contains("DELETE FROM t") && timeline.contains("does not allow DELETE"), "{timeline}");
+    // The read scope caps rows: the SELECT was rewritten, and both forms are shown.
+    assert!(timeline.contains("rewritten") && timeline.contains("As run:") && timeline.contains("LIMIT"), "{timeline}");
+    b.screenshot("audit-timeline").await;
+
+    // The overview's charts count the statements and the refusal.
+    b.goto(&format!("{admin}/")).await;
+    let refusals = b.find("#chart-refusals-title").await;
+    let _ = refusals;
+    let charts = b.page_source().await;
+    assert!(charts.contains("Refused statements by scope") && charts.contains("read: 1"), "the refusal is counted");
+    b.client.execute("document.getElementById('activity-h').scrollIntoView()", vec![]).await.unwrap();
+    b.screenshot("activity").await;
+
+    // The scope box decides as the proxy does.
+    b.goto(&format!("{admin}/scopes/read")).await;
+    b.fill("#sql", "DELETE FROM t WHERE true").await;
+    b.click("#check button").await;
+    let verdict = b.wait_for_text("#verdict", "deny", T).await;
+    assert!(verdict.contains("does not allow DELETE"), "{verdict}");
+    b.fill("#sql", "SELECT * FROM t").await;
+    b.click("#check button").await;
+    let verdict = b.wait_for_text("#verdict", "rewrite", T).await;
+    assert!(verdict.contains("capped at 3 rows") && verdict.contains("LIMIT 3"), "{verdict}");
+    b.screenshot("scope-check").await;
+
+    // Forms that are not the console's own are refused, and change nothing.
+    let csrf = b.client.find(Locator::Css("input[name=csrf]")).await.unwrap().attr("value").await.unwrap().unwrap();
+    let approve = format!("{admin}/grants/{other_id}/approve");
+    let (status, body) = post(approve.clone(), Some(cookie.clone()), Some(admin.clone()), String::new()).await;
+    assert_eq!(status, 403, "no CSRF token: {body}");
+    let (status, _) = post(approve.clone(), Some(cookie.clone()), Some(admin.clone()), "csrf=forged".into()).await;
+    assert_eq!(status, 403, "a wrong CSRF token");
+    let (status, _) = post(approve.clone(), Some(cookie.clone()), Some("http://evil.example".into()), format!("csrf={csrf}")).await;
+    assert_eq!(status, 403, "another origin, even with the token");
+    let (status, _) = post(approve.clone(), None, None, format!("csrf={csrf}")).await;
+    assert_eq!(status, 401, "no session");
+    assert_eq!(grant_status(&env, &other_id).await, "pending");
+    let page = tokio::task::spawn_blocking({
+        let url = format!("{admin}/grants");
+        move || raw().get(&url).call().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(page.status().as_u16(), 303, "a page without a session sends to sign-in");
+    let csp = page.headers().get("content-security-policy").unwrap().to_str().unwrap().to_owned();
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+
+    // An engineer sees their own requests, not the sessions; signing out ends the session.
+    b.click("#signout").await;
+    b.find("#token").await;
+    let (status, _) = post(approve, Some(cookie), Some(admin.clone()), format!("csrf={csrf}")).await;
+    assert_eq!(status, 401, "the signed-out session is gone");
+    b.fill("#token", ALICE).await;
+    b.click("#signin-token").await;
+    let mine = b.wait_for_text("#my-requests", "a second request", T).await;
+    assert!(mine.contains("Withdraw"), "{mine}");
+    assert!(b.client.find(Locator::Css("nav a[href='/sessions']")).await.is_err(), "engineers do not get the sessions page");
+    b.click(&format!("#request-{other_id} button.withdraw")).await;
+    b.wait_for_text("#notice", "ended", T).await;
+    assert_eq!(grant_status(&env, &other_id).await, "revoked");
+    b.goto(&format!("{admin}/audit")).await;
+    b.wait_for_text("#error", "may not read the audit log", T).await;
+    b.close().await;
+    let _ = CAROL;
+}
+
+/// Signing in through the identity provider's own pages in the browser: the console sends
+/// the browser there and back (code flow with PKCE), and bob lands in his inbox as the
+/// provider names him.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_sign_in_to_the_console_with_the_identity_provider() {
+    let idp = Idp::start().await;
+    let oidc = idp.config();
+    let env = GrantsEnv::start(EnvOptions {
+        identity: pglease::config::IdentityConfig { oidc: Some(oidc), logins_file: idp.dir.path().join("logins.json") },
+        ..EnvOptions::default()
+    })
+    .await;
+    let b = Browser::start().await;
+    b.goto(&format!("{}/grants", env.admin_url)).await;
+    b.click("#signin-oidc").await;
+    // The provider's development sign-in page, then its consent page.
+    b.fill("input[name=login]", "bob").await;
+    b.fill("input[name=password]", "any").await;
+    b.click("button[type=submit]").await;
+    b.click("button[type=submit]").await;
+    b.wait_for_text("#whoami", "bob@example.com", T).await;
+    assert!(b.current_url().await.ends_with("/grants"), "back where bob was going: {}", b.current_url().await);
+    b.wait_for_text("h1", "Grants", T).await;
+    let session = b.cookies().await.into_iter().find(|c| c.0 == "pglease_session").expect("a session cookie");
+    assert!(session.1.starts_with("pls_"));
+    let logins = std::fs::read_to_string(idp.dir.path().join("logins.json")).unwrap();
+    assert!(logins.contains("bob@example.com") && !logins.contains(&session.1));
+    b.close().await;
+}
