@@ -471,6 +471,7 @@ async fn present(cluster: &Cluster, options: &DemoOptions, instances: &[Instance
         println!("  PGLEASE_ADMIN_TOKEN={} {pglease} grant approve <id>", tokens["bob"]);
         println!();
         println!("Tokens: alice (engineer) {}  bob (approver, dba) {}  carol (auditor) {}", tokens["alice"], tokens["bob"], tokens["carol"]);
+        println!("Web console: {admin_url}/ (sign in with a token above)");
         if let Some(oidc) = &options.identity.oidc {
             println!("Or sign in with {}: {pglease} login --admin-url {admin_url}", oidc.issuer);
         }

@@ -41,6 +41,11 @@ fn runner() -> refinery::Runner {
     runner
 }
 
+/// How many migrations this pglease knows.
+pub fn known() -> usize {
+    runner().get_migrations().len()
+}
+
 /// The migrations this pglease knows that the database has not had yet.
 pub async fn pending(client: &mut Client) -> Result<Vec<Migration>, MigrateError> {
     let runner = runner();
