@@ -193,6 +193,9 @@ impl App {
         let api = Arc::new(ApiState {
             identity,
             console_url: config.admin.public_url.clone().unwrap_or_else(|| format!("http://{}", config.admin.addr)),
+            shutdown: CancellationToken::new(),
+            live_streams: Arc::new(tokio::sync::Semaphore::new(crate::console::MAX_LIVE_STREAMS)),
+            console: Default::default(),
             audit_log: config.audit.path.clone(),
             audit_anchor: config.audit.anchor.clone(),
             grants: grants.clone(),
@@ -228,6 +231,9 @@ impl App {
             api.proxy_port = proxy_addr.port();
             if self.config.admin.public_url.is_none() {
                 api.console_url = format!("http://{admin_addr}");
+                if !admin_addr.ip().is_loopback() {
+                    tracing::warn!(%admin_addr, "the console is served on a non-loopback address without admin.public_url: browsers keep its Secure session cookie only over https (set admin.public_url to the https address people use)");
+                }
             }
             let ip = proxy_addr.ip();
             api.proxy_host = match &self.config.listen.public_host {
@@ -236,7 +242,7 @@ impl App {
                 None => ip.to_string(),
             };
         }
-        let shutdown = CancellationToken::new();
+        let shutdown = self.admin.api.as_ref().map(|api| api.shutdown.clone()).unwrap_or_default();
         let mut tasks = Vec::new();
         let mut listener = Some(listener);
         let admin = self.admin.clone();

@@ -39,6 +39,12 @@ pub struct ApiState {
     pub identity: Arc<crate::identity::Identity>,
     /// The console's address as browsers reach it (`admin.public_url`, else the bound address).
     pub console_url: String,
+    /// Fires when the instance stops: long-lived answers (the console's live streams) end.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// At most this many live streams at once (each reads the sessions every second).
+    pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// The console's caches and limits.
+    pub console: crate::console::ConsoleState,
     /// This instance's audit log and anchor, for the console's audit pages.
     pub audit_log: std::path::PathBuf,
     pub audit_anchor: Option<std::path::PathBuf>,

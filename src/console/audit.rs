@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Seek};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::{Path as UrlPath, Query, State};
@@ -33,29 +33,16 @@ fn forbidden(viewer: &Viewer) -> Response {
     page::error_page(Some(viewer), StatusCode::FORBIDDEN, &format!("{} may not read the audit log (auditors and approvers may)", viewer.who.person))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+/// Reads the log off the async threads, a few at a time.
+async fn blocking<T: Send + 'static>(state: &ApiState, f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    let _permit = state.console.audit_reads.acquire().await.map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
 }
 
-/// The chain's verification, cached by the log file's length and modification time.
-fn verification(log: &Path, anchor: Option<&Path>) -> Result<reader::VerifyReport, String> {
-    type Cached = (PathBuf, u64, Option<SystemTime>, Result<(u64, String, u64), String>);
-    static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
-    let meta = std::fs::metadata(log).ok();
-    let key = (meta.as_ref().map(|m| m.len()).unwrap_or(0), meta.and_then(|m| m.modified().ok()));
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((path, len, modified, result)) = cache.as_ref()
-        && path == log
-        && (*len, *modified) == key
-    {
-        return result.clone().map(|(records, head, anchors_checked)| reader::VerifyReport { records, head, anchors_checked });
-    }
-    let result = reader::verify(log, anchor).map(|r| (r.records, r.head, r.anchors_checked));
-    *cache = Some((log.to_owned(), key.0, key.1, result.clone()));
-    result.map(|(records, head, anchors_checked)| reader::VerifyReport { records, head, anchors_checked })
-}
-
-fn chain_status(report: &Result<reader::VerifyReport, String>) -> Markup {
+fn chain_status(report: Option<&Result<reader::VerifyReport, String>>, f: &Filter) -> Markup {
+    let Some(report) = report else {
+        return html! { p.chain #chain { a #verify href={ "/audit?verify=1&" (f.query(f.page.unwrap_or(1))) } { "Verify the audit chain" } " (reads the whole log)" } };
+    };
     html! {
         @match report {
             Ok(r) => p.chain.ok #chain role="status" { span.badge.status-active { "chain intact" } " " (r.records) " records, head " code { (r.head.get(..16).unwrap_or(&r.head)) "…" }
@@ -74,6 +61,9 @@ pub struct Filter {
     pub until: Option<String>,
     pub decision: Option<String>,
     pub page: Option<usize>,
+    /// Verify the chain too (it reads the whole log: not on every page).
+    #[serde(default)]
+    pub verify: Option<u8>,
 }
 
 impl Filter {
@@ -99,11 +89,11 @@ pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(
     if !viewer.who.can_read_all() {
         return forbidden(&viewer);
     }
-    let (log, anchor, filter) = (state.audit_log.clone(), state.audit_anchor.clone(), f.reader());
-    let read = blocking(move || {
+    let (log, anchor, filter, verify) = (state.audit_log.clone(), state.audit_anchor.clone(), f.reader(), f.verify == Some(1));
+    let read = blocking(&state, move || {
         let mut all = reader::sessions(Source::File(&log), &filter)?;
         all.reverse();
-        Ok((all, verification(&log, anchor.as_deref())))
+        Ok((all, verify.then(|| reader::verify(&log, anchor.as_deref()))))
     })
     .await;
     let (all, chain) = match read {
@@ -115,7 +105,7 @@ pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(
     let shown: Vec<&SessionSummary> = all.iter().skip((current - 1) * PER_PAGE).take(PER_PAGE).collect();
     let text = |o: &Option<String>| o.clone().unwrap_or_default();
     let body = html! {
-        (chain_status(&chain))
+        (chain_status(chain.as_ref(), &f))
         form.filters method="get" action="/audit" {
             label { "Person " input type="text" name="user" value=(text(&f.user)); }
             label { "Grant " input type="text" name="grant" value=(text(&f.grant)); }
@@ -165,12 +155,20 @@ pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(
 }
 
 /// One session's statements, in order, as a timeline.
-pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPath(id): UrlPath<u64>) -> Response {
+#[derive(Deserialize, Default)]
+pub struct TimelinePage {
+    pub page: Option<usize>,
+}
+
+/// Statements per page of a timeline.
+const STATEMENTS_PER_PAGE: usize = 500;
+
+pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPath(id): UrlPath<u64>, Query(tp): Query<TimelinePage>) -> Response {
     if !viewer.who.can_read_all() {
         return forbidden(&viewer);
     }
     let log = state.audit_log.clone();
-    let read = blocking(move || {
+    let read = blocking(&state, move || {
         let filter = SessionFilter::default();
         let summary = reader::sessions(Source::File(&log), &filter)?.into_iter().find(|s| s.session == id);
         Ok((summary, reader::show_session(Source::File(&log), id)?))
@@ -183,6 +181,10 @@ pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPat
     let Some(s) = summary else {
         return page::error_page(Some(&viewer), StatusCode::NOT_FOUND, &format!("No session {id} in this instance's audit log."));
     };
+    let pages = statements.len().div_ceil(STATEMENTS_PER_PAGE).max(1);
+    let current = tp.page.unwrap_or(1).clamp(1, pages);
+    let first = (current - 1) * STATEMENTS_PER_PAGE;
+    let shown = statements.iter().skip(first).take(STATEMENTS_PER_PAGE);
     let body = html! {
         p.lead {
             strong { (s.user) } " as " code { (s.login) } " under scope " (s.scope.as_deref().unwrap_or("—"))
@@ -194,8 +196,15 @@ pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPat
         }
         p.muted { (s.statements) " statements, " (s.denied) " refused, " (s.errors) " errors. Replay them against another database with "
             code { "pglease audit replay LOG --session " (s.session) " --target DSN" } "." }
-        ol.timeline #timeline {
-            @for st in &statements { (statement(st)) }
+        @if pages > 1 { p.muted { "Statements " (first + 1) "–" (first + shown.len()) " of " (statements.len()) "." } }
+        ol.timeline #timeline start=(first + 1) {
+            @for st in shown { (statement(st)) }
+        }
+        @if pages > 1 {
+            nav.pager aria-label="Pages" {
+                @if current > 1 { a rel="prev" href={ "/audit/sessions/" (id) "?page=" (current - 1) } { "← Earlier" } }
+                @if current < pages { a rel="next" href={ "/audit/sessions/" (id) "?page=" (current + 1) } { "Later →" } }
+            }
         }
     };
     page(&viewer, "/audit", &format!("Session {id}"), body).into_response()
@@ -245,7 +254,13 @@ fn format_duration(us: u64) -> String {
 
 /// Statements per minute over the last hour and refusals per scope, from the end of the
 /// current log file (at most [`CHART_TAIL_BYTES`] of it).
-fn chart_data(log: &Path) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), String> {
+/// Statements per minute (last hour) and refusals per scope.
+pub type ChartData = (Vec<(String, u64)>, Vec<(String, u64)>);
+
+/// The charts' data is read again at most this often.
+const CHARTS_EVERY: Duration = Duration::from_secs(10);
+
+fn chart_data(log: &Path) -> Result<ChartData, String> {
     let mut file = match std::fs::File::open(log) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
@@ -269,8 +284,8 @@ fn chart_data(log: &Path) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), St
             continue;
         }
         let at = v["at"].as_str().unwrap_or_default();
-        if at >= hour_ago.as_str() && at.len() >= 16 {
-            *per_minute.entry(at[11..16].to_owned()).or_default() += 1;
+        if let Some(minute) = at.get(11..16).filter(|_| at >= hour_ago.as_str()) {
+            *per_minute.entry(minute.to_owned()).or_default() += 1;
         }
         if v["decision"] == "deny" {
             *refusals.entry(v["scope"].as_str().unwrap_or("(none)").to_owned()).or_default() += 1;
@@ -281,7 +296,7 @@ fn chart_data(log: &Path) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), St
         .rev()
         .map(|m| {
             let t = crate::time::rfc3339(now - Duration::from_secs(60 * m));
-            let key = t[11..16].to_owned();
+            let key = t.get(11..16).unwrap_or_default().to_owned();
             let n = per_minute.get(&key).copied().unwrap_or(0);
             (key, n)
         })
@@ -292,17 +307,29 @@ fn chart_data(log: &Path) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), St
 }
 
 /// The overview's charts, for those who may read the audit log.
-pub fn overview_charts(state: &ApiState, viewer: &Viewer) -> Markup {
+pub async fn overview_charts(state: &ApiState, viewer: &Viewer) -> Markup {
     if !viewer.who.can_read_all() {
         return html! {};
     }
-    match chart_data(&state.audit_log) {
+    let cached = state.console.charts.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|(at, _)| at.elapsed() < CHARTS_EVERY).map(|(_, d)| d.clone());
+    let data = match cached {
+        Some(d) => Ok(d),
+        None => {
+            let log = state.audit_log.clone();
+            let read = blocking(state, move || chart_data(&log)).await;
+            if let Ok(d) = &read {
+                *state.console.charts.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), d.clone()));
+            }
+            read
+        }
+    };
+    match data {
         Ok((minutes, refusals)) => html! {
             section.charts aria-labelledby="activity-h" {
                 h2 #activity-h { "Activity on this instance" }
                 div.chart-grid {
                     figure { figcaption { "Statements per minute, last hour" } (charts::series("chart-statements", "Statements per minute, last hour", &minutes)) }
-                    figure { figcaption { "Refused statements by scope" } (charts::bars("chart-refusals", "Refused statements by scope", &refusals, true)) }
+                    figure { figcaption { "Refused statements by scope (the end of the log)" } (charts::bars("chart-refusals", "Refused statements by scope", &refusals, true)) }
                 }
             }
         },

@@ -35,7 +35,9 @@ use crate::identity::logins::TOKEN_PREFIX;
 use crate::identity::{AuthError, NewLogin};
 use crate::people::Principal;
 
-pub const SESSION_COOKIE: &str = "pglease_session";
+/// `__Host-`: only ever set by this origin over https (or loopback), for path `/`, so a
+/// sibling host cannot plant or shadow it.
+pub const SESSION_COOKIE: &str = "__Host-pglease_session";
 const OIDC_COOKIE: &str = "pglease_oidc";
 const LOGIN_CSRF_COOKIE: &str = "pglease_login";
 /// A console session opened with a static token lasts this long.
@@ -47,7 +49,6 @@ const OIDC_WAIT: Duration = Duration::from_secs(600);
 pub struct Viewer {
     pub who: Principal,
     pub csrf: String,
-    token: String,
 }
 
 impl Viewer {
@@ -78,6 +79,11 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<String> {
         .filter_map(Result::ok)
         .find(|c| c.name() == name)
         .map(|c| c.value().to_owned())
+}
+
+/// The session token a request carries in its cookie, if any.
+pub fn session_token(headers: &HeaderMap) -> Option<String> {
+    cookie(headers, SESSION_COOKIE).filter(|t| t.starts_with(TOKEN_PREFIX))
 }
 
 /// The console's own origin (`scheme://host:port` of `console_url`).
@@ -115,24 +121,34 @@ impl FromRequestParts<Arc<ApiState>> for Viewer {
         if !reading && !same_origin(state, &parts.headers) {
             return Err(SignIn(page::error_page(None, StatusCode::FORBIDDEN, "This request came from another site and was refused.")));
         }
-        let refuse = |why: &str| {
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+        let cross_site = parts.headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site");
+        let sent = cookie(&parts.headers, SESSION_COOKIE);
+        let refuse = |why: &str, clear: bool| {
             if reading {
-                let next = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                let target = format!("/login?next={}", url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>());
-                SignIn((clear_session(), Redirect::to(&target)).into_response())
+                let target = format!("/login?next={}", url::form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>());
+                let mut response = Redirect::to(&target).into_response();
+                if clear {
+                    response.headers_mut().append(header::SET_COOKIE, removal(SESSION_COOKIE, "/", SameSite::Strict));
+                }
+                SignIn(response)
             } else {
                 SignIn(page::error_page(None, StatusCode::UNAUTHORIZED, why))
             }
         };
-        let Some(token) = cookie(&parts.headers, SESSION_COOKIE).filter(|t| t.starts_with(TOKEN_PREFIX)) else {
-            return Err(refuse("Sign in first."));
+        let Some(token) = sent.filter(|t| t.starts_with(TOKEN_PREFIX)) else {
+            // A link from another site arrives without the Strict cookie: go round once.
+            if reading && cross_site {
+                return Err(SignIn(bounce(&path)));
+            }
+            return Err(refuse("Sign in first.", false));
         };
         let people = state.people.load_full();
         match state.identity.authenticate(&token, &people).await {
-            Some(Ok(who)) => Ok(Viewer { csrf: csrf_token(&token), who, token }),
+            Some(Ok(who)) => Ok(Viewer { csrf: csrf_token(&token), who }),
             Some(Err(AuthError::Unavailable(why))) => Err(SignIn(page::error_page(None, StatusCode::SERVICE_UNAVAILABLE, &why))),
-            Some(Err(AuthError::Unauthorized(why))) => Err(refuse(&why)),
-            None => Err(refuse("Sign in first.")),
+            Some(Err(AuthError::Unauthorized(why))) => Err(refuse(&why, true)),
+            None => Err(refuse("Sign in first.", true)),
         }
     }
 }
@@ -157,12 +173,40 @@ fn clear_session() -> [(header::HeaderName, HeaderValue); 1] {
     [(header::SET_COOKIE, removal(SESSION_COOKIE, "/", SameSite::Strict))]
 }
 
-/// Only a path on this console: never another site (an open redirect).
+/// Only a path on this console: never another site (an open redirect). Browsers drop tabs and
+/// newlines from URLs and read `\` as `/`, so any control character or backslash is refused,
+/// as is a path that names a host (`//…`) or the live stream (not a page).
 fn local_path(next: Option<&str>) -> String {
     match next {
-        Some(p) if p.starts_with('/') && !p.starts_with("//") && !p.starts_with("/\\") && !p.contains(['\r', '\n']) => p.to_owned(),
+        Some(p) if p.starts_with('/')
+            && !p.starts_with("//")
+            && !p.chars().any(|c| c.is_control() || c == '\\')
+            && !p.starts_with("/sessions/live")
+            && p.len() <= 2048 =>
+        {
+            p.to_owned()
+        }
         _ => "/".to_owned(),
     }
+}
+
+/// A page that sends the browser on to `path` itself. A `SameSite=Strict` cookie is not sent
+/// on a navigation that another site started (a link in a mail, the identity provider's
+/// redirect); one this page starts is the console's own, so it is.
+fn bounce(path: &str) -> Response {
+    let path = local_path(Some(path));
+    let body = html! {
+        (maud::DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content={ "0;url=" (path) };
+                title { "pglease" }
+            }
+            body { p { a href=(path) { "Continue to the pglease console" } } }
+        }
+    };
+    body.into_response()
 }
 
 fn random_text(bytes: usize) -> String {
@@ -249,7 +293,9 @@ pub async fn login_with_token(State(state): State<Arc<ApiState>>, headers: Heade
 
 fn signed_in(new: NewLogin, next: &str) -> Response {
     tracing::info!(person = %new.login.person, "signed in to the console");
-    let mut response = Redirect::to(&local_path(Some(next))).into_response();
+    // Not a redirect: after the identity provider's, the chain of redirects counts as started
+    // by the provider's site, and the new Strict cookie would not be sent with it.
+    let mut response = bounce(next);
     let h = response.headers_mut();
     h.append(header::SET_COOKIE, session_cookie(&new.token, new.login.expires_at));
     h.append(header::SET_COOKIE, removal(LOGIN_CSRF_COOKIE, "/login", SameSite::Strict));
@@ -278,7 +324,7 @@ pub async fn oidc_start(State(state): State<Arc<ApiState>>, Query(q): Query<Next
     let pending = Pending { state: random_text(24), nonce: random_text(24), verifier: random_text(32), next: local_path(q.next.as_deref()) };
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(pending.verifier.as_bytes()));
     let (s, n, redirect) = (pending.state.clone(), pending.nonce.clone(), callback_url(&state));
-    let url = match state.identity.call(move |o| o.authorize_url(&redirect, &s, &n, &challenge)).await {
+    let url = match state.identity.call_anonymous(move |o| o.authorize_url(&redirect, &s, &n, &challenge)).await {
         Ok(url) => url,
         Err(e) => return page::error_page(None, StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
@@ -316,7 +362,7 @@ pub async fn oidc_callback(State(state): State<Arc<ApiState>>, headers: HeaderMa
     };
     let redirect = callback_url(&state);
     let (verifier, nonce) = (pending.verifier.clone(), pending.nonce.clone());
-    let signed = match state.identity.call(move |o| o.finish_code(&code, &verifier, &redirect, &nonce)).await {
+    let signed = match state.identity.call_anonymous(move |o| o.finish_code(&code, &verifier, &redirect, &nonce)).await {
         Ok(signed) => signed,
         Err(AuthError::Unauthorized(why)) => return page::error_page(None, StatusCode::UNAUTHORIZED, &why),
         Err(AuthError::Unavailable(why)) => return page::error_page(None, StatusCode::SERVICE_UNAVAILABLE, &why),
@@ -334,13 +380,19 @@ pub struct CsrfForm {
     pub csrf: String,
 }
 
-/// Ends the session, here and in the store.
-pub async fn logout(State(state): State<Arc<ApiState>>, viewer: Viewer, Form(form): Form<CsrfForm>) -> Response {
-    if let Err(r) = viewer.check_csrf(&form.csrf) {
-        return r;
+/// Ends the session, here and in the store. A session that has already ended is cleared all
+/// the same; the CSRF token is checked only for a live one (it is derived from it).
+pub async fn logout(State(state): State<Arc<ApiState>>, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Response {
+    if !same_origin(&state, &headers) {
+        return page::error_page(None, StatusCode::FORBIDDEN, "This request came from another site and was refused.");
     }
-    if let Err(e) = state.identity.sign_out(&viewer.token).await {
-        return page::error_page(Some(&viewer), StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    if let Some(token) = cookie(&headers, SESSION_COOKIE).filter(|t| t.starts_with(TOKEN_PREFIX)) {
+        if !bool::from(csrf_token(&token).as_bytes().ct_eq(form.csrf.as_bytes())) {
+            return page::error_page(None, StatusCode::FORBIDDEN, "This form has expired or did not come from this console. Reload the page and try again.");
+        }
+        if let Err(e) = state.identity.sign_out(&token).await {
+            return page::error_page(None, StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
     }
     (clear_session(), Redirect::to("/login")).into_response()
 }
@@ -352,7 +404,7 @@ mod tests {
     #[test]
     fn only_local_paths_are_followed_after_sign_in() {
         assert_eq!(local_path(Some("/grants?status=active")), "/grants?status=active");
-        for bad in ["//evil.example/x", "/\\evil.example", "https://evil.example/", "evil", "/x\r\nSet-Cookie: a=b"] {
+        for bad in ["//evil.example/x", "/\\evil.example", "https://evil.example/", "evil", "/x\r\nSet-Cookie: a=b", "/\t/evil.example", "/a\\b", "/sessions/live"] {
             assert_eq!(local_path(Some(bad)), "/", "{bad}");
         }
         assert_eq!(local_path(None), "/");

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use axum::Form;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -23,15 +22,11 @@ pub struct Done {
     pub id: Option<String>,
 }
 
+/// A refused action as a page: the status and message the JSON API gives (a store failure is
+/// logged there and shown without its internals).
 fn grant_error(viewer: &Viewer, e: GrantError) -> Response {
-    let status = match &e {
-        GrantError::Invalid(_) => StatusCode::BAD_REQUEST,
-        GrantError::Forbidden(_) => StatusCode::FORBIDDEN,
-        GrantError::NotFound(_) => StatusCode::NOT_FOUND,
-        GrantError::Conflict(_) | GrantError::Store(crate::grants::StoreError::Conflict(_)) => StatusCode::CONFLICT,
-        GrantError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    page::error_page(Some(viewer), status, &e.to_string())
+    let e = crate::admin::api::ApiError::from(e);
+    page::error_page(Some(viewer), e.status(), e.message())
 }
 
 fn duration_text(secs: u64) -> String {
@@ -80,7 +75,7 @@ pub async fn inbox(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(don
                 }
             }
         }
-        (super::audit::overview_charts(&state, &viewer))
+        (super::audit::overview_charts(&state, &viewer).await)
     };
     page(&viewer, "/", "Inbox", body)
 }

@@ -29,6 +29,23 @@ use axum::routing::{get, post};
 
 use crate::admin::api::ApiState;
 
+/// Live session views open at once, over all viewers.
+pub const MAX_LIVE_STREAMS: usize = 64;
+
+/// What the console keeps between requests.
+pub struct ConsoleState {
+    /// Reads of the audit log at once (each may read a large file).
+    pub audit_reads: tokio::sync::Semaphore,
+    /// The overview's chart data, and when it was read.
+    pub charts: std::sync::Mutex<Option<(std::time::Instant, audit::ChartData)>>,
+}
+
+impl Default for ConsoleState {
+    fn default() -> Self {
+        Self { audit_reads: tokio::sync::Semaphore::new(2), charts: std::sync::Mutex::new(None) }
+    }
+}
+
 /// What every console response says about itself: no inline script or style, no framing, no
 /// referrer to other sites, no caching of pages that show grants and sessions.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -60,7 +77,7 @@ pub fn router(state: Arc<ApiState>) -> Router<crate::admin::AdminState> {
         .route("/audit/sessions/{id}", get(audit::timeline))
         .route("/scopes", get(scopes::list))
         .route("/scopes/{name}", get(scopes::show))
-        .route("/scopes/{name}/check", post(scopes::check))
+        .route("/scopes/{name}/check", post(scopes::check).layer(axum::extract::DefaultBodyLimit::max(scopes::MAX_CHECK_BYTES * 4)))
         .route("/login", get(auth::login_page).post(auth::login_with_token))
         .route("/auth/start", get(auth::oidc_start))
         .route("/auth/callback", get(auth::oidc_callback))
@@ -68,7 +85,16 @@ pub fn router(state: Arc<ApiState>) -> Router<crate::admin::AdminState> {
         .route("/static/console.css", get(stylesheet))
         .route("/static/console.js", get(script))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_response_with_state(state.clone(), transport_security))
         .with_state(state)
+}
+
+/// Behind https (`admin.public_url`), browsers are told to come back only over https.
+async fn transport_security(axum::extract::State(state): axum::extract::State<Arc<ApiState>>, mut response: Response) -> Response {
+    if state.console_url.starts_with("https://") {
+        response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    }
+    response
 }
 
 async fn stylesheet() -> impl IntoResponse {

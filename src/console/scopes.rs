@@ -16,6 +16,9 @@ use crate::admin::api::ApiState;
 use crate::policy::{Decision, ScopePolicy};
 use crate::scopes::Scope;
 
+/// The longest statement the check box takes.
+pub const MAX_CHECK_BYTES: usize = 100_000;
+
 pub async fn list(State(state): State<Arc<ApiState>>, viewer: Viewer) -> Markup {
     let scopes = state.grants.scopes();
     let body = html! {
@@ -119,10 +122,15 @@ pub async fn check(State(state): State<Arc<ApiState>>, viewer: Viewer, Path(name
         Ok(s) => s,
         Err(r) => return r,
     };
-    if form.sql.len() > 100_000 {
+    if form.sql.len() > MAX_CHECK_BYTES {
         return page::error_page(Some(&viewer), StatusCode::PAYLOAD_TOO_LARGE, "That statement is too long to check here.");
     }
-    let verdict = ScopePolicy::from_config(&s.name, &s.config).decide_uncached(&form.sql);
+    // The parser runs off the async threads (a long statement takes a while).
+    let (config, name, sql) = (s.config.clone(), s.name.clone(), form.sql.clone());
+    let verdict = match tokio::task::spawn_blocking(move || ScopePolicy::from_config(&name, &config).decide_uncached(&sql)).await {
+        Ok(v) => v,
+        Err(e) => return page::error_page(Some(&viewer), StatusCode::INTERNAL_SERVER_ERROR, &format!("The check failed: {e}")),
+    };
     let shown = html! {
         div #verdict role="status" {
             @match &verdict.decision {

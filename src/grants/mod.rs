@@ -470,9 +470,17 @@ impl GrantService {
         self.check_approver(who, &g.scope, &g.user, Some(&g.requested_by)).is_ok()
     }
 
-    /// Whether `who` may end this grant (an approver, or its own user withdrawing or ending it).
+    /// Whether `who` may end this grant: its own user (withdrawing or ending it), the one who
+    /// asked for it while pending, and otherwise an approver; a pending request only one who
+    /// may decide it (ending it is a denial under another name).
     pub fn may_revoke(&self, who: &Principal, g: &GrantView) -> bool {
-        who.can_approve() || who.person == g.user
+        if who.person == g.user {
+            return true;
+        }
+        match g.status {
+            GrantStatus::Pending => who.person == g.requested_by || self.may_decide(who, g),
+            _ => who.can_approve(),
+        }
     }
 
     pub async fn approve(&self, who: &Principal, id: &str) -> Result<Grant, GrantError> {

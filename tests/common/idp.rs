@@ -21,6 +21,8 @@ pub const OTHER_CLIENT_SECRET: &str = "other-app-secret";
 
 pub struct Idp {
     pub issuer: String,
+    /// The host name in the issuer URL (it listens on 127.0.0.1 whatever the name).
+    pub host: String,
     pub port: u16,
     pub dir: tempfile::TempDir,
     child: Option<tokio::process::Child>,
@@ -37,6 +39,12 @@ impl Idp {
 
     /// A provider that gives refresh tokens (as most can be set up to), or none.
     pub async fn start_with(refresh_tokens: bool) -> Idp {
+        Self::start_as("127.0.0.1", refresh_tokens).await
+    }
+
+    /// A provider whose issuer names `host` (`localhost`: another site than the console on
+    /// 127.0.0.1, as a real provider is).
+    pub async fn start_as(host: &str, refresh_tokens: bool) -> Idp {
         let dir = tempfile::tempdir().unwrap();
         let client = |id: &str, secret: &str| {
             json!({
@@ -51,8 +59,8 @@ impl Idp {
         if !refresh_tokens {
             std::fs::write(dir.path().join("no-refresh-tokens"), "").unwrap();
         }
-        let mut idp = Idp { issuer: String::new(), port: free_port(), dir, child: None };
-        idp.issuer = format!("http://127.0.0.1:{}", idp.port);
+        let mut idp = Idp { issuer: String::new(), host: host.to_owned(), port: free_port(), dir, child: None };
+        idp.issuer = format!("http://{host}:{}", idp.port);
         for (person, groups) in [("alice", &["eng"][..]), ("bob", &["dba"][..]), ("dave", &["eng"][..])] {
             idp.set_groups(person, Some(groups));
         }
@@ -70,6 +78,7 @@ impl Idp {
             .arg(&script)
             .arg(self.port.to_string())
             .arg(self.dir.path())
+            .arg(&self.host)
             .env("ROTATE", if rotate { "1" } else { "0" })
             .env("NODE_NO_WARNINGS", "1")
             .stdout(std::process::Stdio::piped())

@@ -1,8 +1,10 @@
 // The OpenID provider tests/oidc.rs signs in through: oidc-provider (OpenID Certified), on
 // loopback, with its development login pages (any listed person signs in without a password).
 //
-//   node provider.mjs PORT STATE_DIR
+//   node provider.mjs PORT STATE_DIR [HOST]
 //
+// It listens on 127.0.0.1; HOST (default 127.0.0.1) is the name in its issuer URL (`localhost`
+// makes it another site than a console on 127.0.0.1, as a real provider is).
 // STATE_DIR/no-refresh-tokens: if present, no refresh tokens are issued.
 // STATE_DIR/clients.json: the clients ([{client_id, client_secret, ...}]), written by the test.
 // STATE_DIR/keys.json: the signing keys; made on first start. Started with ROTATE=1, a new key
@@ -14,8 +16,8 @@ import { readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import Provider from 'oidc-provider';
 
-const [port, dir] = process.argv.slice(2);
-const issuer = `http://127.0.0.1:${port}`;
+const [port, dir, host = '127.0.0.1'] = process.argv.slice(2);
+const issuer = `http://${host}:${port}`;
 
 function newKey() {
   const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
