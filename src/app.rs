@@ -127,7 +127,8 @@ impl App {
         // Notification targets: each event they want is in their outbox before it returns.
         let mut notify_targets = Vec::new();
         for (i, target) in config.notify.iter().enumerate() {
-            notify_targets.push(Arc::new(crate::notify::Target::open(target, i, &format!("http://{}", config.admin.addr))?));
+            let console = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{}", config.admin.addr));
+            notify_targets.push(Arc::new(crate::notify::Target::open(target, i, console.trim_end_matches('/'))?));
         }
         if !notify_targets.is_empty() {
             events = events.with_sink(Arc::new(crate::notify::NotifySink::new(notify_targets.clone())));

@@ -264,7 +264,8 @@ pub struct NotifyConfig {
     /// The undelivered messages, in order (JSON Lines, and a `.cursor` file next to it).
     /// Default: `pglease-notify-NAME.jsonl`.
     pub outbox: Option<PathBuf>,
-    /// Base of the links in messages (the admin API as people reach it). Default: `admin.addr`.
+    /// Base of the links in messages (the console as people reach it). Default:
+    /// `admin.public_url`, else `admin.addr`.
     pub links: Option<String>,
     /// CA file for an https receiver with a private CA (default: the public web roots).
     pub ca_file: Option<PathBuf>,

@@ -167,6 +167,11 @@ async fn an_approver_works_the_console_in_a_real_browser() {
     assert!(verdict.contains("capped at 3 rows") && verdict.contains("LIMIT 3"), "{verdict}");
     b.screenshot("scope-check").await;
 
+    // The link a notification carries opens the request, ready to decide.
+    b.goto(&format!("{admin}/grants/{other_id}")).await;
+    b.wait_for_text(&format!("#request-{other_id}"), "a second request", T).await;
+    b.find(&format!("#request-{other_id} button.approve")).await;
+
     // Forms that are not the console's own are refused, and change nothing.
     let csrf = b.client.find(Locator::Css("input[name=csrf]")).await.unwrap().attr("value").await.unwrap().unwrap();
     let approve = format!("{admin}/grants/{other_id}/approve");

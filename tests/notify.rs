@@ -126,7 +126,8 @@ async fn approvers_are_told_with_signed_webhooks_and_slack_messages_in_order() {
     assert_eq!(seen, expected, "in the order they happened");
     let requested = &hooks[0].1;
     assert_eq!((requested["user"].as_str(), requested["scope"].as_str(), requested["reason"].as_str()), (Some("alice"), Some("read"), Some("ticket 1")));
-    assert_eq!(requested["links"]["grant"], format!("https://pglease.example/api/grants/{first}"));
+    // The grant's page in the console, where an approver decides.
+    assert_eq!(requested["links"]["grant"], format!("https://pglease.example/grants/{first}"));
     // The first message failed twice and was then delivered once, with the same id each time.
     let attempts: Vec<Hit> = receiver.hits.lock().unwrap().iter().filter(|h| h.path == "/hook" && h.body.contains(&first) && h.body.contains("\"requested\"")).cloned().collect();
     let ids: std::collections::BTreeSet<&str> = attempts.iter().map(|h| header(&h.headers, "pglease-delivery")).collect();

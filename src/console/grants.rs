@@ -228,6 +228,30 @@ fn grant_row(state: &ApiState, viewer: &Viewer, g: &GrantView) -> Markup {
     }
 }
 
+/// One grant, as a link in a notification opens it: a pending request with the actions the
+/// viewer may take on it, or the grant's state.
+pub async fn show(State(state): State<Arc<ApiState>>, viewer: Viewer, Path(id): Path<String>, Query(done): Query<Done>) -> Response {
+    let g = match state.grants.show(&viewer.who, &id) {
+        Ok(g) => g,
+        Err(e) => return grant_error(&viewer, e),
+    };
+    let body = html! {
+        (notice(done.ok.as_deref(), done.id.as_deref()))
+        @if g.status == GrantStatus::Pending {
+            ul.cards { (request_card(&state, &viewer, &g)) }
+        } @else {
+            div.table-wrap {
+                table #grants {
+                    caption.visually-hidden { "Grant " (g.id) }
+                    thead { tr { th scope="col" { "Grant" } th scope="col" { "Person" } th scope="col" { "Scope" } th scope="col" { "Status" } th scope="col" { "Time left" } th scope="col" { "Reason" } th scope="col" { "Decided by" } th scope="col" { span.visually-hidden { "Actions" } } } }
+                    tbody { (grant_row(&state, &viewer, &g)) }
+                }
+            }
+        }
+    };
+    page(&viewer, "/grants", &format!("Grant {}", g.id), body).into_response()
+}
+
 #[derive(Deserialize)]
 pub struct ActionForm {
     #[serde(default)]

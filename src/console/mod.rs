@@ -67,6 +67,7 @@ pub fn router(state: Arc<ApiState>) -> Router<crate::admin::AdminState> {
     Router::new()
         .route("/", get(grants::inbox))
         .route("/grants", get(grants::list))
+        .route("/grants/{id}", get(grants::show))
         .route("/grants/{id}/approve", post(grants::approve))
         .route("/grants/{id}/deny", post(grants::deny))
         .route("/grants/{id}/revoke", post(grants::revoke))

@@ -94,7 +94,8 @@ impl Target {
     fn body(&self, id: &str, kind: &str, record: &EventRecord) -> Value {
         let mut fields = serde_json::to_value(record).unwrap_or_default();
         let grant = fields["grant"].as_str().map(str::to_owned);
-        let link = grant.as_ref().map(|g| format!("{}/api/grants/{g}", self.links));
+        // The grant's page in the console: an approver decides from there.
+        let link = grant.as_ref().map(|g| format!("{}/grants/{g}", self.links));
         match self.kind {
             NotifyKind::Webhook => {
                 fields["id"] = json!(id);
