@@ -152,6 +152,9 @@ async fn an_approver_works_the_console_in_a_real_browser() {
     }
     assert!(counted, "the refusal is counted in the chart");
     b.find("#chart-refusals-title").await;
+    let overview = b.page_source().await;
+    assert!(overview.contains("up to 30 min: 2"), "both grants were asked for 30 min or less");
+    assert!(overview.contains("Sessions opened per hour, last day"));
     b.client.execute("document.getElementById('activity-h').scrollIntoView()", vec![]).await.unwrap();
     b.screenshot("activity").await;
 
@@ -193,6 +196,15 @@ async fn an_approver_works_the_console_in_a_real_browser() {
     assert_eq!(page.status().as_u16(), 303, "a page without a session sends to sign-in");
     let csp = page.headers().get("content-security-policy").unwrap().to_str().unwrap().to_owned();
     assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+
+    // On a phone's screen the inbox fits its width (tables scroll inside their own box).
+    b.client.set_window_size(390, 844).await.unwrap();
+    b.goto(&format!("{admin}/")).await;
+    b.find("#inbox").await;
+    let fits = b.client.execute("return document.documentElement.scrollWidth <= window.innerWidth", vec![]).await.unwrap();
+    assert_eq!(fits, json!(true), "no sideways scrolling on a phone");
+    b.screenshot("inbox-phone").await;
+    b.client.set_window_size(1280, 900).await.unwrap();
 
     // An engineer sees their own requests, not the sessions; signing out ends the session.
     b.click("#signout").await;

@@ -252,18 +252,37 @@ fn format_duration(us: u64) -> String {
     }
 }
 
-/// Statements per minute over the last hour and refusals per scope, from the end of the
-/// current log file (at most [`CHART_TAIL_BYTES`] of it).
-/// Statements per minute (last hour) and refusals per scope.
-pub type ChartData = (Vec<(String, u64)>, Vec<(String, u64)>);
+/// What the overview's charts show of the log: statements per minute over the last hour,
+/// refusals per scope, sessions opened per hour over the last day.
+#[derive(Clone, Default)]
+pub struct ChartData {
+    pub per_minute: Vec<(String, u64)>,
+    pub refusals: Vec<(String, u64)>,
+    pub sessions_per_hour: Vec<(String, u64)>,
+}
 
 /// The charts' data is read again at most this often.
 const CHARTS_EVERY: Duration = Duration::from_secs(10);
 
+/// Counts per time bucket for the last `n` buckets of `width`, oldest first, empty ones as 0;
+/// a bucket is named by `name(rfc3339 of its time)`.
+fn buckets(counts: &BTreeMap<String, u64>, now: SystemTime, width: Duration, n: u32, name: impl Fn(&str) -> Option<&str>) -> Vec<(String, u64)> {
+    (0..n)
+        .rev()
+        .map(|i| {
+            let t = crate::time::rfc3339(now - width * i);
+            let key = name(&t).unwrap_or_default().to_owned();
+            let count = counts.get(&key).copied().unwrap_or(0);
+            (key, count)
+        })
+        .collect()
+}
+
+/// [`ChartData`] from the end of the current log file (at most [`CHART_TAIL_BYTES`] of it).
 fn chart_data(log: &Path) -> Result<ChartData, String> {
     let mut file = match std::fs::File::open(log) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ChartData::default()),
         Err(e) => return Err(e.to_string()),
     };
     let len = file.metadata().map_err(|e| e.to_string())?.len();
@@ -275,35 +294,47 @@ fn chart_data(log: &Path) -> Result<ChartData, String> {
     }
     let now = SystemTime::now();
     let hour_ago = crate::time::rfc3339(now - Duration::from_secs(3600));
-    let mut per_minute: BTreeMap<String, u64> = BTreeMap::new();
-    let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
+    let day_ago = crate::time::rfc3339(now - Duration::from_secs(86400));
+    // Minutes as "HH:MM", hours as "DDTHH" (shown as "HH:00").
+    let minute = |at: &str| at.get(11..16).map(str::to_owned);
+    let hour = |at: &str| at.get(8..13).map(str::to_owned);
+    let (mut per_minute, mut refusals, mut opened) = (BTreeMap::new(), BTreeMap::<String, u64>::new(), BTreeMap::new());
     for line in lines {
         let Ok(line) = line else { break };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        if v["kind"] != "statement" {
-            continue;
-        }
         let at = v["at"].as_str().unwrap_or_default();
-        if let Some(minute) = at.get(11..16).filter(|_| at >= hour_ago.as_str()) {
-            *per_minute.entry(minute.to_owned()).or_default() += 1;
-        }
-        if v["decision"] == "deny" {
-            *refusals.entry(v["scope"].as_str().unwrap_or("(none)").to_owned()).or_default() += 1;
+        match v["kind"].as_str() {
+            Some("statement") => {
+                if let Some(m) = minute(at).filter(|_| at >= hour_ago.as_str()) {
+                    *per_minute.entry(m).or_insert(0u64) += 1;
+                }
+                if v["decision"] == "deny" {
+                    *refusals.entry(v["scope"].as_str().unwrap_or("(none)").to_owned()).or_default() += 1;
+                }
+            }
+            Some("event") if v["event"] == "session_opened" => {
+                if let Some(h) = hour(at).filter(|_| at >= day_ago.as_str()) {
+                    *opened.entry(h).or_insert(0u64) += 1;
+                }
+            }
+            _ => {}
         }
     }
-    // Every minute of the last hour, in order, empty ones as 0.
-    let minutes: Vec<(String, u64)> = (0..60)
-        .rev()
-        .map(|m| {
-            let t = crate::time::rfc3339(now - Duration::from_secs(60 * m));
-            let key = t.get(11..16).unwrap_or_default().to_owned();
-            let n = per_minute.get(&key).copied().unwrap_or(0);
-            (key, n)
-        })
-        .collect();
     let mut refusals: Vec<(String, u64)> = refusals.into_iter().collect();
     refusals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    Ok((minutes, refusals))
+    let sessions_per_hour = buckets(&opened, now, Duration::from_secs(3600), 24, |t| t.get(8..13)).into_iter().map(|(k, n)| (format!("{}:00", k.get(3..5).unwrap_or("")), n)).collect();
+    Ok(ChartData { per_minute: buckets(&per_minute, now, Duration::from_secs(60), 60, |t| t.get(11..16)), refusals, sessions_per_hour })
+}
+
+/// How long grants were asked for, in the ranges people ask in.
+fn grant_durations(grants: &[crate::grants::GrantView]) -> Vec<(String, u64)> {
+    const RANGES: &[(u64, &str)] = &[(1800, "up to 30 min"), (3600, "up to 1 h"), (4 * 3600, "up to 4 h"), (8 * 3600, "up to 8 h"), (u64::MAX, "longer")];
+    let mut counts = vec![0u64; RANGES.len()];
+    for g in grants {
+        let i = RANGES.iter().position(|(max, _)| g.duration_secs <= *max).unwrap_or(RANGES.len() - 1);
+        counts[i] += 1;
+    }
+    RANGES.iter().zip(counts).filter(|(_, n)| *n > 0).map(|((_, label), n)| (label.to_string(), n)).collect()
 }
 
 /// The overview's charts, for those who may read the audit log.
@@ -323,13 +354,16 @@ pub async fn overview_charts(state: &ApiState, viewer: &Viewer) -> Markup {
             read
         }
     };
+    let durations = grant_durations(&state.grants.list(&viewer.who, false));
     match data {
-        Ok((minutes, refusals)) => html! {
+        Ok(d) => html! {
             section.charts aria-labelledby="activity-h" {
                 h2 #activity-h { "Activity on this instance" }
                 div.chart-grid {
-                    figure { figcaption { "Statements per minute, last hour" } (charts::series("chart-statements", "Statements per minute, last hour", &minutes)) }
-                    figure { figcaption { "Refused statements by scope (the end of the log)" } (charts::bars("chart-refusals", "Refused statements by scope", &refusals, true)) }
+                    figure { figcaption { "Statements per minute, last hour" } (charts::series("chart-statements", "Statements per minute, last hour", &d.per_minute)) }
+                    figure { figcaption { "Refused statements by scope (the end of the log)" } (charts::bars("chart-refusals", "Refused statements by scope", &d.refusals, true)) }
+                    figure { figcaption { "Sessions opened per hour, last day" } (charts::series("chart-sessions", "Sessions opened per hour, last day", &d.sessions_per_hour)) }
+                    figure { figcaption { "Grants by length asked for" } (charts::bars("chart-durations", "Grants by length asked for", &durations, false)) }
                 }
             }
         },
