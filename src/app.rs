@@ -197,6 +197,7 @@ impl App {
             shutdown: CancellationToken::new(),
             live_streams: Arc::new(tokio::sync::Semaphore::new(crate::console::MAX_LIVE_STREAMS)),
             console: Default::default(),
+            control_plane: control_plane.as_ref().map(|(conninfo, _)| conninfo.clone()),
             audit_log: config.audit.path.clone(),
             audit_anchor: config.audit.anchor.clone(),
             grants: grants.clone(),

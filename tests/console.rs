@@ -255,3 +255,56 @@ async fn people_sign_in_to_the_console_with_the_identity_provider() {
     assert!(logins.contains("bob@example.com") && !logins.contains(&session.1));
     b.close().await;
 }
+
+/// With a control plane, the audit pages read every instance's chain from `pglease.audit`: an
+/// auditor on one instance finds a session that ran on another, and its timeline, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_pages_read_any_instance_of_the_fleet() {
+    let env = GrantsEnv::start(EnvOptions { control_plane: true, ..EnvOptions::default() }).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    let second_log = second_dir.path().join("audit.jsonl");
+    let (_, other_admin, other) = env
+        .another_instance_with(|c| {
+            c.control_plane.as_mut().unwrap().instance_id = Some("second".into());
+            c.audit.path = second_log.clone();
+            c.audit.anchor = None;
+        })
+        .await;
+    // A session on the first instance, with a refused statement.
+    let (_, login, password) = env.active_grant("read", "10m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    client.simple_query("SELECT count(*) FROM t").await.unwrap();
+    let refused = client.simple_query("DELETE FROM t").await.unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("42501"));
+    drop(client);
+
+    let b = Browser::start().await;
+    b.goto(&format!("{other_admin}/login?next=%2Faudit")).await;
+    b.fill("#token", CAROL).await;
+    b.click("#signin-token").await;
+    assert_eq!(b.text("#audit-instance").await, "second", "its own chain first");
+    let first = b.text("#audit-sessions tbody").await;
+    assert!(first.contains("No sessions match"), "nothing ran on the second instance: {first}");
+    // The first instance's chain, once its records are copied (batched, within a second or two).
+    let mut found = false;
+    for _ in 0..40 {
+        b.goto(&format!("{other_admin}/audit?instance=")).await;
+        let select = b.find("select[name=instance]").await;
+        let options = select.html(false).await.unwrap();
+        if let Some(name) = options.split("value=\"").skip(1).map(|v| v.split('"').next().unwrap().to_owned()).find(|v| v != "second") {
+            b.goto(&format!("{other_admin}/audit?instance={}", url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>())).await;
+            if b.text("#audit-sessions tbody").await.contains("alice") {
+                found = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(found, "the first instance's session is listed on the second");
+    b.click("#audit-sessions tbody tr a").await;
+    let timeline = b.wait_for_text("#timeline", "refused", T).await;
+    assert!(timeline.contains("DELETE FROM t") && timeline.contains("does not allow DELETE"), "{timeline}");
+    assert!(b.text("h1").await.contains(" on "), "the title names the instance");
+    b.close().await;
+    other.stop().await;
+}

@@ -45,6 +45,9 @@ pub struct ApiState {
     pub live_streams: Arc<tokio::sync::Semaphore>,
     /// The console's caches and limits.
     pub console: crate::console::ConsoleState,
+    /// The control plane's connection string (with its password: never shown), for the
+    /// console's audit pages to read every instance's chain from `pglease.audit`.
+    pub control_plane: Option<String>,
     /// This instance's audit log and anchor, for the console's audit pages.
     pub audit_log: std::path::PathBuf,
     pub audit_anchor: Option<std::path::PathBuf>,

@@ -4,7 +4,9 @@
 //! them, rows, time, error), the chain's verification, and the overview's charts.
 //!
 //! The log is read by [`crate::audit::reader`] (the same code as the CLI), off the async
-//! threads; the chain's verification is cached until the log grows.
+//! threads, two reads at a time. Without a control plane the pages read this instance's file;
+//! with one, any instance's chain in `pglease.audit` (`?instance=`, this one by default), so a
+//! link works whichever instance of the fleet opens it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Seek};
@@ -31,6 +33,43 @@ const CHART_TAIL_BYTES: u64 = 16 << 20;
 
 fn forbidden(viewer: &Viewer) -> Response {
     page::error_page(Some(viewer), StatusCode::FORBIDDEN, &format!("{} may not read the audit log (auditors and approvers may)", viewer.who.person))
+}
+
+/// The chain a page reads.
+#[derive(Clone)]
+enum Chain {
+    File(std::path::PathBuf),
+    Table { conninfo: String, instance: String },
+}
+
+impl Chain {
+    /// This instance's file, or with a control plane the chain of `instance` (default: this one).
+    fn of(state: &ApiState, instance: Option<&str>) -> Chain {
+        match (&state.control_plane, state.fleet.get()) {
+            (Some(conninfo), Some(fleet)) => Chain::Table { conninfo: conninfo.clone(), instance: instance.filter(|i| !i.is_empty()).unwrap_or(&fleet.instance).to_owned() },
+            _ => Chain::File(state.audit_log.clone()),
+        }
+    }
+
+    fn instance(&self) -> Option<&str> {
+        match self {
+            Chain::File(_) => None,
+            Chain::Table { instance, .. } => Some(instance),
+        }
+    }
+
+    /// Runs `f` over the chain (blocking: call it from [`blocking`]); with a control plane, also
+    /// gives the instances that have chains there.
+    fn read<T>(&self, f: impl FnOnce(Source<'_>) -> Result<T, String>) -> Result<(T, Vec<String>), String> {
+        match self {
+            Chain::File(path) => Ok((f(Source::File(path))?, Vec::new())),
+            Chain::Table { conninfo, instance } => {
+                let table = crate::audit::table::AuditTable::connect(conninfo)?;
+                let instances = table.instances()?;
+                Ok((f(Source::Table(&table, instance))?, instances))
+            }
+        }
+    }
 }
 
 /// Reads the log off the async threads, a few at a time.
@@ -64,6 +103,8 @@ pub struct Filter {
     /// Verify the chain too (it reads the whole log: not on every page).
     #[serde(default)]
     pub verify: Option<u8>,
+    /// With a control plane: whose chain (default: this instance's).
+    pub instance: Option<String>,
 }
 
 impl Filter {
@@ -74,7 +115,7 @@ impl Filter {
 
     fn query(&self, page: usize) -> String {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in [("user", &self.user), ("grant", &self.grant), ("scope", &self.scope), ("since", &self.since), ("until", &self.until), ("decision", &self.decision)] {
+        for (k, v) in [("user", &self.user), ("grant", &self.grant), ("scope", &self.scope), ("since", &self.since), ("until", &self.until), ("decision", &self.decision), ("instance", &self.instance)] {
             if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
                 q.append_pair(k, v);
             }
@@ -89,24 +130,37 @@ pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(
     if !viewer.who.can_read_all() {
         return forbidden(&viewer);
     }
+    let chain = Chain::of(&state, f.instance.as_deref());
     let (log, anchor, filter, verify) = (state.audit_log.clone(), state.audit_anchor.clone(), f.reader(), f.verify == Some(1));
+    let reading = chain.clone();
     let read = blocking(&state, move || {
-        let mut all = reader::sessions(Source::File(&log), &filter)?;
+        let (mut all, instances) = reading.read(|source| reader::sessions(source, &filter))?;
         all.reverse();
-        Ok((all, verify.then(|| reader::verify(&log, anchor.as_deref()))))
+        // The verification is of this instance's own file (`audit verify --control-plane`
+        // checks every instance's chain in the table).
+        Ok((all, instances, verify.then(|| reader::verify(&log, anchor.as_deref()))))
     })
     .await;
-    let (all, chain) = match read {
+    let (all, instances, verification) = match read {
         Ok(r) => r,
         Err(e) => return page::error_page(Some(&viewer), StatusCode::SERVICE_UNAVAILABLE, &format!("The audit log cannot be read: {e}")),
     };
+    let chain_name = chain.instance().map(str::to_owned);
     let pages = all.len().div_ceil(PER_PAGE).max(1);
     let current = f.page.unwrap_or(1).clamp(1, pages);
     let shown: Vec<&SessionSummary> = all.iter().skip((current - 1) * PER_PAGE).take(PER_PAGE).collect();
     let text = |o: &Option<String>| o.clone().unwrap_or_default();
     let body = html! {
-        (chain_status(chain.as_ref(), &f))
+        @if let Some(name) = &chain_name { p.lead { "The audit chain of instance " strong #audit-instance { (name) } ", from the control plane." } }
+        (chain_status(verification.as_ref(), &f))
         form.filters method="get" action="/audit" {
+            @if !instances.is_empty() {
+                label { "Instance "
+                    select name="instance" {
+                        @for i in &instances { option value=(i) selected[chain_name.as_deref() == Some(i.as_str())] { (i) } }
+                    }
+                }
+            }
             label { "Person " input type="text" name="user" value=(text(&f.user)); }
             label { "Grant " input type="text" name="grant" value=(text(&f.grant)); }
             label { "Scope " input type="text" name="scope" value=(text(&f.scope)); }
@@ -128,7 +182,7 @@ pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(
                 tbody {
                     @for s in &shown {
                         tr id={ "audit-session-" (s.session) } {
-                            td { a href={ "/audit/sessions/" (s.session) } { (s.session) } }
+                            td { a href={ "/audit/sessions/" (s.session) @if let Some(i) = &chain_name { "?instance=" (url::form_urlencoded::byte_serialize(i.as_bytes()).collect::<String>()) } } { (s.session) } }
                             td { (s.user) }
                             td { (s.scope.as_deref().unwrap_or("—")) }
                             td { @if let Some(g) = &s.grant { code { (g) } } }
@@ -158,6 +212,8 @@ pub async fn sessions(State(state): State<Arc<ApiState>>, viewer: Viewer, Query(
 #[derive(Deserialize, Default)]
 pub struct TimelinePage {
     pub page: Option<usize>,
+    /// With a control plane: the instance the session ran on (default: this one).
+    pub instance: Option<String>,
 }
 
 /// Statements per page of a timeline.
@@ -167,11 +223,13 @@ pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPat
     if !viewer.who.can_read_all() {
         return forbidden(&viewer);
     }
-    let log = state.audit_log.clone();
+    let chain = Chain::of(&state, tp.instance.as_deref());
+    let reading = chain.clone();
     let read = blocking(&state, move || {
         let filter = SessionFilter::default();
-        let summary = reader::sessions(Source::File(&log), &filter)?.into_iter().find(|s| s.session == id);
-        Ok((summary, reader::show_session(Source::File(&log), id)?))
+        let (summary, _) = reading.read(|source| Ok(reader::sessions(source, &filter)?.into_iter().find(|s| s.session == id)))?;
+        let (statements, _) = reading.read(|source| reader::show_session(source, id))?;
+        Ok((summary, statements))
     })
     .await;
     let (summary, statements) = match read {
@@ -179,7 +237,8 @@ pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPat
         Err(e) => return page::error_page(Some(&viewer), StatusCode::SERVICE_UNAVAILABLE, &format!("The audit log cannot be read: {e}")),
     };
     let Some(s) = summary else {
-        return page::error_page(Some(&viewer), StatusCode::NOT_FOUND, &format!("No session {id} in this instance's audit log."));
+        let whose = chain.instance().map(|i| format!("instance {i}'s")).unwrap_or_else(|| "this instance's".into());
+        return page::error_page(Some(&viewer), StatusCode::NOT_FOUND, &format!("No session {id} in {whose} audit log."));
     };
     let pages = statements.len().div_ceil(STATEMENTS_PER_PAGE).max(1);
     let current = tp.page.unwrap_or(1).clamp(1, pages);
@@ -202,12 +261,20 @@ pub async fn timeline(State(state): State<Arc<ApiState>>, viewer: Viewer, UrlPat
         }
         @if pages > 1 {
             nav.pager aria-label="Pages" {
-                @if current > 1 { a rel="prev" href={ "/audit/sessions/" (id) "?page=" (current - 1) } { "← Earlier" } }
-                @if current < pages { a rel="next" href={ "/audit/sessions/" (id) "?page=" (current + 1) } { "Later →" } }
+                @if current > 1 { a rel="prev" href={ "/audit/sessions/" (id) "?page=" (current - 1) (instance_query(&chain)) } { "← Earlier" } }
+                @if current < pages { a rel="next" href={ "/audit/sessions/" (id) "?page=" (current + 1) (instance_query(&chain)) } { "Later →" } }
             }
         }
     };
-    page(&viewer, "/audit", &format!("Session {id}"), body).into_response()
+    let title = match chain.instance() {
+        Some(i) => format!("Session {id} on {i}"),
+        None => format!("Session {id}"),
+    };
+    page(&viewer, "/audit", &title, body).into_response()
+}
+
+fn instance_query(chain: &Chain) -> String {
+    chain.instance().map(|i| format!("&instance={}", url::form_urlencoded::byte_serialize(i.as_bytes()).collect::<String>())).unwrap_or_default()
 }
 
 fn statement(st: &ShownStatement) -> Markup {
