@@ -47,7 +47,7 @@ install_missing() {
 # The driver workloads of tests/drivers.rs: psycopg 3 and asyncpg (PyPI), node-postgres (npm,
 # pinned by tests/drivers/node/package-lock.json), the PostgreSQL JDBC driver (Debian); and the
 # OpenID provider of tests/oidc.rs (npm); headless Chromium and chromedriver for tests/console.rs
-# (Debian).
+# (Debian); sqlsmith for tests/catalog.rs (Debian).
 install_drivers() {
     command -v python3 >/dev/null || die "missing: python3 (for the psycopg and asyncpg workloads)"
     command -v node >/dev/null || die "missing: node (for the node-postgres workload)"
@@ -76,6 +76,17 @@ install_drivers() {
             apt-get install -y -qq --no-install-recommends libpostgresql-jdbc-java >&2
         else
             die "missing: /usr/share/java/postgresql.jar (apt-get install libpostgresql-jdbc-java)"
+        fi
+    fi
+    # tests/catalog.rs measures the policy against random SQL that sqlsmith generates.
+    if ! command -v sqlsmith >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing: sqlsmith" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq >&2
+            apt-get install -y -qq --no-install-recommends sqlsmith >&2
+        else
+            die "missing: sqlsmith (apt-get install sqlsmith)"
         fi
     fi
     # The console's browser tests drive headless Chromium over WebDriver (chromedriver).

@@ -1,9 +1,16 @@
 //! Which functions a statement may call.
 //!
-//! Allowlist by default: a built-in function runs only if it is known to be read-only and free
-//! of side effects outside the statement (no file, program, network, lock, sequence, setting or
-//! signal, and no SQL from a string). Unknown functions (user-defined, extensions) are refused:
-//! they may write, and the proxy cannot see inside them. A scope may allow more by name.
+//! Allowlist by default, decided from Postgres's own metadata: a built-in function (one of
+//! `pg_catalog`, in the table generated from the catalog, see [`BUILTINS`]) runs if Postgres
+//! declares it `IMMUTABLE` or `STABLE` (it cannot change the database) and it is not in an
+//! [`INFORMATION`] class (what the server is doing, its files and settings, transaction ids).
+//! `VOLATILE` built-ins are refused unless listed in [`VOLATILE_ALLOWED`]: that class holds
+//! locks, sequences, large objects, WAL and replication control and SQL run from a string.
+//! Unknown functions (user-defined, extensions, built-ins of a later Postgres) are refused: they
+//! may write, and the proxy cannot see inside them. A scope may allow more by name.
+//!
+//! Overloads share a name and the decision is by name, so a name counts as volatile when any of
+//! its callable overloads is (`ts_rewrite(tsquery, text)` runs a query; its other form does not).
 
 /// Functions never allowed, whatever a scope says: server files and programs, large objects,
 /// signalling backends, configuration, replication, and SQL run from a string.
@@ -51,68 +58,159 @@ pub fn named_only_class(name: &str) -> Option<&'static str> {
     NAMED_ONLY.iter().find(|(_, names)| names.contains(&name)).map(|(class, _)| *class)
 }
 
-/// Built-in functions allowed by default (in `pg_catalog`, called qualified or not).
-pub const BUILTIN: &[&str] = &[
-    // aggregates and window functions
-    "count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "array_agg", "string_agg", "json_agg", "jsonb_agg",
-    "json_object_agg", "jsonb_object_agg", "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp", "corr",
-    "covar_pop", "covar_samp", "regr_avgx", "regr_avgy", "regr_count", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx",
-    "regr_sxy", "regr_syy", "percentile_cont", "percentile_disc", "mode", "rank", "dense_rank", "row_number", "ntile", "lag", "lead",
-    "first_value", "last_value", "nth_value", "cume_dist", "percent_rank", "bit_and", "bit_or", "bit_xor", "any_value",
-    // math
-    "abs", "ceil", "ceiling", "floor", "round", "trunc", "sign", "sqrt", "cbrt", "exp", "ln", "log", "log10", "power", "pow", "mod",
-    "div", "pi", "degrees", "radians", "random", "width_bucket", "gcd", "lcm", "factorial", "sin", "cos", "tan", "asin", "acos", "atan",
-    "atan2", "sinh", "cosh", "tanh", "scale", "min_scale", "trim_scale",
-    // strings
-    "length", "char_length", "character_length", "octet_length", "bit_length", "lower", "upper", "initcap", "substr", "substring",
-    "left", "right", "btrim", "ltrim", "rtrim", "lpad", "rpad", "replace", "translate", "reverse", "repeat", "split_part", "strpos",
-    "position", "concat", "concat_ws", "format", "md5", "sha224", "sha256", "sha384", "sha512", "encode", "decode", "to_hex", "ascii",
-    "chr", "regexp_replace", "regexp_match", "regexp_matches", "regexp_split_to_array", "regexp_split_to_table", "regexp_like",
-    "regexp_count", "regexp_instr", "regexp_substr", "starts_with", "string_to_array", "string_to_table", "array_to_string",
-    "quote_ident", "quote_literal", "quote_nullable", "to_ascii", "unistr", "normalize", "overlay", "textlen", "like", "ilike",
-    // dates and times
-    "now", "clock_timestamp", "statement_timestamp", "transaction_timestamp", "timeofday", "date_trunc", "date_part", "extract",
-    "age", "to_char", "to_date", "to_timestamp", "to_number", "make_date", "make_time", "make_timestamp", "make_timestamptz",
-    "make_interval", "justify_days", "justify_hours", "justify_interval", "isfinite", "date_bin", "timezone", "overlaps",
-    // json
-    "to_json", "to_jsonb", "row_to_json", "array_to_json", "json_build_object", "jsonb_build_object", "json_build_array",
-    "jsonb_build_array", "json_object", "jsonb_object", "json_array_elements", "jsonb_array_elements", "json_array_elements_text",
-    "jsonb_array_elements_text", "json_each", "jsonb_each", "json_each_text", "jsonb_each_text", "json_extract_path",
-    "jsonb_extract_path", "json_extract_path_text", "jsonb_extract_path_text", "json_object_keys", "jsonb_object_keys", "json_typeof",
-    "jsonb_typeof", "jsonb_pretty", "jsonb_set", "jsonb_insert", "jsonb_strip_nulls", "json_strip_nulls", "jsonb_path_query",
-    "jsonb_path_exists", "jsonb_path_match", "jsonb_path_query_array", "jsonb_path_query_first", "json_array_length",
-    "jsonb_array_length", "json_populate_record", "jsonb_populate_record", "json_to_record", "jsonb_to_record",
-    "json_to_recordset", "jsonb_to_recordset",
-    // arrays and sets
-    "array_length", "array_lower", "array_upper", "array_dims", "array_ndims", "cardinality", "unnest", "array_append",
-    "array_prepend", "array_cat", "array_remove", "array_replace", "array_position", "array_positions", "generate_series",
-    "generate_subscripts", "array_fill", "trim_array", "array_sample", "array_shuffle",
-    // text search (not ts_stat, which runs a query from a string)
-    "to_tsvector", "to_tsquery", "plainto_tsquery", "phraseto_tsquery", "websearch_to_tsquery", "ts_rank", "ts_rank_cd",
-    "ts_headline", "setweight", "strip", "numnode", "querytree",
-    // casts written as calls
-    "text", "int2", "int4", "int8", "numeric", "float4", "float8", "bool", "date", "time", "timestamp", "timestamptz", "interval",
-    "varchar", "bpchar", "uuid", "inet", "cidr", "bytea", "gen_random_uuid",
-    // session and catalog information (what psql's \d family and tab completion call)
-    "version", "current_database", "current_schema", "current_schemas", "current_setting", "pg_backend_pid", "pg_typeof",
-    "pg_postmaster_start_time", "pg_conf_load_time", "inet_client_addr", "inet_client_port", "inet_server_addr", "inet_server_port",
-    "pg_column_size", "pg_relation_size", "pg_total_relation_size", "pg_table_size", "pg_indexes_size", "pg_database_size",
-    "pg_tablespace_size", "pg_size_pretty", "pg_size_bytes", "format_type", "pg_get_viewdef", "pg_get_indexdef", "pg_get_constraintdef",
-    "pg_get_expr", "pg_get_userbyid", "pg_get_function_arguments", "pg_get_function_result", "pg_get_function_identity_arguments",
-    "pg_get_functiondef", "pg_get_triggerdef", "pg_get_ruledef", "pg_get_keywords", "pg_get_serial_sequence",
-    "pg_get_statisticsobjdef", "pg_get_statisticsobjdef_columns", "pg_get_statisticsobjdef_expressions", "pg_get_partkeydef",
-    "pg_get_partition_constraintdef", "obj_description", "col_description", "shobj_description", "has_table_privilege",
-    "has_column_privilege", "has_any_column_privilege", "has_schema_privilege", "has_database_privilege", "has_function_privilege",
-    "has_sequence_privilege", "has_type_privilege", "has_language_privilege", "has_tablespace_privilege",
-    "has_foreign_data_wrapper_privilege", "has_server_privilege", "has_parameter_privilege", "pg_has_role", "pg_table_is_visible",
-    "pg_type_is_visible", "pg_function_is_visible", "pg_operator_is_visible", "pg_opclass_is_visible", "pg_opfamily_is_visible",
-    "pg_conversion_is_visible", "pg_collation_is_visible", "pg_statistics_obj_is_visible", "pg_ts_config_is_visible",
-    "pg_ts_dict_is_visible", "pg_ts_parser_is_visible", "pg_ts_template_is_visible", "pg_encoding_to_char", "pg_char_to_encoding",
-    "pg_tablespace_location", "pg_relation_is_publishable", "pg_relation_filenode", "pg_get_object_address", "pg_identify_object",
-    "pg_describe_object", "pg_sleep", "pg_sleep_for", "pg_is_in_recovery", "pg_jit_available", "pg_trigger_depth",
-    "pg_listening_channels", "pg_notification_queue_usage", "pg_index_column_has_property", "pg_index_has_property",
-    "pg_indexam_has_property", "pg_options_to_table", "pg_get_publication_tables", "row_security_active", "pg_partition_root",
-    "pg_partition_tree", "pg_partition_ancestors", "to_regclass", "to_regtype", "to_regproc", "to_regnamespace", "to_regrole",
+/// How Postgres declares a function may behave (`pg_proc.provolatile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Volatility {
+    /// Same result for the same arguments, reads nothing.
+    Immutable,
+    /// Reads the database but cannot change it; same result within a statement.
+    Stable,
+    /// Anything else: may change the database or the session, or return a new value each call.
+    Volatile,
+}
+
+/// Built-ins that are `IMMUTABLE` or `STABLE` and still not allowed by default: they tell a
+/// session about the server rather than the data the scope covers, or leave a trace of the
+/// session beyond its statement. A trailing `*` matches any rest of the name. Reachable with
+/// `functions.allow = ["*"]` or by name (a DBA scope reading server activity).
+pub const INFORMATION: &[(&str, &[&str])] = &[
+    (
+        "server activity",
+        &[
+            "pg_stat_get_*",
+            "pg_get_replication_slots",
+            "pg_lock_status",
+            "pg_blocking_pids",
+            "pg_prepared_xact",
+        ],
+    ),
+    (
+        "server settings, files and build",
+        &[
+            "pg_show_all_settings",
+            "pg_show_all_file_settings",
+            "pg_hba_file_rules",
+            "pg_ident_file_mappings",
+            "pg_config",
+            "pg_current_logfile",
+            "pg_relation_filepath",
+        ],
+    ),
+    (
+        "transaction ids and snapshots",
+        &[
+            "txid_current",
+            "pg_current_xact_id",
+            "txid_current_snapshot",
+            "pg_current_snapshot",
+            "pg_export_snapshot",
+        ],
+    ),
+    ("function validators (they load libraries)", &["fmgr_*"]),
+];
+
+/// `VOLATILE` built-ins allowed by default: each returns a fresh value or reads the server's
+/// size and state without changing anything but the session's own random seed or locks.
+pub const VOLATILE_ALLOWED: &[&str] = &[
+    "random",
+    "setseed",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "current_query",
+    // What psql's `\l+`, `\dt+` and `\db+` show.
+    "pg_database_size",
+    "pg_relation_size",
+    "pg_table_size",
+    "pg_indexes_size",
+    "pg_total_relation_size",
+    "pg_tablespace_size",
+    "pg_partition_tree",
+    "pg_partition_ancestors",
+    "pg_is_in_recovery",
+    "pg_jit_available",
+    "pg_notification_queue_usage",
     // Releases only the session's own advisory locks (asyncpg's pool runs it on every release).
     "pg_advisory_unlock_all",
 ];
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// The [`INFORMATION`] class a built-in belongs to, if any.
+pub fn information_class(name: &str) -> Option<&'static str> {
+    INFORMATION
+        .iter()
+        .find(|(_, names)| names.iter().any(|p| matches(p, name)))
+        .map(|(class, _)| *class)
+}
+
+/// How a `pg_catalog` function is declared, if the generated table knows it.
+pub fn builtin(name: &str) -> Option<Volatility> {
+    BUILTINS
+        .binary_search_by(|(n, _)| (*n).cmp(name))
+        .ok()
+        .map(|i| BUILTINS[i].1)
+}
+
+/// Whether a built-in runs under a scope that names no functions.
+pub fn builtin_allowed_by_default(name: &str) -> bool {
+    if NEVER.contains(&name)
+        || DECIDED_AS_STATEMENTS.contains(&name)
+        || named_only_class(name).is_some()
+    {
+        return false;
+    }
+    match builtin(name) {
+        Some(Volatility::Immutable | Volatility::Stable) => information_class(name).is_none(),
+        Some(Volatility::Volatile) => VOLATILE_ALLOWED.contains(&name),
+        None => false,
+    }
+}
+
+/// The Postgres major version [`BUILTINS`] was generated from.
+pub use super::builtins_pg15::MAJOR as BUILTINS_MAJOR;
+
+/// Every callable function of `pg_catalog` in a stock Postgres (no extension's), by name, with
+/// the most volatile declaration among its overloads, sorted by name.
+pub use super::builtins_pg15::FUNCTIONS as BUILTINS;
+
+/// The query [`BUILTINS`] is generated by. Functions that take or return `internal` or a
+/// handler pseudo-type are left out: SQL cannot call them.
+pub const CATALOG_QUERY: &str = "SELECT p.proname::text, max(p.provolatile::text) \
+    FROM pg_proc p \
+    WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.prokind IN ('f', 'a', 'w') \
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e') \
+      AND p.prorettype <> ALL ('{internal,language_handler,fdw_handler,index_am_handler,table_am_handler,tsm_handler,trigger,event_trigger}'::regtype[]) \
+      AND NOT 'internal'::regtype = ANY (p.proargtypes::regtype[]) \
+    GROUP BY 1 ORDER BY 1";
+
+/// The source of the generated table, from the rows of [`CATALOG_QUERY`] (name, `i`/`s`/`v`).
+pub fn render_table(major: u32, rows: &[(String, String)]) -> Result<String, String> {
+    let mut out = format!(
+        "//! Generated from the `pg_catalog` of PostgreSQL {major} by `functions::CATALOG_QUERY`: do not edit.\n\
+         //! `tests/catalog.rs` fails when this no longer matches the catalog of the Postgres the tests\n\
+         //! run against, and rewrites it with `PGLEASE_BLESS=1`.\n\n\
+         use super::functions::Volatility::{{self, *}};\n\n\
+         pub const MAJOR: u32 = {major};\n\n\
+         pub const FUNCTIONS: &[(&str, Volatility)] = &[\n"
+    );
+    for (name, volatility) in rows {
+        let v = match volatility.as_str() {
+            "i" => "Immutable",
+            "s" => "Stable",
+            "v" => "Volatile",
+            other => return Err(format!("function {name}: unknown volatility {other:?}")),
+        };
+        out.push_str(&format!("    ({name:?}, {v}),\n"));
+    }
+    out.push_str("];\n");
+    Ok(out)
+}

@@ -5,6 +5,7 @@
 //! `pglease scope check` call the same function. It fails closed: SQL that does not parse,
 //! statement kinds it does not know, functions it does not know — all are refused.
 
+mod builtins_pg15;
 pub mod functions;
 pub mod hooks;
 pub mod rolecheck;
@@ -356,7 +357,7 @@ impl ScopePolicy {
         if schema.is_none() && (self.functions_allow.contains(name) || self.any_function) {
             return true;
         }
-        builtin_schema && functions::BUILTIN.contains(&name) && !self.functions_deny.contains(name) && qualified.as_ref().is_none_or(|q| !self.functions_deny.contains(q))
+        builtin_schema && functions::builtin_allowed_by_default(name) && !self.functions_deny.contains(name) && qualified.as_ref().is_none_or(|q| !self.functions_deny.contains(q))
     }
 
     fn deny(&self, message: impl Into<String>) -> Decision {

@@ -518,3 +518,36 @@ fn the_catalogs_are_never_written() {
     }
     allowed(&dba, "SELECT name, setting FROM pg_settings");
 }
+
+#[test]
+fn merge_needs_what_its_when_clauses_do() {
+    let s = custom(
+        r#"[fixer]
+        database = "app"
+        role = "fixer"
+        password_env = "X"
+        tables = [{ name = "public.t", allow = ["read", "update"] }, { name = "public.src", allow = ["read"] }]"#,
+    );
+    let merge = |actions: &str| format!("MERGE INTO t USING src ON t.id = src.id {actions}");
+    allowed(&s, &merge("WHEN MATCHED THEN UPDATE SET v = src.v"));
+    allowed(&s, &merge("WHEN NOT MATCHED THEN DO NOTHING"));
+    allowed(&s, &merge("WHEN MATCHED AND t.v > 0 THEN DO NOTHING WHEN MATCHED THEN UPDATE SET v = 0"));
+    denied(&s, &merge("WHEN MATCHED THEN DELETE"), "DELETE on public.t");
+    denied(&s, &merge("WHEN NOT MATCHED THEN INSERT VALUES (src.id, src.v)"), "INSERT on public.t");
+    denied(&s, &merge("WHEN MATCHED THEN UPDATE SET v = 1 WHEN NOT MATCHED THEN INSERT VALUES (src.id, src.v)"), "INSERT on public.t");
+    // A writing MERGE counts as writing every column, a denied one too; one that only reads
+    // is checked by the columns it reads.
+    let s = custom(
+        r#"[fixer]
+        database = "app"
+        role = "fixer"
+        password_env = "X"
+        tables = [{ name = "public.t", allow = ["read", "update"], deny_columns = ["secret"] }, { name = "public.src", allow = ["read"] }]"#,
+    );
+    denied(&s, &merge("WHEN MATCHED THEN UPDATE SET v = 1"), "column secret");
+    denied(&s, &merge("WHEN MATCHED AND t.secret = 'x' THEN DO NOTHING"), "secret");
+    allowed(&s, &merge("WHEN MATCHED AND t.v = 'x' THEN DO NOTHING"));
+    // Under a read-only scope only DO NOTHING passes (Postgres then refuses the MERGE itself
+    // in the session's read-only transaction).
+    denied(&scope("support"), "MERGE INTO customers c USING customers d ON c.id = d.id WHEN MATCHED THEN DELETE", "DELETE");
+}

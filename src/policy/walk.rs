@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 
+use pg_query::protobuf::CmdType;
 use serde_json::{Map, Value};
 
 use super::{Effect, ScopePolicy};
@@ -296,12 +297,31 @@ impl Walker {
             }),
             "MergeStmt" => self.with_ctes(p, body, |w, p| {
                 if let Some(r) = body.get("relation") {
-                    for a in [Action::Insert, Action::Update, Action::Delete, Action::Read] {
-                        w.range_var(r, a);
+                    // What its WHEN clauses do, as Postgres checks privileges: `DO NOTHING` needs
+                    // none beyond reading. A clause of a kind not known here needs every action.
+                    let mut actions = vec![Action::Read];
+                    for clause in body.get("merge_when_clauses").and_then(Value::as_array).into_iter().flatten() {
+                        let command = match tagged(clause) {
+                            Some(("MergeWhenClause", c)) => c.get("command_type").and_then(Value::as_i64),
+                            _ => None,
+                        };
+                        let needs: &[Action] = match command {
+                            Some(c) if c == CmdType::CmdInsert as i64 => &[Action::Insert],
+                            Some(c) if c == CmdType::CmdUpdate as i64 => &[Action::Update],
+                            Some(c) if c == CmdType::CmdDelete as i64 => &[Action::Delete],
+                            Some(c) if c == CmdType::CmdNothing as i64 => &[],
+                            _ => &[Action::Insert, Action::Update, Action::Delete],
+                        };
+                        actions.extend(needs.iter().copied().filter(|a| !actions.contains(a)).collect::<Vec<_>>());
                     }
-                    // MERGE may write any column.
-                    let idx = w.uses.len() - 1;
-                    w.all_columns.push(idx);
+                    for a in actions {
+                        if let Some(idx) = w.range_var(r, a)
+                            && matches!(a, Action::Insert | Action::Update)
+                        {
+                            // MERGE may write any column.
+                            w.all_columns.push(idx);
+                        }
+                    }
                 }
                 w.walk_except(p, body, &["with_clause", "relation"]);
             }),
