@@ -174,6 +174,7 @@ impl App {
             .with_events(events.clone())
             .with_grant_settings(grant_settings(config));
         let proxy = Arc::new(proxy);
+        proxy.keep_schemas_fresh().await;
         let logins: Arc<dyn crate::identity::LoginStore> = match &control_plane {
             Some((conninfo, _)) => Arc::new(crate::identity::logins::PgLoginStore::new(conninfo)),
             None => Arc::new(crate::identity::logins::FileLoginStore::open(config.identity.logins_file.clone()).map_err(anyhow::Error::msg).context("identity.logins_file")?),
@@ -208,6 +209,7 @@ impl App {
             proxy_port: config.listen.addr.port(),
             client_ca: config.listen.tls_ca.clone(),
             fleet: std::sync::OnceLock::new(),
+            proxy: proxy.clone(),
         });
         let admin = AdminState { metrics, sessions, api: Some(api) };
         let audit_pg = match &config.audit.postgres {

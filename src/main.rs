@@ -151,6 +151,11 @@ enum ScopeCommand {
         /// Print the decision as JSON.
         #[arg(long)]
         json: bool,
+        /// A table's columns in order, as `schema.table=col,col,…` (repeatable), so that `*` over
+        /// a table with denied columns shows as the proxy rewrites it (it reads them from the
+        /// catalog). With --demo, the demo's tables are known.
+        #[arg(long = "columns", value_name = "TABLE=COLUMNS")]
+        columns: Vec<String>,
     },
     /// The CREATE ROLE / GRANT statements of the Postgres role that backs a scope, offline
     /// from a config file.
@@ -644,15 +649,29 @@ fn scope(command: ScopeCommand) -> Result<(), pglease::cli::CliError> {
     use pglease::cli::CliError;
     use pglease::policy::{Decision, ScopePolicy};
     match command {
-        ScopeCommand::Check { scope, sql, source, json } => {
+        ScopeCommand::Check { scope, sql, source, json, columns } => {
             let config = load_scope(&source, &scope)?;
-            let verdict = ScopePolicy::from_config(&scope, &config).decide_uncached(&sql);
+            let mut tables = Vec::new();
+            for spec in &columns {
+                tables.push(pglease::policy::schema::Schema::parse_table(spec).map_err(|e| CliError::Refused(format!("--columns {e}")))?);
+            }
+            let schema = match (source.demo, tables.is_empty()) {
+                (true, true) => Some(pglease::policy::schema::Schema::from_ddl(pglease::demo::SHOP_SCHEMA).map_err(CliError::Unreachable)?),
+                (_, false) => Some(pglease::policy::schema::Schema::of(tables)),
+                (false, true) => None,
+            };
+            let verdict = ScopePolicy::from_config(&scope, &config).decide_with_schema(&sql, schema.as_ref());
             if json {
                 print_json(&serde_json::to_value(&verdict.decision).unwrap_or_default());
             } else {
                 match &verdict.decision {
                     Decision::Allow => println!("allow"),
-                    Decision::Rewrite { sql, reason } => println!("rewrite ({reason}):\n{sql}"),
+                    Decision::Rewrite { sql, reason, notice } => {
+                        println!("rewrite ({reason}):\n{sql}");
+                        if let Some(notice) = notice {
+                            println!("NOTICE: {notice}");
+                        }
+                    }
                     Decision::Deny { code, message } => println!("deny ({code}): {message}"),
                 }
             }

@@ -132,6 +132,7 @@ impl Reloader {
             disabled_scopes: served.disabled,
             grant_settings: grant_settings(&next),
         });
+        self.proxy.keep_schemas_fresh().await;
         self.grants.set_scopes(Scopes::from_config(&next.scopes));
         if let Some(api) = &self.api {
             api.people.store(Arc::new(people));

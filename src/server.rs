@@ -217,6 +217,22 @@ impl Proxy {
         &self.upstream
     }
 
+    /// Loads the schema of every served scope whose rules deny columns (as its role) and keeps
+    /// it fresh from then on (see `policy::schema`). A scope kept across a reload loads its
+    /// schema again.
+    pub async fn keep_schemas_fresh(&self) {
+        let state = self.state();
+        for (name, policy) in &state.policies {
+            let Some(login) = state.scope_logins.get(name).filter(|_| !state.disabled_scopes.contains_key(name)) else { continue };
+            if policy.refresher_started.load(std::sync::atomic::Ordering::SeqCst) {
+                crate::policy::schema::refresh(&self.upstream, login, policy).await;
+                continue;
+            }
+            crate::policy::schema::refresh(&self.upstream, login, policy).await;
+            crate::policy::schema::keep_fresh(self.upstream.clone(), policy, login.clone());
+        }
+    }
+
     /// Sets the upstream role each scope's sessions log in as.
     pub fn with_scope_logins(self, logins: HashMap<String, UpstreamLogin>) -> Self {
         self.edit_state(|s| s.scope_logins = logins)

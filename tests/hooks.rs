@@ -24,7 +24,7 @@ impl TestHooks {
         if sql.contains("forbidden") {
             Verdict::Refuse(ClientError::error("42501", "pglease: scope \"test\" does not allow that"))
         } else if sql.contains("'rewrite-me'") {
-            Verdict::Rewrite(sql.replace("'rewrite-me'", "'rewritten'"))
+            Verdict::Rewrite { sql: sql.replace("'rewrite-me'", "'rewritten'"), notice: None }
         } else {
             Verdict::Forward
         }

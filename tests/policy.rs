@@ -176,7 +176,7 @@ async fn column_rules_and_the_backing_role_agree() {
     let client = env.connect(&login, &password).await.unwrap();
     let rows = client.query("SELECT id, name FROM people ORDER BY id", &[]).await.unwrap();
     assert_eq!(rows.len(), 2);
-    for sql in ["SELECT * FROM people", "SELECT ssn FROM people", "SELECT id FROM people WHERE ssn LIKE '1%'", "SELECT p FROM people p"] {
+    for sql in ["SELECT ssn FROM people", "SELECT id FROM people WHERE ssn LIKE '1%'", "SELECT p FROM people p", "SELECT * FROM people JOIN people q USING (id)"] {
         let e = client.simple_query(sql).await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}");
     }
@@ -189,6 +189,55 @@ async fn column_rules_and_the_backing_role_agree() {
     let e = direct.simple_query("SELECT ssn FROM people").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
     direct.simple_query("SELECT id, name FROM people").await.unwrap();
+}
+
+/// `*` over a table with denied columns returns the other columns, with a NOTICE naming what
+/// it left out, in every protocol and client; the columns follow DDL run through pglease.
+#[tokio::test]
+async fn star_over_denied_columns_returns_the_permitted_ones() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("support", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    // Extended protocol, binary results.
+    let rows = client.query("SELECT * FROM people ORDER BY id", &[]).await.unwrap();
+    let columns: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+    assert_eq!(columns, ["id", "name"]);
+    assert_eq!((rows[1].get::<_, i32>(0), rows[1].get::<_, String>(1)), (2, "bo".to_owned()));
+    // Simple protocol, text results: `TABLE`, `p.*`, a subquery's `*`.
+    for sql in ["TABLE people", "SELECT p.* FROM people p ORDER BY 1", "SELECT * FROM (SELECT * FROM people) s ORDER BY 1"] {
+        let messages = client.simple_query(sql).await.unwrap();
+        let rows: Vec<_> = messages.iter().filter_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { Some(r) } else { None }).collect();
+        assert_eq!(rows.len(), 2, "{sql}");
+        let names: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["id", "name"], "{sql}");
+        assert!(rows.iter().all(|r| (0..r.len()).all(|i| !r.get(i).unwrap_or("").contains("-11-") && !r.get(i).unwrap_or("").contains("-22-"))), "{sql}");
+    }
+    // psql shows the notice.
+    let h = common::harness().await;
+    let conn = format!("host=127.0.0.1 port={} user={login} dbname={} sslmode=verify-full sslrootcert={}", env.proxy_addr.port(), env.database, h.ca_file.display());
+    let (status, stdout, stderr) = common::run_client_with_password("psql", &["-X", "-A", "-d", &conn, "-c", "SELECT * FROM people ORDER BY id"], &password).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.lines().next(), Some("id|name"), "{stdout}");
+    assert!(!stdout.contains("111-11-1111"), "{stdout}");
+    assert!(stderr.contains("NOTICE:  pglease: scope \"support\" left out column ssn of public.people from *"), "{stderr}");
+    // A column added through pglease (under another scope) shows up in `*` soon after.
+    let direct = env.direct().await;
+    direct.simple_query(&format!("ALTER TABLE people OWNER TO \"{}_dba\"", env.database)).await.unwrap();
+    let (_, dba_login, dba_password) = env.active_grant("dba", "30m").await;
+    let dba = env.connect(&dba_login, &dba_password).await.unwrap();
+    dba.simple_query("ALTER TABLE people ADD COLUMN nickname text").await.unwrap();
+    // (The backing role reads the new column only once granted it, as `scope sql` would.)
+    direct.simple_query(&format!("GRANT SELECT (nickname) ON people TO \"{}_support\"", env.database)).await.unwrap();
+    let seen = common::eventually(Duration::from_secs(10), || {
+        let client = &client;
+        async move {
+            let rows = client.query("SELECT * FROM people ORDER BY id", &[]).await.ok()?;
+            let names: Vec<String> = rows[0].columns().iter().map(|c| c.name().to_owned()).collect();
+            (names == ["id", "name", "nickname"]).then_some(())
+        }
+    })
+    .await;
+    assert!(seen.is_some(), "the new column never showed in *");
 }
 
 #[tokio::test]

@@ -51,6 +51,9 @@ pub struct ApiState {
     /// This instance's audit log and anchor, for the console's audit pages.
     pub audit_log: std::path::PathBuf,
     pub audit_anchor: Option<std::path::PathBuf>,
+    /// The proxy's policies in force, for the console's scope check to decide with what the
+    /// proxy knows of the tables.
+    pub proxy: Arc<crate::server::Proxy>,
 }
 
 impl ApiState {

@@ -89,7 +89,7 @@ impl AuditHooks {
     async fn record(&self, protocol: &str, sql: &str, verdict: &Verdict, params: Vec<Param>, stmt: u64) -> Result<(), Verdict> {
         let (decision, ran, reason) = match verdict {
             Verdict::Forward => ("allow", None, None),
-            Verdict::Rewrite(new) => ("rewrite", Some(new.clone()), None),
+            Verdict::Rewrite { sql: new, .. } => ("rewrite", Some(new.clone()), None),
             Verdict::Refuse(e) => ("deny", None, Some(e.message.clone())),
         };
         self.record_with(protocol, sql, decision, ran, reason, params, stmt).await
@@ -174,7 +174,7 @@ impl SessionHooks for AuditHooks {
                 self.state().in_flight.push_back(InFlight::Refused { stmt, started: Instant::now() });
             }
             v => {
-                let ran = if let Verdict::Rewrite(s) = v { Some(s.clone()) } else { None };
+                let ran = if let Verdict::Rewrite { sql, .. } = v { Some(sql.clone()) } else { None };
                 self.state().statements.insert(parse.name.clone(), Prepared { sql: parse.sql.clone(), ran, types: parse.param_types.clone() });
             }
         }

@@ -126,8 +126,11 @@ pub async fn check(State(state): State<Arc<ApiState>>, viewer: Viewer, Path(name
         return page::error_page(Some(&viewer), StatusCode::PAYLOAD_TOO_LARGE, "That statement is too long to check here.");
     }
     // The parser runs off the async threads (a long statement takes a while).
+    // With the columns the proxy knows of the scope's first database, so `*` shows as it
+    // would be rewritten there.
     let (config, name, sql) = (s.config.clone(), s.name.clone(), form.sql.clone());
-    let verdict = match tokio::task::spawn_blocking(move || ScopePolicy::from_config(&name, &config).decide_uncached(&sql)).await {
+    let schema = state.proxy.state().policies.get(&name).and_then(|p| p.schema(p.default_database()));
+    let verdict = match tokio::task::spawn_blocking(move || ScopePolicy::from_config(&name, &config).decide_with_schema(&sql, schema.as_deref())).await {
         Ok(v) => v,
         Err(e) => return page::error_page(Some(&viewer), StatusCode::INTERNAL_SERVER_ERROR, &format!("The check failed: {e}")),
     };
@@ -135,8 +138,9 @@ pub async fn check(State(state): State<Arc<ApiState>>, viewer: Viewer, Path(name
         div #verdict role="status" {
             @match &verdict.decision {
                 Decision::Allow => { p { span.badge.status-active { "allow" } " The statement runs as sent." } },
-                Decision::Rewrite { sql, reason } => {
+                Decision::Rewrite { sql, reason, notice } => {
                     p { span.badge.status-pending { "rewrite" } " " (reason) }
+                    @if let Some(notice) = notice { p.notice { "NOTICE: " (notice) } }
                     pre.sql { code { (sql) } }
                 },
                 Decision::Deny { code, message } => { p { span.badge.alert { "deny" } " " code { (code) } " " (message) } },

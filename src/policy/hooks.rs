@@ -180,7 +180,7 @@ impl PolicyHooks {
     fn decide(&self, ctx: &SessionContext, sql: &str, parse: Option<&str>) -> (Verdict, bool) {
         let mut st = self.state();
         let paths = st.paths.candidates(&self.policy.search_path);
-        let v = self.policy.decide_in(sql, &paths);
+        let v = self.policy.decide_in(sql, &paths, &ctx.database);
         if v.decision.is_deny() {
             if parse == Some("") {
                 // A refused unnamed statement leaves nothing the client may bind under "".
@@ -188,10 +188,13 @@ impl PolicyHooks {
             }
             return (self.verdict(ctx, v.decision, &v.effects), false);
         }
+        if v.effects.contains(&Effect::SchemaChanged) {
+            super::schema::changed();
+        }
         // A prepared statement runs with its names resolved again when the path changed since
         // it was prepared (Postgres's plan cache does so): decide it again under the new paths.
         for name in executes(&v.effects) {
-            if let Err(refusal) = self.recheck(&mut st, &name, 0) {
+            if let Err(refusal) = self.recheck(&mut st, &name, &ctx.database, 0) {
                 return (Verdict::Refuse(refusal), false);
             }
         }
@@ -227,7 +230,7 @@ impl PolicyHooks {
     /// Checks that every statement vetted as `name` is still allowed under the current paths
     /// (with the prepared statements it executes in turn). Fails closed on a name pglease is
     /// not tracking.
-    fn recheck(&self, st: &mut State, name: &str, depth: usize) -> Result<(), ClientError> {
+    fn recheck(&self, st: &mut State, name: &str, database: &str, depth: usize) -> Result<(), ClientError> {
         let refused = |why: String| ClientError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pglease: scope \"{}\" {why}", self.policy.name));
         let Some(texts) = st.vetted.get(name) else {
             let shown = if name.is_empty() { "the unnamed statement".to_owned() } else { format!("statement \"{name}\"") };
@@ -239,7 +242,7 @@ impl PolicyHooks {
         if !stale.is_empty() {
             let paths = st.paths.candidates(&self.policy.search_path);
             for (_, sql) in &stale {
-                if let Decision::Deny { message, .. } = self.policy.decide_in(sql, &paths).decision {
+                if let Decision::Deny { message, .. } = self.policy.decide_in(sql, &paths, database).decision {
                     return Err(ClientError::error(
                         sqlstate::INSUFFICIENT_PRIVILEGE,
                         format!("{message} (statement \"{name}\" was checked again under the session's new search_path)"),
@@ -254,7 +257,7 @@ impl PolicyHooks {
         // all PREPARE allows).
         if depth == 0 {
             for inner in nested {
-                self.recheck(st, &inner, depth + 1)?;
+                self.recheck(st, &inner, database, depth + 1)?;
             }
         }
         Ok(())
@@ -270,16 +273,16 @@ impl PolicyHooks {
                     Effect::ApplicationName { value, local } => {
                         let stamped = crate::server::stamp(&ctx.identity, value);
                         let scope = if *local { "LOCAL " } else { "" };
-                        return Verdict::Rewrite(format!("SET {scope}application_name = '{}'", stamped.replace('\'', "''")));
+                        return Verdict::Rewrite { sql: format!("SET {scope}application_name = '{}'", stamped.replace('\'', "''")), notice: None };
                     }
-                    Effect::ShowApplicationName => return Verdict::Rewrite(show_application_name(&ctx.identity)),
+                    Effect::ShowApplicationName => return Verdict::Rewrite { sql: show_application_name(&ctx.identity), notice: None },
                     _ => {}
                 }
             }
         }
         match decision {
             Decision::Allow => Verdict::Forward,
-            Decision::Rewrite { sql, .. } => Verdict::Rewrite(sql),
+            Decision::Rewrite { sql, notice, .. } => Verdict::Rewrite { sql, notice },
             Decision::Deny { code, message } => Verdict::Refuse(ClientError::error(code_str(&code), message)),
         }
     }
@@ -332,9 +335,9 @@ impl SessionHooks for PolicyHooks {
         self.decide(ctx, &parse.sql, Some(&parse.name)).0
     }
 
-    async fn on_bind(&self, _ctx: &SessionContext, bind: &Bind) -> Verdict {
+    async fn on_bind(&self, ctx: &SessionContext, bind: &Bind) -> Verdict {
         let mut st = self.state();
-        if let Err(refusal) = self.recheck(&mut st, &bind.statement, 0) {
+        if let Err(refusal) = self.recheck(&mut st, &bind.statement, &ctx.database, 0) {
             st.portals.remove(&bind.portal);
             return Verdict::Refuse(refusal);
         }
@@ -503,7 +506,7 @@ mod tests {
         let bind = |name: &str| Bind { portal: String::new(), statement: name.into(), param_formats: vec![], params: vec![], result_formats: vec![] };
         assert!(matches!(h.on_bind(&ctx(), &bind("s1")).await, Verdict::Refuse(_)));
         let parse = Parse { name: "s1".into(), sql: "SELECT id FROM orders.orders WHERE id = $1".into(), param_types: vec![] };
-        assert!(matches!(h.on_parse(&ctx(), &parse).await, Verdict::Rewrite(_)));
+        assert!(matches!(h.on_parse(&ctx(), &parse).await, Verdict::Rewrite { .. }));
         assert_eq!(h.on_bind(&ctx(), &bind("s1")).await, Verdict::Forward);
         // A refused unnamed Parse leaves nothing bindable under "".
         let ok = Parse { name: String::new(), sql: "SELECT 1".into(), param_types: vec![] };

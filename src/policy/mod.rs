@@ -6,15 +6,18 @@
 //! statement kinds it does not know, functions it does not know — all are refused.
 
 mod builtins_pg15;
+pub mod expand;
 pub mod functions;
 pub mod hooks;
 pub mod rolecheck;
 mod rewrite;
+pub mod schema;
 pub mod shape;
 pub mod sql;
 mod walk;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -29,8 +32,13 @@ use crate::config::{Action, ScopeConfig};
 #[serde(tag = "decision", rename_all = "lowercase")]
 pub enum Decision {
     Allow,
-    /// Run `sql` instead (row cap applied).
-    Rewrite { sql: String, reason: String },
+    /// Run `sql` instead (`*` expanded, row cap applied), telling the client `notice` if any.
+    Rewrite {
+        sql: String,
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        notice: Option<String>,
+    },
     /// Refuse, with this SQLSTATE and message.
     Deny { code: String, message: String },
 }
@@ -53,6 +61,8 @@ pub enum Effect {
     /// `SET … TO DEFAULT`, `RESET ALL` and `DISCARD ALL` do). The session tracks the path and
     /// decides later statements under it.
     SearchPath { path: Option<Vec<String>>, local: bool },
+    /// A statement that may change tables' columns ran: the scope's schema is loaded again.
+    SchemaChanged,
     /// `SHOW application_name`: the session answers with the client's own name, not the
     /// stamped one Postgres holds.
     ShowApplicationName,
@@ -133,6 +143,18 @@ pub struct ScopePolicy {
     pub statements: HashSet<crate::config::StatementClass>,
     /// True when no rule allows anything but reading: sessions run read-only transactions.
     pub read_only: bool,
+    /// Per database of the scope: its schema (columns of the tables column rules cover) and
+    /// its decisions, which may depend on that schema.
+    databases: HashMap<String, DatabaseState>,
+    /// The scope's first database: what [`ScopePolicy::decide`] decides for.
+    default_database: String,
+    /// Whether a task keeps this policy's schemas fresh.
+    pub(crate) refresher_started: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct DatabaseState {
+    schema: RwLock<Option<Arc<schema::Schema>>>,
     /// Decisions by exact statement text. Sharded: sessions of a scope do not queue on one lock.
     exact: DashMap<String, Verdict>,
     /// Decisions by statement shape, for the statements where that is sound.
@@ -141,6 +163,13 @@ pub struct ScopePolicy {
 
 /// How a row-cap rewrite's reason starts (the session tells capped results by it).
 pub const ROW_CAP_REASON: &str = "results are capped at";
+
+/// The reason of a rewrite that expanded `*` to the permitted columns.
+pub const EXPANDED_REASON: &str = "* expanded to the columns the scope may read";
+
+/// Statements after which the tables' columns may differ.
+const CHANGES_COLUMNS: &[&str] =
+    &["CreateStmt", "CreateTableAsStmt", "AlterTableStmt", "DropStmt", "RenameStmt", "ViewStmt", "CreateForeignTableStmt", "AlterObjectSchemaStmt"];
 
 /// Decisions kept per scope and cache; a cache is emptied when full (statement texts repeat,
 /// so it refills with the hot ones at once).
@@ -234,9 +263,46 @@ impl ScopePolicy {
             functions_deny: c.functions.deny.iter().cloned().collect(),
             statements: c.statements.iter().copied().collect(),
             read_only,
-            exact: DashMap::new(),
-            shapes: DashMap::new(),
+            databases: c.databases().into_iter().map(|d| (d, DatabaseState::default())).collect(),
+            default_database: c.databases().into_iter().next().unwrap_or_default(),
+            refresher_started: Default::default(),
         }
+    }
+
+    /// The scope's first database (the one a login without a database name reaches).
+    pub fn default_database(&self) -> &str {
+        &self.default_database
+    }
+
+    /// The databases the scope reaches.
+    pub fn databases(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.databases.keys().cloned().collect();
+        all.sort();
+        all
+    }
+
+    /// The (schema, table) patterns of the rules that deny columns: the tables whose columns
+    /// the policy needs to expand `*`.
+    pub fn column_rule_patterns(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.rules.iter().filter(|r| !r.deny_columns.is_empty()).map(|r| (r.schema.as_str(), r.table.as_str()))
+    }
+
+    /// The schema known for `database`.
+    pub fn schema(&self, database: &str) -> Option<Arc<schema::Schema>> {
+        self.databases.get(database).and_then(|d| d.schema.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Installs (or, with None, forgets) the schema of `database`; decisions made under the
+    /// previous one are forgotten with it.
+    pub fn set_schema(&self, database: &str, schema: Option<Arc<schema::Schema>>) {
+        let Some(d) = self.databases.get(database) else { return };
+        let mut current = d.schema.write().unwrap_or_else(|p| p.into_inner());
+        if *current == schema {
+            return;
+        }
+        *current = schema;
+        d.exact.clear();
+        d.shapes.clear();
     }
 
     /// The actions allowed on `schema.table`, and its denied columns.
@@ -364,52 +430,58 @@ impl ScopePolicy {
         Decision::Deny { code: crate::error::sqlstate::INSUFFICIENT_PRIVILEGE.to_owned(), message: format!("pglease: scope \"{}\" {}", self.name, message.into()) }
     }
 
-    /// The decision for `sql` under the scope's pinned search_path.
+    /// The decision for `sql` under the scope's pinned search_path, in its first database.
     pub fn decide(&self, sql: &str) -> Verdict {
-        self.decide_in(sql, &[])
+        self.decide_in(sql, &[], &self.default_database)
     }
 
-    /// The decision for `sql` in a session that may be under any of `paths` (empty: the
-    /// pinned path): from the cache when this text, or a statement of the same shape where
-    /// that is sound, was seen before under the same paths.
-    pub fn decide_in(&self, sql: &str, paths: &[Vec<String>]) -> Verdict {
+    /// The decision for `sql` in a session of `database` that may be under any of `paths`
+    /// (empty: the pinned path): from the cache when this text, or a statement of the same
+    /// shape where that is sound, was seen before under the same paths.
+    pub fn decide_in(&self, sql: &str, paths: &[Vec<String>], database: &str) -> Verdict {
+        let Some(db) = self.databases.get(database) else {
+            // Not a database of the scope (its sessions cannot reach one): decided afresh.
+            let paths = if paths.is_empty() { std::slice::from_ref(&self.search_path) } else { paths };
+            return self.decide_with_tree(sql, paths, None).0;
+        };
+        let schema = db.schema.read().unwrap_or_else(|p| p.into_inner()).clone();
         if !paths.is_empty() && paths != std::slice::from_ref(&self.search_path) {
             // A session that changed its path: cached by path and text, never by shape.
             let key = format!("{}\u{0}{sql}", serde_json::to_string(paths).unwrap_or_default());
-            if let Some(v) = self.exact.get(&key) {
+            if let Some(v) = db.exact.get(&key) {
                 return v.clone();
             }
-            let (verdict, _) = self.decide_with_tree(sql, paths);
-            if self.exact.len() >= CACHE_ENTRIES {
-                self.exact.clear();
+            let (verdict, _) = self.decide_with_tree(sql, paths, schema.as_deref());
+            if db.exact.len() >= CACHE_ENTRIES {
+                db.exact.clear();
             }
-            self.exact.insert(key, verdict.clone());
+            db.exact.insert(key, verdict.clone());
             return verdict;
         }
-        if let Some(v) = self.exact.get(sql) {
+        if let Some(v) = db.exact.get(sql) {
             metrics::counter!("pglease_policy_cache_total", "result" => "hit").increment(1);
             return v.clone();
         }
         // The row cap compares the statement's own LIMIT value: no shape sharing then.
         let shape = if self.row_limit.is_none() { shape::of(sql) } else { None };
-        if let Some(v) = shape.as_ref().and_then(|s| self.shapes.get(&s.key)) {
+        if let Some(v) = shape.as_ref().and_then(|s| db.shapes.get(&s.key)) {
             metrics::counter!("pglease_policy_cache_total", "result" => "shape_hit").increment(1);
             return v.clone();
         }
         metrics::counter!("pglease_policy_cache_total", "result" => "miss").increment(1);
-        let (verdict, tree) = self.decide_with_tree(sql, std::slice::from_ref(&self.search_path));
+        let (verdict, tree) = self.decide_with_tree(sql, std::slice::from_ref(&self.search_path), schema.as_deref());
         if let Some(shape) = shape
             && tree.as_ref().is_some_and(|t| Self::shape_safe(t, &verdict, &shape.literals))
         {
-            if self.shapes.len() >= CACHE_ENTRIES {
-                self.shapes.clear();
+            if db.shapes.len() >= CACHE_ENTRIES {
+                db.shapes.clear();
             }
-            self.shapes.insert(shape.key, verdict.clone());
+            db.shapes.insert(shape.key, verdict.clone());
         }
-        if self.exact.len() >= CACHE_ENTRIES {
-            self.exact.clear();
+        if db.exact.len() >= CACHE_ENTRIES {
+            db.exact.clear();
         }
-        self.exact.insert(sql.to_owned(), verdict.clone());
+        db.exact.insert(sql.to_owned(), verdict.clone());
         verdict
     }
 
@@ -435,14 +507,21 @@ impl ScopePolicy {
         !strings.iter().any(|n| literals.iter().any(|l| l == n))
     }
 
-    /// The decision, computed from scratch.
+    /// The decision, computed from scratch, with the schema known for the first database.
     pub fn decide_uncached(&self, sql: &str) -> Verdict {
-        self.decide_with_tree(sql, std::slice::from_ref(&self.search_path)).0
+        let schema = self.schema(&self.default_database);
+        self.decide_with_tree(sql, std::slice::from_ref(&self.search_path), schema.as_deref()).0
+    }
+
+    /// The decision, computed from scratch with `schema` as what is known of the tables (the
+    /// pure decision: `scope check`, the console, tests).
+    pub fn decide_with_schema(&self, sql: &str, schema: Option<&schema::Schema>) -> Verdict {
+        self.decide_with_tree(sql, std::slice::from_ref(&self.search_path), schema).0
     }
 
     /// The decision, and the parse tree it was reached on (None if the statement did not parse).
-    fn decide_with_tree(&self, sql: &str, paths: &[Vec<String>]) -> (Verdict, Option<Value>) {
-        let parsed = match pg_query::parse(sql, 0) {
+    fn decide_with_tree(&self, sql: &str, paths: &[Vec<String>], schema: Option<&schema::Schema>) -> (Verdict, Option<Value>) {
+        let mut parsed = match pg_query::parse(sql, 0) {
             Ok(p) => p,
             Err(e) => {
                 let message = e.to_string();
@@ -450,10 +529,32 @@ impl ScopePolicy {
                 return (Verdict { decision, effects: vec![] }, None);
             }
         };
-        let tree = match serde_json::to_value(&parsed.protobuf) {
+        let mut tree = match serde_json::to_value(&parsed.protobuf) {
             Ok(t) => t,
             Err(_) => return (Verdict { decision: self.deny("could not inspect the statement"), effects: vec![] }, None),
         };
+        // `*` over tables with denied columns becomes the permitted columns; the new text is
+        // what gets decided (and run).
+        let mut expanded = None;
+        if let Some(schema) = schema
+            && self.column_rule_patterns().next().is_some()
+        {
+            match expand::expand(self, paths, sql, &tree, schema) {
+                Ok(None) => {}
+                Ok(Some(e)) => {
+                    let reparsed = pg_query::parse(&e.sql, 0).map_err(|e| e.to_string()).and_then(|p| Ok((serde_json::to_value(&p.protobuf).map_err(|e| e.to_string())?, p)));
+                    match reparsed {
+                        Ok((t, p)) => {
+                            tree = t;
+                            parsed = p;
+                            expanded = Some(e);
+                        }
+                        Err(why) => return (Verdict { decision: self.deny(format!("could not expand *: {why}")), effects: vec![] }, Some(tree)),
+                    }
+                }
+                Err(why) => return (Verdict { decision: self.deny(format!("could not expand *: {why}")), effects: vec![] }, Some(tree)),
+            }
+        }
         let mut effects = Vec::new();
         let statements = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         for (i, stmt) in statements.iter().enumerate() {
@@ -492,13 +593,24 @@ impl ScopePolicy {
             // Shown as Postgres holds it (with pglease's stamp) inside a longer message.
             effects.retain(|e| *e != Effect::ShowApplicationName);
         }
-        let decision = match self.row_limit {
+        if statements.iter().any(|s| {
+            s.get("stmt").and_then(|n| n.get("node")).and_then(Value::as_object).is_some_and(|n| n.keys().any(|k| CHANGES_COLUMNS.contains(&k.as_str())))
+        }) {
+            effects.push(Effect::SchemaChanged);
+        }
+        let notice = expanded.as_ref().filter(|e| !e.omitted.is_empty()).map(|e| expand::notice(&self.name, &e.omitted));
+        let capped = match self.row_limit {
             Some(limit) => match rewrite::apply_row_limit(parsed.protobuf, limit) {
-                Ok(Some(sql)) => Decision::Rewrite { sql, reason: format!("{ROW_CAP_REASON} {limit} rows") },
-                Ok(None) => Decision::Allow,
-                Err(e) => self.deny(format!("could not apply its row limit: {e}")),
+                Ok(capped) => capped.map(|sql| (sql, format!("{ROW_CAP_REASON} {limit} rows"))),
+                Err(e) => return (Verdict { decision: self.deny(format!("could not apply its row limit: {e}")), effects: vec![] }, Some(tree)),
             },
-            None => Decision::Allow,
+            None => None,
+        };
+        let decision = match (capped, expanded) {
+            (Some((sql, reason)), Some(_)) => Decision::Rewrite { sql, reason: format!("{reason}; {EXPANDED_REASON}"), notice },
+            (Some((sql, reason)), None) => Decision::Rewrite { sql, reason, notice },
+            (None, Some(e)) => Decision::Rewrite { sql: e.sql, reason: EXPANDED_REASON.to_owned(), notice },
+            (None, None) => Decision::Allow,
         };
         (Verdict { decision, effects }, Some(tree))
     }

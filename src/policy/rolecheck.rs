@@ -12,7 +12,7 @@ use crate::config::Action;
 use crate::upstream::{Upstream, UpstreamLogin};
 
 /// Runs one simple query and returns its rows as text. Only for short catalog queries.
-async fn query(reader: &mut FramedReader<crate::stream::Stream>, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+pub(crate) async fn query(reader: &mut FramedReader<crate::stream::Stream>, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
     let mut msg = BytesMut::new();
     msg.put_u8(b'Q');
     msg.put_i32((sql.len() + 5) as i32);

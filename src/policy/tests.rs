@@ -337,18 +337,18 @@ fn statements_of_one_shape_share_a_decision_where_sound() {
     for aid in 1..100 {
         assert_eq!(s.decide(&format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")).decision, Decision::Allow);
     }
-    assert_eq!(s.shapes.len(), 1, "one shape");
+    assert_eq!(s.databases[&s.default_database].shapes.len(), 1, "one shape");
     // Not shape-cached: session effects, rewrites, statements that read literal values.
     s.decide("PREPARE p AS SELECT 1");
     s.decide("SET statement_timeout = 5");
-    assert_eq!(s.shapes.len(), 1);
+    assert_eq!(s.databases[&s.default_database].shapes.len(), 1);
     // A literal spelled like a name in the tree is not masked.
     s.decide("SELECT abalance AS \"7\" FROM pgbench_accounts WHERE aid = 7");
-    assert_eq!(s.shapes.len(), 1);
+    assert_eq!(s.databases[&s.default_database].shapes.len(), 1);
     // The capped scope never shares by shape.
     let capped = scope("orders-read");
     capped.decide("SELECT * FROM orders.orders LIMIT 5");
-    assert_eq!(capped.shapes.len(), 0);
+    assert_eq!(capped.databases[&capped.default_database].shapes.len(), 0);
 }
 
 fn custom(toml_text: &str) -> ScopePolicy {
@@ -467,20 +467,20 @@ fn a_tracked_search_path_resolves_names() {
     // Under [app], `orders` means app.orders; under [public], public.orders (not in scope).
     let app = vec![vec!["app".to_owned()]];
     let public = vec![vec!["public".to_owned()]];
-    assert!(!s.decide_in("SELECT * FROM orders", &app).decision.is_deny());
-    assert!(s.decide_in("SELECT * FROM orders", &public).decision.is_deny());
-    assert!(!s.decide_in("INSERT INTO orders VALUES (1)", &app).decision.is_deny());
+    assert!(!s.decide_in("SELECT * FROM orders", &app, "app").decision.is_deny());
+    assert!(s.decide_in("SELECT * FROM orders", &public, "app").decision.is_deny());
+    assert!(!s.decide_in("INSERT INTO orders VALUES (1)", &app, "app").decision.is_deny());
     // Unsure which path is in force: allowed only where allowed under every candidate.
-    assert!(s.decide_in("SELECT * FROM orders", &[app[0].clone(), public[0].clone()]).decision.is_deny());
+    assert!(s.decide_in("SELECT * FROM orders", &[app[0].clone(), public[0].clone()], "app").decision.is_deny());
     // A two-schema path: allowed only if allowed in whichever schema the name resolves to.
-    assert!(!s.decide_in("SELECT * FROM t", &[vec!["app".into(), "public".into()]]).decision.is_deny());
-    assert!(s.decide_in("INSERT INTO t VALUES (1)", &[vec!["app".into(), "public".into()]]).decision.is_deny(), "public.t is read-only");
+    assert!(!s.decide_in("SELECT * FROM t", &[vec!["app".into(), "public".into()]], "app").decision.is_deny());
+    assert!(s.decide_in("INSERT INTO t VALUES (1)", &[vec!["app".into(), "public".into()]], "app").decision.is_deny(), "public.t is read-only");
     // $user is the backing role's schema.
-    assert!(!s.decide_in("SELECT * FROM x", &[vec!["$user".into()]]).decision.is_deny());
+    assert!(!s.decide_in("SELECT * FROM x", &[vec!["$user".into()]], "app").decision.is_deny());
     // pg_catalog named later in the path: a user schema before it may hold a pg_* name.
-    assert!(s.decide_in("SELECT * FROM pg_class", &[vec!["public".into(), "pg_catalog".into()]]).decision.is_deny());
-    assert!(!s.decide_in("SELECT * FROM pg_class", &[vec!["app".into(), "pg_catalog".into()]]).decision.is_deny());
-    assert!(!s.decide_in("SELECT * FROM pg_class", &public).decision.is_deny());
+    assert!(s.decide_in("SELECT * FROM pg_class", &[vec!["public".into(), "pg_catalog".into()]], "app").decision.is_deny());
+    assert!(!s.decide_in("SELECT * FROM pg_class", &[vec!["app".into(), "pg_catalog".into()]], "app").decision.is_deny());
+    assert!(!s.decide_in("SELECT * FROM pg_class", &public, "app").decision.is_deny());
     // A scope that does not allow it cannot change it at all.
     denied(&scope("orders-read"), "SET search_path TO public", "does not allow changing setting search_path");
 }
@@ -550,4 +550,144 @@ fn merge_needs_what_its_when_clauses_do() {
     // Under a read-only scope only DO NOTHING passes (Postgres then refuses the MERGE itself
     // in the session's read-only transaction).
     denied(&scope("support"), "MERGE INTO customers c USING customers d ON c.id = d.id WHEN MATCHED THEN DELETE", "DELETE");
+}
+
+/// The demo's shop schema as the catalog lists it.
+fn shop_schema() -> super::schema::Schema {
+    let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    super::schema::Schema::of([
+        ("public".to_owned(), "customers".to_owned(), cols(&["id", "name", "email", "ssn"])),
+        ("orders".to_owned(), "orders".to_owned(), cols(&["id", "customer_id", "amount_cents", "status", "created_at"])),
+    ])
+}
+
+/// What `s` runs instead of `sql` when it knows the shop's columns, and its notice.
+#[track_caller]
+fn expanded(s: &ScopePolicy, sql: &str) -> (String, Option<String>) {
+    match s.decide_with_schema(sql, Some(&shop_schema())).decision {
+        Decision::Rewrite { sql: out, notice, .. } => {
+            // What runs is decided again as it is, and stays as it is.
+            assert_eq!(s.decide_with_schema(&out, Some(&shop_schema())).decision, Decision::Allow, "{out}");
+            (out, notice)
+        }
+        other => panic!("{} should expand {sql:?}, got {other:?}", s.name),
+    }
+}
+
+#[track_caller]
+fn denied_knowing_columns(s: &ScopePolicy, sql: &str, why: &str) {
+    match s.decide_with_schema(sql, Some(&shop_schema())).decision {
+        Decision::Deny { message, .. } => assert!(message.contains(why), "{sql:?}: {message:?}, expected {why:?}"),
+        other => panic!("{} should refuse {sql:?}, got {other:?}", s.name),
+    }
+}
+
+#[test]
+fn star_over_a_table_with_denied_columns_becomes_the_permitted_columns() {
+    let s = scope("support");
+    let (sql, notice) = expanded(&s, "SELECT * FROM customers");
+    assert_eq!(sql, "SELECT customers.id, customers.name, customers.email FROM customers");
+    assert_eq!(notice.as_deref(), Some("pglease: scope \"support\" left out column ssn of public.customers from *"));
+    assert_eq!(expanded(&s, "SELECT c.* FROM public.customers AS c WHERE c.id < 10").0, "SELECT c.id, c.name, c.email FROM public.customers AS c WHERE c.id < 10");
+    assert_eq!(expanded(&s, "TABLE customers").0, "SELECT customers.id, customers.name, customers.email FROM customers");
+    assert_eq!(expanded(&s, "table only public.customers").0, "SELECT customers.id, customers.name, customers.email FROM only public.customers");
+    let exports = custom(
+        r#"[exports]
+        database = "shop"
+        role = "exports"
+        password_env = "X"
+        tables = [{ name = "public.customers", allow = ["read", "copy-out"], deny_columns = ["ssn"] }]"#,
+    );
+    assert_eq!(expanded(&exports, "COPY customers TO STDOUT WITH (FORMAT csv)").0, "COPY customers (id, name, email) TO STDOUT WITH (FORMAT csv)");
+    assert_eq!(expanded(&exports, "COPY public.customers TO STDOUT").0, "COPY public.customers (id, name, email) TO STDOUT");
+    assert_eq!(
+        expanded(&exports, "COPY (SELECT * FROM customers) TO STDOUT").0,
+        "COPY (SELECT customers.id, customers.name, customers.email FROM customers) TO STDOUT"
+    );
+    denied_knowing_columns(&exports, "COPY customers (id, ssn) TO STDOUT", "ssn");
+    denied_knowing_columns(&exports, "COPY customers FROM STDIN", "COPY FROM");
+    // Other FROM items keep their own `*`, in FROM order.
+    assert_eq!(
+        expanded(&s, "SELECT * FROM orders.orders o JOIN customers c ON c.id = o.customer_id").0,
+        "SELECT o.*, c.id, c.name, c.email FROM orders.orders o JOIN customers c ON c.id = o.customer_id"
+    );
+    assert_eq!(expanded(&s, "SELECT o.*, c.* FROM orders.orders o, customers c").0, "SELECT o.*, c.id, c.name, c.email FROM orders.orders o, customers c");
+    // Wherever a SELECT is: subqueries, CTEs, set operations, EXISTS, several statements.
+    assert_eq!(
+        expanded(&s, "SELECT * FROM (SELECT * FROM customers) s").0,
+        "SELECT * FROM (SELECT customers.id, customers.name, customers.email FROM customers) s"
+    );
+    assert_eq!(
+        expanded(&s, "WITH x AS (SELECT * FROM customers) SELECT * FROM x").0,
+        "WITH x AS (SELECT customers.id, customers.name, customers.email FROM customers) SELECT * FROM x"
+    );
+    assert_eq!(
+        expanded(&s, "SELECT * FROM customers UNION ALL SELECT * FROM customers c").0,
+        "SELECT customers.id, customers.name, customers.email FROM customers UNION ALL SELECT c.id, c.name, c.email FROM customers c"
+    );
+    assert_eq!(expanded(&s, "SELECT 1 WHERE EXISTS (SELECT * FROM customers)").0, "SELECT 1 WHERE EXISTS (SELECT customers.id, customers.name, customers.email FROM customers)");
+    assert_eq!(expanded(&s, "SELECT /* all */ * FROM customers; select c.* from customers c").0, "SELECT /* all */ customers.id, customers.name, customers.email FROM customers; select c.id, c.name, c.email from customers c");
+    // `count(*)` is no column list.
+    allowed(&s, "SELECT count(*) FROM customers");
+}
+
+#[test]
+fn star_stays_refused_where_no_exact_form_exists() {
+    let s = scope("support");
+    // Without the columns, as before.
+    denied(&s, "SELECT * FROM customers", "ssn");
+    // Merged join columns, column aliases, whole rows.
+    denied_knowing_columns(&s, "SELECT * FROM customers JOIN customers d USING (id)", "ssn");
+    denied_knowing_columns(&s, "SELECT * FROM customers NATURAL JOIN orders.orders", "ssn");
+    denied_knowing_columns(&s, "SELECT * FROM customers c(a, b)", "ssn");
+    denied_knowing_columns(&s, "SELECT row_to_json(c) FROM customers c", "ssn");
+    denied_knowing_columns(&s, "SELECT c::text FROM customers c", "ssn");
+    // Expanded, and still refused for what is named outright.
+    denied_knowing_columns(&s, "SELECT *, ssn FROM customers", "ssn");
+    denied_knowing_columns(&s, "SELECT * FROM customers WHERE ssn LIKE '1%'", "ssn");
+    denied_knowing_columns(&s, "SELECT ssn FROM customers", "ssn");
+    // `c.*` outside a select list, or from a level that has no `c` of its own, stays refused.
+    denied_knowing_columns(&s, "SELECT row_to_json(ROW(c.*)) FROM customers c", "ssn");
+    denied_knowing_columns(&s, "SELECT (SELECT row_to_json(ROW(c.*))) FROM customers c", "ssn");
+    denied_knowing_columns(&s, "SELECT l.* FROM customers c, LATERAL (SELECT c.*) l", "ssn");
+    denied_knowing_columns(&s, "SELECT array_agg(c.*) FROM customers c", "ssn");
+    // A CTE named like the table is the CTE; what it reads is checked where it reads it.
+    denied_knowing_columns(&s, "WITH customers AS (SELECT ssn FROM public.customers) SELECT * FROM customers", "ssn");
+}
+
+#[test]
+fn star_expansion_with_quoted_names_and_the_row_cap() {
+    let s = custom(
+        r#"[capped]
+        database = "app"
+        role = "capped"
+        password_env = "X"
+        row_limit = 10
+        tables = [{ name = "Sales.Deals", allow = ["read"], deny_columns = ["Margin"] }]"#,
+    );
+    let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let schema = super::schema::Schema::of([("Sales".to_owned(), "Deals".to_owned(), cols(&["Id", "Margin", "select", "note"]))]);
+    match s.decide_with_schema(r#"SELECT * FROM "Sales"."Deals""#, Some(&schema)).decision {
+        Decision::Rewrite { sql, reason, notice } => {
+            assert_eq!(sql, r#"SELECT "Deals"."Id", "Deals"."select", "Deals".note FROM "Sales"."Deals" LIMIT 10"#);
+            assert!(reason.starts_with(super::ROW_CAP_REASON) && reason.contains(super::EXPANDED_REASON), "{reason}");
+            assert!(notice.is_some_and(|n| n.contains("column Margin of Sales.Deals")));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_star_counts_only_where_it_reaches_a_denied_column() {
+    let s = scope("support");
+    // Without knowing any columns: `o.*` is the orders' columns, whatever else is joined.
+    allowed(&s, "SELECT o.* FROM orders.orders o JOIN customers c ON c.id = o.customer_id WHERE c.name = 'x'");
+    allowed(&s, "SELECT * FROM orders.orders WHERE customer_id IN (SELECT id FROM customers)");
+    denied(&s, "SELECT * FROM orders.orders o JOIN customers c ON c.id = o.customer_id", "* on customers");
+    denied(&s, "SELECT c.* FROM orders.orders o JOIN customers c ON c.id = o.customer_id", "* on customers");
+    denied(&s, "SELECT customers.* FROM customers", "* on customers");
+    denied(&s, "SELECT x.* FROM customers AS x", "* on customers");
+    // Knowing them, a subquery's expanded list is what an outer `*` sees.
+    let (sql, _) = expanded(&s, "SELECT x.* FROM (SELECT * FROM customers) x JOIN orders.orders o ON o.customer_id = x.id");
+    assert_eq!(sql, "SELECT x.* FROM (SELECT customers.id, customers.name, customers.email FROM customers) x JOIN orders.orders o ON o.customer_id = x.id");
 }

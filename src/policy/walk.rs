@@ -36,6 +36,8 @@ struct Walker {
     single_refs: HashSet<String>,
     /// `*` or `t.*` somewhere.
     star: bool,
+    /// The names of the tables some `*` may expand over (see `expand::stars_reach`).
+    star_reach: HashSet<String>,
     natural_join: bool,
     locking: bool,
     /// Inside a DDL statement: every relation is a DDL target.
@@ -501,7 +503,7 @@ impl Walker {
             let col = &denied[0];
             let problem = if let Some(c) = denied.iter().find(|c| self.idents.contains(*c)) {
                 Some(format!("does not allow column {c} of {table}"))
-            } else if self.star {
+            } else if self.star && (self.star_reach.contains(&u.name) || u.alias.as_ref().is_some_and(|a| self.star_reach.contains(a))) {
                 Some(format!("does not allow * on {table}: it includes column {col}; name the columns"))
             } else if self.single_refs.contains(&u.name) || u.alias.as_ref().is_some_and(|a| self.single_refs.contains(a)) {
                 Some(format!("does not allow whole-row references to {table}: they include column {col}"))
@@ -664,6 +666,9 @@ pub(super) fn check_statement(p: &ScopePolicy, paths: &[Vec<String>], stmt: &Val
             }
         }
         other => return Err(format!("does not allow {other} statements")),
+    }
+    if w.star {
+        w.star_reach = super::expand::stars_reach(stmt);
     }
     w.finish(p);
     match w.problem {

@@ -29,8 +29,9 @@ pub struct SessionContext {
 pub enum Verdict {
     /// Forward it unchanged.
     Forward,
-    /// Forward this SQL instead.
-    Rewrite(String),
+    /// Forward this SQL instead, first telling the client `notice` (what the rewrite left
+    /// out), if any.
+    Rewrite { sql: String, notice: Option<String> },
     /// Do not run it; the client gets this error exactly where Postgres would have raised one:
     /// the rest of an extended-protocol batch is skipped until `Sync`, and an open transaction
     /// is left failed.

@@ -296,11 +296,11 @@ impl Session {
             }
             _ => Vec::new(),
         };
-        let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel::<Frame>(4);
+        let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel::<Frame>(NOTICES_QUEUED);
         let meters = Meters::new();
 
         let outcome = {
-            let up = client_to_upstream(&mut client_r, &mut up_w, &shared, hooks.as_ref(), &ctx, &handle, &meters);
+            let up = client_to_upstream(&mut client_r, &mut up_w, &shared, hooks.as_ref(), &ctx, &handle, &meters, &notice_tx);
             let down = upstream_to_client(&mut up_r, &mut client_w, &shared, hooks.as_ref(), &ctx, &mut notice_rx, &meters);
             tokio::pin!(up);
             tokio::pin!(down);
@@ -409,6 +409,9 @@ fn grant_ended(ctx: &SessionContext) -> ClientError {
 }
 
 /// A `WARNING` notice ahead of the grant's end.
+/// pglease's own notices waiting for the client (grant warnings, what a rewrite left out).
+const NOTICES_QUEUED: usize = 64;
+
 fn grant_warning(ctx: &SessionContext, before: Duration) -> Frame {
     let at = ctx.identity.expires_at.map(crate::time::rfc3339).unwrap_or_default();
     let what = match (&ctx.identity.grant_id, &ctx.identity.scope) {
@@ -481,7 +484,15 @@ async fn client_to_upstream(
     ctx: &SessionContext,
     handle: &SessionHandle,
     meters: &Meters,
+    notices: &tokio::sync::mpsc::Sender<Frame>,
 ) -> Outcome {
+    // A rewrite's notice goes to the client ahead of the rewritten statement's results (or
+    // right after, as the two directions run apart); one that finds the queue full is dropped.
+    let tell = |notice: Option<String>| {
+        if let Some(text) = notice {
+            let _ = notices.try_send(messages::encode_pgwire(&crate::error::notice("NOTICE", "00000", &text)));
+        }
+    };
     // After a refused extended-protocol message, Postgres semantics: skip until Sync.
     let mut discarding = false;
     let mut messages: u64 = 0;
@@ -517,7 +528,10 @@ async fn client_to_upstream(
                 let mut group = SyncGroup::new();
                 let out = match hooks.on_query(ctx, &query.sql).await {
                     Verdict::Forward => frame,
-                    Verdict::Rewrite(sql) => Query::encode(&sql),
+                    Verdict::Rewrite { sql, notice } => {
+                        tell(notice);
+                        Query::encode(&sql)
+                    }
                     Verdict::Refuse(error) => {
                         let marker = new_marker();
                         let f = Query::encode(&sentinel_sql(&marker));
@@ -535,7 +549,13 @@ async fn client_to_upstream(
                     Err(e) => return violation(e.to_string()),
                 };
                 handle.count_statement();
-                let verdict = hooks.on_parse(ctx, &parse).await;
+                let verdict = match hooks.on_parse(ctx, &parse).await {
+                    Verdict::Rewrite { sql, notice } => {
+                        tell(notice);
+                        Verdict::Rewrite { sql, notice: None }
+                    }
+                    v => v,
+                };
                 Some(extended(shared, frame, verdict, &mut discarding, |sql| Parse { sql, ..parse.clone() }.encode()))
             }
             b'B' => {
@@ -545,7 +565,7 @@ async fn client_to_upstream(
                 };
                 let verdict = match hooks.on_bind(ctx, &bind).await {
                     // A Bind has no SQL to rewrite; a hook that tries fails closed.
-                    Verdict::Rewrite(_) => Verdict::Refuse(ClientError::error(sqlstate::INTERNAL_ERROR, "pglease: a Bind cannot be rewritten")),
+                    Verdict::Rewrite { .. } => Verdict::Refuse(ClientError::error(sqlstate::INTERNAL_ERROR, "pglease: a Bind cannot be rewritten")),
                     v => v,
                 };
                 Some(extended(shared, frame, verdict, &mut discarding, |_| unreachable_rewrite()))
@@ -559,7 +579,7 @@ async fn client_to_upstream(
                     None
                 } else {
                     let verdict = match hooks.on_execute(ctx, &execute).await {
-                        Verdict::Rewrite(_) => Verdict::Refuse(ClientError::error(sqlstate::INTERNAL_ERROR, "pglease: an Execute cannot be rewritten")),
+                        Verdict::Rewrite { .. } => Verdict::Refuse(ClientError::error(sqlstate::INTERNAL_ERROR, "pglease: an Execute cannot be rewritten")),
                         v => v,
                     };
                     Some(extended(shared, frame, verdict, &mut discarding, |_| unreachable_rewrite()))
@@ -661,7 +681,7 @@ fn extended(shared: &Shared, frame: Frame, verdict: Verdict, discarding: &mut bo
     let group = st.open.get_or_insert_with(SyncGroup::new);
     match verdict {
         Verdict::Forward => frame,
-        Verdict::Rewrite(sql) => rewrite(sql),
+        Verdict::Rewrite { sql, .. } => rewrite(sql),
         Verdict::Refuse(error) => {
             *discarding = true;
             let marker = new_marker();
