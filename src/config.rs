@@ -485,6 +485,12 @@ pub struct TableRuleConfig {
     /// Columns that may not be read or written.
     #[serde(default)]
     pub deny_columns: Vec<String>,
+    /// Columns read only through a mask, by column: `partial(P, S)` (the first P and last S
+    /// characters, the rest `*`), `email` (first letter and domain), `redact`, `null`, or
+    /// `sql:EXPR` with `{value}` for the column. A masked column may be selected, never used to
+    /// filter, join, sort, group or aggregate.
+    #[serde(default)]
+    pub mask_columns: std::collections::BTreeMap<String, String>,
 }
 
 /// A kind of statement on a table.
@@ -955,6 +961,13 @@ impl Config {
                 if rule.allow.is_empty() {
                     return Err(ConfigError::invalid(&format!("scopes.{name}.tables[{i}].allow"), "must name at least one action"));
                 }
+                for (column, mask) in &rule.mask_columns {
+                    let key = format!("scopes.{name}.tables[{i}].mask_columns.{column}");
+                    if rule.deny_columns.contains(column) {
+                        return Err(ConfigError::invalid(&key, "is also in deny_columns: a column is denied or masked, not both"));
+                    }
+                    crate::policy::masks::Mask::parse(mask).map_err(|why| ConfigError::invalid(&key, &why))?;
+                }
             }
             if scope.search_path.is_empty() || scope.search_path.iter().any(|s| s.is_empty() || s.contains(['"', ','])) {
                 return Err(ConfigError::invalid(&key("search_path"), "must list one or more schema names"));
@@ -1072,6 +1085,21 @@ mod tests {
         password_env = "X"
         tls = "disable"
     "#;
+
+    #[test]
+    fn a_bad_mask_is_refused_naming_its_key() {
+        let scope = r#"
+        [scopes.support]
+        database = "shop"
+        role = "support"
+        password_env = "X"
+        tables = [{ name = "public.customers", allow = ["read"], mask_columns = { ssn = "shuffle" } }]"#;
+        let e = err(&format!("{MINIMAL}{scope}"));
+        assert!(e.contains("scopes.support.tables[0].mask_columns.ssn") && e.contains("unknown mask"), "{e}");
+        let both = scope.replace("mask_columns = { ssn = \"shuffle\" }", "deny_columns = [\"ssn\"], mask_columns = { ssn = \"redact\" }");
+        assert!(err(&format!("{MINIMAL}{both}")).contains("denied or masked, not both"));
+        Config::parse(&format!("{MINIMAL}{}", scope.replace("shuffle", "partial(0, 4)"))).unwrap();
+    }
 
     #[test]
     fn minimal_config_parses_with_defaults() {

@@ -44,8 +44,11 @@ async fn the_builtin_table_is_the_catalogs() {
         })
         .collect();
     let table: Vec<(String, Volatility)> = functions::BUILTINS.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect();
-    if major == functions::BUILTINS_MAJOR && live != table {
-        let source = functions::render_table(major, &rows).unwrap();
+    let mut aggregates: Vec<String> = client.query(functions::AGGREGATES_QUERY, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    aggregates.sort();
+    let known: Vec<String> = functions::AGGREGATES.iter().map(|a| (*a).to_owned()).collect();
+    if major == functions::BUILTINS_MAJOR && (live != table || aggregates != known) {
+        let source = functions::render_table(major, &rows, &aggregates).unwrap();
         if std::env::var_os("PGLEASE_BLESS").is_some() {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/policy/builtins_pg{major}.rs"));
             std::fs::write(&path, source).unwrap();
@@ -53,15 +56,20 @@ async fn the_builtin_table_is_the_catalogs() {
         }
         let missing: Vec<_> = live.iter().filter(|r| !table.contains(r)).take(20).collect();
         let extra: Vec<_> = table.iter().filter(|r| !live.contains(r)).take(20).collect();
-        panic!("src/policy/builtins_pg{major}.rs is not this Postgres's catalog (PGLEASE_BLESS=1 rewrites it)\n  in the catalog only: {missing:?}\n  in the table only: {extra:?}");
+        panic!(
+            "src/policy/builtins_pg{major}.rs is not this Postgres's catalog (PGLEASE_BLESS=1 rewrites it)\n  in the catalog only: {missing:?}\n  in the table only: {extra:?}\n  aggregates: {aggregates:?}"
+        );
     }
     assert_eq!(major, functions::BUILTINS_MAJOR, "the tests run against Postgres {major}; the table is of {}", functions::BUILTINS_MAJOR);
 }
 
 #[test]
 fn the_table_decides_by_volatility_and_the_deny_classes_stay_denied() {
-    // Sorted, without duplicates: the lookup is a binary search.
+    // Sorted, without duplicates: the lookups are binary searches.
     assert!(functions::BUILTINS.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(functions::AGGREGATES.windows(2).all(|w| w[0] < w[1]));
+    assert!(["count", "max", "string_agg", "row_number", "lag"].iter().all(|a| functions::is_aggregate(a)));
+    assert!(!functions::is_aggregate("lower"));
     assert!(functions::BUILTINS.len() > 2000, "{}", functions::BUILTINS.len());
     // Every name of every class that must stay refused by default is refused by default,
     // and is a real built-in (or a pattern over some), so the lists cannot rot unnoticed.

@@ -32,7 +32,8 @@ pub struct Expanded {
 /// What a `FROM` item is, for expanding a `*` over it.
 enum Item {
     /// A table with denied columns: `refname` is how the query names it.
-    Table { refname: String, qualified: String, columns: Vec<String>, denied: Vec<String> },
+    /// `masked`: some of its columns are masked (they are listed, and masked by `masks`).
+    Table { refname: String, qualified: String, columns: Vec<String>, denied: Vec<String>, masked: bool },
     /// Anything with a name and no denied columns (another table, a CTE, an aliased subquery).
     Other { refname: String },
     /// A join without USING, NATURAL or an alias: its sides' columns, in order.
@@ -54,7 +55,7 @@ impl Item {
     /// The select-list entries standing for this item's columns.
     fn pieces(&self, out: &mut Vec<String>, omitted: &mut Vec<(String, String)>) -> bool {
         match self {
-            Item::Table { refname, qualified, columns, denied } => {
+            Item::Table { refname, qualified, columns, denied, .. } => {
                 for c in columns {
                     if denied.contains(c) {
                         omitted.push((qualified.clone(), c.clone()));
@@ -170,7 +171,8 @@ impl Expander<'_> {
         }
         let candidates = self.policy.candidates(self.paths, Some(schema).filter(|s| !s.is_empty()), name);
         let denied: Vec<String> = candidates.iter().filter_map(|(s, t)| self.policy.rule_for(s, t)).flat_map(|(_, cols)| cols.iter().cloned()).collect();
-        if denied.is_empty() {
+        let masked = self.policy.masked_columns(self.paths, Some(schema).filter(|s| !s.is_empty()), name);
+        if denied.is_empty() && masked.is_empty() {
             return Item::Other { refname };
         }
         let column_aliases = alias.is_some_and(|a| !list(a, "colnames").is_empty());
@@ -181,7 +183,7 @@ impl Expander<'_> {
         // statement is checked against every candidate, so it cannot reach a denied column.)
         match (column_aliases, known.as_slice()) {
             (false, [(s, t, columns)]) => {
-                Item::Table { refname, qualified: format!("{s}.{t}"), columns: columns.to_vec(), denied }
+                Item::Table { refname, qualified: format!("{s}.{t}"), columns: columns.to_vec(), denied, masked: !masked.is_empty() }
             }
             _ => Item::Unsupported { refname: Some(refname) },
         }
@@ -277,22 +279,44 @@ impl Expander<'_> {
         Ok((start, end, format!("SELECT {} FROM{}", pieces.join(", "), &self.sql[after..end])))
     }
 
-    /// `COPY t TO …` as `COPY t (cols) TO …`.
+    /// `COPY t TO …` as `COPY t (cols) TO …`; with masked columns, `COPY (SELECT cols FROM t)
+    /// TO …` (a query's select list is where masks apply).
     fn copy(&mut self, body: &Value) -> Result<(), String> {
         let is_from = body.get("is_from").and_then(Value::as_bool).unwrap_or(false);
         let Some(rv) = body.get("relation").filter(|r| !r.is_null()) else { return Ok(()) };
-        if is_from || !list(body, "attlist").is_empty() {
+        if is_from {
             return Ok(());
         }
-        let Item::Table { columns, denied, qualified, .. } = self.range_var(rv) else { return Ok(()) };
-        let permitted: Vec<String> = columns.iter().filter(|c| !denied.contains(c)).map(|c| quote_ident(c)).collect();
-        if permitted.is_empty() {
+        let Item::Table { refname, columns, denied, qualified, masked } = self.range_var(rv) else { return Ok(()) };
+        let named: Vec<String> = list(body, "attlist").iter().filter_map(tagged).map(|(_, f)| s(f, "sval").to_owned()).collect();
+        if !named.is_empty() && !masked {
+            // Explicit columns: checked as named.
+            return Ok(());
+        }
+        let chosen: Vec<&String> = if named.is_empty() { columns.iter().filter(|c| !denied.contains(c)).collect() } else { named.iter().collect() };
+        if chosen.is_empty() {
             return Ok(());
         }
         let name = self.token_at(location(rv).max(0) as usize).ok_or("could not find the table in the statement")?;
-        let end = self.tokens[self.name_end(name).ok_or("could not find the table in the statement")?].end as usize;
-        self.edits.push((end, end, format!(" ({})", permitted.join(", "))));
-        self.omitted.extend(columns.iter().filter(|c| denied.contains(c)).map(|c| (qualified.clone(), c.clone())));
+        let start = self.tokens[name].start as usize;
+        let name_end = self.name_end(name).ok_or("could not find the table in the statement")?;
+        let mut end = self.tokens[name_end].end as usize;
+        if !named.is_empty() {
+            // Through the column list's closing parenthesis.
+            let close = self.tokens[name_end..].iter().position(|t| t.token == Token::Ascii41 as i32).ok_or("could not find the column list")?;
+            end = self.tokens[name_end + close].end as usize;
+        }
+        let text = if masked {
+            let cols: Vec<String> = chosen.iter().map(|c| format!("{}.{}", quote_ident(&refname), quote_ident(c))).collect();
+            (start, end, format!("(SELECT {} FROM {})", cols.join(", "), &self.sql[start..self.tokens[name_end].end as usize]))
+        } else {
+            let cols: Vec<String> = chosen.iter().map(|c| quote_ident(c)).collect();
+            (end, end, format!(" ({})", cols.join(", ")))
+        };
+        self.edits.push(text);
+        if named.is_empty() {
+            self.omitted.extend(columns.iter().filter(|c| denied.contains(c)).map(|c| (qualified.clone(), c.clone())));
+        }
         Ok(())
     }
 
@@ -352,8 +376,8 @@ pub fn expand(policy: &ScopePolicy, paths: &[Vec<String>], sql: &str, tree: &Val
     Ok(Some(Expanded { sql: out, omitted }))
 }
 
-/// The NOTICE telling the client what `*` left out.
-pub fn notice(scope: &str, omitted: &[(String, String)]) -> String {
+/// What `*` left out, for the client's NOTICE.
+pub fn left_out(omitted: &[(String, String)]) -> String {
     let mut by_table: Vec<(String, Vec<String>)> = Vec::new();
     for (table, column) in omitted {
         match by_table.iter_mut().find(|(t, _)| t == table) {
@@ -365,7 +389,7 @@ pub fn notice(scope: &str, omitted: &[(String, String)]) -> String {
         .iter()
         .map(|(table, cols)| format!("{} {} of {table}", if cols.len() == 1 { "column" } else { "columns" }, cols.join(", ")))
         .collect();
-    format!("pglease: scope \"{scope}\" left out {} from *", parts.join("; "))
+    format!("left out {} from *", parts.join("; "))
 }
 
 /// The tables' names (as written, or their aliases) that some `*` in `stmt` may expand over:

@@ -9,6 +9,7 @@ mod builtins_pg15;
 pub mod expand;
 pub mod functions;
 pub mod hooks;
+pub mod masks;
 pub mod rolecheck;
 mod rewrite;
 pub mod schema;
@@ -85,6 +86,7 @@ struct TableRule {
     table: String,
     actions: HashSet<Action>,
     deny_columns: Vec<String>,
+    masks: std::collections::BTreeMap<String, masks::Mask>,
 }
 
 fn glob(pattern: &str, name: &str) -> bool {
@@ -167,6 +169,9 @@ pub const ROW_CAP_REASON: &str = "results are capped at";
 /// The reason of a rewrite that expanded `*` to the permitted columns.
 pub const EXPANDED_REASON: &str = "* expanded to the columns the scope may read";
 
+/// The reason of a rewrite that applied masks.
+pub const MASKED_REASON: &str = "masked columns read through their masks";
+
 /// Statements after which the tables' columns may differ.
 const CHANGES_COLUMNS: &[&str] =
     &["CreateStmt", "CreateTableAsStmt", "AlterTableStmt", "DropStmt", "RenameStmt", "ViewStmt", "CreateForeignTableStmt", "AlterObjectSchemaStmt"];
@@ -243,7 +248,9 @@ impl ScopePolicy {
                         Action::Maintenance,
                     ]);
                 }
-                TableRule { schema: schema.to_owned(), table: table.to_owned(), actions, deny_columns: r.deny_columns.clone() }
+                // Config validation names a mask that does not parse; one that slipped past shows nothing.
+                let masks = r.mask_columns.iter().map(|(c, m)| (c.clone(), masks::Mask::parse(m).unwrap_or(masks::Mask::Null))).collect();
+                TableRule { schema: schema.to_owned(), table: table.to_owned(), actions, deny_columns: r.deny_columns.clone(), masks }
             })
             .collect();
         let read_only = rules.iter().all(|r| r.actions.iter().all(|a| matches!(a, Action::Read | Action::CopyOut)));
@@ -281,10 +288,16 @@ impl ScopePolicy {
         all
     }
 
-    /// The (schema, table) patterns of the rules that deny columns: the tables whose columns
-    /// the policy needs to expand `*`.
+    /// The (schema, table) patterns of the rules that deny or mask columns: the tables whose
+    /// columns the policy needs to expand `*`.
     pub fn column_rule_patterns(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.rules.iter().filter(|r| !r.deny_columns.is_empty()).map(|r| (r.schema.as_str(), r.table.as_str()))
+        self.rules.iter().filter(|r| !r.deny_columns.is_empty() || !r.masks.is_empty()).map(|r| (r.schema.as_str(), r.table.as_str()))
+    }
+
+    /// The rule in force for `schema.table`.
+    fn rule_of(&self, schema: &str, table: &str) -> Option<&TableRule> {
+        let (schema, table) = (truncate_ident(schema), truncate_ident(table));
+        self.rules.iter().find(|r| glob(&r.schema, schema) && glob(&r.table, table))
     }
 
     /// The schema known for `database`.
@@ -325,10 +338,20 @@ impl ScopePolicy {
         if Self::is_catalog(schema) && !matches!(action, Action::Read | Action::CopyOut) {
             return false;
         }
+        // The planner's statistics views show sample values of every column the role may read,
+        // the masked ones too (the role reads them to mask them).
+        if schema == "pg_catalog" && table.starts_with("pg_stats") && self.rules.iter().any(|r| !r.masks.is_empty()) {
+            return false;
+        }
         if let Some((actions, _)) = self.rule_for(schema, table) {
             return actions.contains(&action);
         }
         self.catalog && action == Action::Read && Self::is_catalog(schema)
+    }
+
+    /// Masked columns of the table(s) a possibly unqualified name can resolve to.
+    pub fn masked_columns(&self, paths: &[Vec<String>], schema: Option<&str>, table: &str) -> Vec<String> {
+        self.candidates(paths, schema, table).iter().filter_map(|(s, t)| self.rule_of(s, t)).flat_map(|r| r.masks.keys().cloned()).collect()
     }
 
     /// Denied columns of the table(s) a possibly unqualified name can resolve to.
@@ -555,6 +578,29 @@ impl ScopePolicy {
                 Err(why) => return (Verdict { decision: self.deny(format!("could not expand *: {why}")), effects: vec![] }, Some(tree)),
             }
         }
+        // Masked columns in select lists read through their masks; anywhere else they refuse.
+        let mut masked = None;
+        if self.rules.iter().any(|r| !r.masks.is_empty()) {
+            let current = expanded.as_ref().map_or(sql, |e: &expand::Expanded| e.sql.as_str());
+            match masks::apply(self, paths, current, &tree) {
+                Ok(None) => {}
+                Ok(Some(m)) => {
+                    let reparsed = pg_query::parse(&m.sql, 0)
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| Ok((serde_json::to_value(&p.protobuf).map_err(|e| e.to_string())?, p)))
+                        .and_then(|(t, p)| masks::verify(self, paths, &t, &m.ranges).map(|()| (t, p)));
+                    match reparsed {
+                        Ok((t, p)) => {
+                            tree = t;
+                            parsed = p;
+                            masked = Some(m);
+                        }
+                        Err(why) => return (Verdict { decision: self.deny(format!("could not apply its masks: {why}")), effects: vec![] }, Some(tree)),
+                    }
+                }
+                Err(why) => return (Verdict { decision: self.deny(why), effects: vec![] }, Some(tree)),
+            }
+        }
         let mut effects = Vec::new();
         let statements = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         for (i, stmt) in statements.iter().enumerate() {
@@ -598,7 +644,21 @@ impl ScopePolicy {
         }) {
             effects.push(Effect::SchemaChanged);
         }
-        let notice = expanded.as_ref().filter(|e| !e.omitted.is_empty()).map(|e| expand::notice(&self.name, &e.omitted));
+        let notice = {
+            let mut parts = Vec::new();
+            if let Some(e) = expanded.as_ref().filter(|e| !e.omitted.is_empty()) {
+                parts.push(expand::left_out(&e.omitted));
+            }
+            if let Some(m) = &masked {
+                parts.push(masks::notice(&m.masked));
+            }
+            (!parts.is_empty()).then(|| format!("pglease: scope \"{}\" {}", self.name, parts.join("; ")))
+        };
+        let rewritten = match (masked, expanded) {
+            (Some(m), e) => Some((m.sql, if e.is_some() { format!("{EXPANDED_REASON}; {MASKED_REASON}") } else { MASKED_REASON.to_owned() })),
+            (None, Some(e)) => Some((e.sql, EXPANDED_REASON.to_owned())),
+            (None, None) => None,
+        };
         let capped = match self.row_limit {
             Some(limit) => match rewrite::apply_row_limit(parsed.protobuf, limit) {
                 Ok(capped) => capped.map(|sql| (sql, format!("{ROW_CAP_REASON} {limit} rows"))),
@@ -606,10 +666,10 @@ impl ScopePolicy {
             },
             None => None,
         };
-        let decision = match (capped, expanded) {
-            (Some((sql, reason)), Some(_)) => Decision::Rewrite { sql, reason: format!("{reason}; {EXPANDED_REASON}"), notice },
+        let decision = match (capped, rewritten) {
+            (Some((sql, reason)), Some((_, also))) => Decision::Rewrite { sql, reason: format!("{reason}; {also}"), notice },
             (Some((sql, reason)), None) => Decision::Rewrite { sql, reason, notice },
-            (None, Some(e)) => Decision::Rewrite { sql: e.sql, reason: EXPANDED_REASON.to_owned(), notice },
+            (None, Some((sql, reason))) => Decision::Rewrite { sql, reason, notice },
             (None, None) => Decision::Allow,
         };
         (Verdict { decision, effects }, Some(tree))

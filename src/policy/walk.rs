@@ -492,7 +492,11 @@ impl Walker {
         // Column rules: a denied column may not be named, and may not be reached through `*`,
         // a whole-row reference, NATURAL JOIN, or a statement that covers every column.
         for (idx, u) in self.uses.iter().enumerate() {
-            let denied = p.denied_columns(&self.paths, u.schema.as_deref(), &u.name);
+            let named = p.denied_columns(&self.paths, u.schema.as_deref(), &u.name);
+            // Masked columns may be named (`masks` decides where); any other way of reaching
+            // them (`*`, a whole row, NATURAL JOIN, every column) is refused like a denied one.
+            let mut denied = named.clone();
+            denied.extend(p.masked_columns(&self.paths, u.schema.as_deref(), &u.name));
             if denied.is_empty() {
                 continue;
             }
@@ -501,7 +505,7 @@ impl Walker {
                 None => u.name.clone(),
             };
             let col = &denied[0];
-            let problem = if let Some(c) = denied.iter().find(|c| self.idents.contains(*c)) {
+            let problem = if let Some(c) = named.iter().find(|c| self.idents.contains(*c)) {
                 Some(format!("does not allow column {c} of {table}"))
             } else if self.star && (self.star_reach.contains(&u.name) || u.alias.as_ref().is_some_and(|a| self.star_reach.contains(a))) {
                 Some(format!("does not allow * on {table}: it includes column {col}; name the columns"))
@@ -512,7 +516,7 @@ impl Walker {
             } else if self.all_columns.contains(&idx) {
                 Some(format!("does not allow statements on every column of {table}: it includes column {col}; list the columns"))
             } else {
-                self.written.iter().find(|(i, c)| *i == idx && denied.contains(c)).map(|(_, c)| format!("does not allow column {c} of {table}"))
+                self.written.iter().find(|(i, c)| *i == idx && named.contains(c)).map(|(_, c)| format!("does not allow column {c} of {table}"))
             };
             if let Some(problem) = problem {
                 self.problem = Some(problem);
