@@ -728,9 +728,17 @@ mod tests {
         let mut rider = Box::pin(log.append(event(2)));
         assert!(pending_after_one_poll(&mut flusher).await, "the flusher yields before writing");
         assert!(pending_after_one_poll(&mut rider).await, "the second waits for the flusher");
-        // Dropping the flusher writes the queue there and then.
+        // Dropping the flusher writes the queue there and then (or the maintenance thread,
+        // which may have taken the queue a moment before, is writing it: wait for it).
         drop(flusher);
-        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        let lines = || std::fs::read_to_string(&path).map(|t| t.lines().count()).unwrap_or(0);
+        for _ in 0..500 {
+            if lines() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(lines(), 2);
         assert_eq!(rider.await.unwrap(), 2);
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
         drop(log);

@@ -150,8 +150,10 @@ impl Expander<'_> {
                 let merged = !list(body, "using_clause").is_empty() || body.get("is_natural").and_then(Value::as_bool).unwrap_or(false);
                 let aliased = body.get("alias").is_some_and(|a| !a.is_null());
                 if merged || aliased {
-                    // Members stay findable for `t.*`, but `*` over the join is not exact.
-                    return Item::Join(vec![Item::Unsupported { refname: None }].into_iter().chain(sides).collect());
+                    // Members stay findable for `t.*`, but `*` over the join is not exact; nor
+                    // is `j.*` over the join's alias.
+                    let alias = body.get("alias").filter(|a| !a.is_null()).map(|a| s(a, "aliasname").to_owned());
+                    return Item::Join(vec![Item::Unsupported { refname: alias }].into_iter().chain(sides).collect());
                 }
                 Item::Join(sides)
             }
@@ -191,7 +193,7 @@ impl Expander<'_> {
 
     /// The index of the token that starts at byte `at`.
     fn token_at(&self, at: usize) -> Option<usize> {
-        self.tokens.iter().position(|t| t.start as usize == at)
+        self.tokens.binary_search_by_key(&at, |t| t.start as usize).ok()
     }
 
     fn is_name(t: &ScanToken) -> bool {
@@ -220,6 +222,7 @@ impl Expander<'_> {
             }
         }
         let from = list(body, "from_clause");
+        let mut items: Option<Vec<Item>> = None;
         for target in list(body, "target_list") {
             let Some(("ResTarget", rt)) = tagged(target) else { continue };
             let Some(("ColumnRef", cr)) = rt.get("val").and_then(tagged) else { continue };
@@ -227,7 +230,7 @@ impl Expander<'_> {
             if !fields.last().and_then(tagged).is_some_and(|(t, _)| t == "AStar") {
                 continue;
             }
-            let items: Vec<Item> = from.iter().map(|n| self.item(n)).collect();
+            let items: &Vec<Item> = items.get_or_insert_with(|| from.iter().map(|n| self.item(n)).collect());
             let names: Vec<&str> = fields[..fields.len() - 1].iter().filter_map(tagged).map(|(_, f)| s(f, "sval")).collect();
             let target_item: Option<&Item> = match names.as_slice() {
                 [] => None,
@@ -401,8 +404,60 @@ pub fn stars_reach(stmt: &Value) -> HashSet<String> {
     direct_stars(stmt, &mut reach, &mut direct);
     let mut all = HashSet::new();
     every_table(stmt, &mut all);
-    other_stars(stmt, &direct, &all, &mut reach);
+    let joins = joins(stmt);
+    other_stars(stmt, &direct, &all, &joins, &mut reach);
     reach
+}
+
+/// What a statement's joins hide: the tables under each join alias (`(a JOIN b) AS j`: `j.*`
+/// and a whole-row `j` reach both), and the tables whose columns an alias list renames
+/// (`customers c(a, b)`, `(a JOIN b) AS j(x, y)`).
+#[derive(Debug, Default)]
+pub struct Joins {
+    pub beneath: std::collections::HashMap<String, HashSet<String>>,
+    pub renamed: HashSet<String>,
+}
+
+pub fn joins(stmt: &Value) -> Joins {
+    let mut out = Joins::default();
+    fn walk(v: &Value, out: &mut Joins) {
+        match v {
+            Value::Object(m) => {
+                if let Some(j) = m.get("JoinExpr")
+                    && let Some(alias) = j.get("alias").filter(|a| !a.is_null())
+                {
+                    let mut names = HashSet::new();
+                    ["larg", "rarg"].iter().filter_map(|k| j.get(*k)).for_each(|n| from_names_deep(n, &mut names));
+                    if !list(alias, "colnames").is_empty() {
+                        out.renamed.extend(names.iter().cloned());
+                    }
+                    out.beneath.entry(s(alias, "aliasname").to_owned()).or_default().extend(names);
+                }
+                if let Some(rv) = m.get("RangeVar")
+                    && let Some(alias) = rv.get("alias").filter(|a| !a.is_null())
+                    && !list(alias, "colnames").is_empty()
+                {
+                    out.renamed.insert(s(rv, "relname").to_owned());
+                    out.renamed.insert(s(alias, "aliasname").to_owned());
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(stmt, &mut out);
+    out
+}
+
+/// The names of the tables under a `FROM` item, through nested joins of any kind.
+fn from_names_deep(node: &Value, out: &mut HashSet<String>) {
+    let Some((ty, body)) = tagged(node) else { return };
+    match ty {
+        "RangeVar" | "RangeTableSample" => from_names(node, out),
+        "JoinExpr" => ["larg", "rarg"].iter().filter_map(|k| body.get(*k)).for_each(|n| from_names_deep(n, out)),
+        _ => {}
+    }
 }
 
 /// The names a `FROM` item gives its tables (not those inside subqueries: their own level).
@@ -468,7 +523,7 @@ fn every_table(v: &Value, out: &mut HashSet<String>) {
     }
 }
 
-fn other_stars(v: &Value, direct: &HashSet<*const Value>, all: &HashSet<String>, reach: &mut HashSet<String>) {
+fn other_stars(v: &Value, direct: &HashSet<*const Value>, all: &HashSet<String>, joins: &Joins, reach: &mut HashSet<String>) {
     match v {
         Value::Object(m) => {
             if let Some(cr) = m.get("node").and_then(|n| n.get("ColumnRef")) {
@@ -476,15 +531,17 @@ fn other_stars(v: &Value, direct: &HashSet<*const Value>, all: &HashSet<String>,
                 if fields.last().and_then(tagged).is_some_and(|(t, _)| t == "AStar") && !direct.contains(&(v as *const Value)) {
                     match fields[..fields.len() - 1].last().and_then(tagged) {
                         Some((_, q)) => {
-                            reach.insert(s(q, "sval").to_owned());
+                            let q = s(q, "sval");
+                            reach.insert(q.to_owned());
+                            reach.extend(joins.beneath.get(q).into_iter().flatten().cloned());
                         }
                         None => reach.extend(all.iter().cloned()),
                     }
                 }
             }
-            m.values().for_each(|x| other_stars(x, direct, all, reach));
+            m.values().for_each(|x| other_stars(x, direct, all, joins, reach));
         }
-        Value::Array(a) => a.iter().for_each(|x| other_stars(x, direct, all, reach)),
+        Value::Array(a) => a.iter().for_each(|x| other_stars(x, direct, all, joins, reach)),
         _ => {}
     }
 }

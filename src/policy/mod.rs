@@ -338,9 +338,10 @@ impl ScopePolicy {
         if Self::is_catalog(schema) && !matches!(action, Action::Read | Action::CopyOut) {
             return false;
         }
-        // The planner's statistics views show sample values of every column the role may read,
-        // the masked ones too (the role reads them to mask them).
-        if schema == "pg_catalog" && table.starts_with("pg_stats") && self.rules.iter().any(|r| !r.masks.is_empty()) {
+        // The planner's statistics views show sample values of every column the role may read:
+        // the masked ones (the role reads them to mask them), and denied ones should a role's
+        // GRANTs be wider than its scope.
+        if schema == "pg_catalog" && table.starts_with("pg_stats") && self.rules.iter().any(|r| !r.masks.is_empty() || !r.deny_columns.is_empty()) {
             return false;
         }
         if let Some((actions, _)) = self.rule_for(schema, table) {

@@ -797,3 +797,30 @@ fn masks_parse_and_render() {
     assert!(Mask::parse("sql: left({value}, 2) ||").unwrap_err().contains("one SQL expression"));
     assert_eq!(Mask::parse("sql: left({value}, 2) || '…'").unwrap().sql("c.name"), "(left((c.name), 2) || '…')");
 }
+
+/// What an independent review found: join aliases, column alias lists and the planner's
+/// statistics reach a denied column without naming it.
+#[test]
+fn join_aliases_column_aliases_and_statistics_do_not_reach_denied_columns() {
+    for s in [scope("support"), masking()] {
+        for sql in [
+            "SELECT j.* FROM (customers JOIN orders.orders o ON true) AS j",
+            "SELECT j.* FROM (customers CROSS JOIN (SELECT 1) x) AS j",
+            "SELECT to_json(j) FROM (customers c CROSS JOIN orders.orders) j",
+            "SELECT (j).* FROM (customers CROSS JOIN (SELECT 1) x) j",
+            "SELECT hash_record(j) FROM (customers CROSS JOIN (SELECT 1) x) j",
+            "SELECT d FROM customers c(a, b, e, d)",
+            "SELECT id FROM customers c(a, b, e, d) WHERE d LIKE '9%'",
+            "SELECT e FROM (customers c CROSS JOIN (SELECT 1) x) AS j(a, b, c2, e)",
+            "SELECT histogram_bounds::text FROM pg_stats WHERE attname = 'ssn'",
+            "SELECT most_common_vals::text FROM pg_catalog.pg_stats",
+        ] {
+            match s.decide_with_schema(sql, Some(&shop_schema())).decision {
+                Decision::Deny { .. } => {}
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // A join alias over tables without denied columns is fine.
+        allowed(&s, "SELECT j.* FROM (orders.orders o JOIN orders.orders p ON p.id = o.id) AS j");
+    }
+}

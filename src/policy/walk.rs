@@ -38,6 +38,8 @@ struct Walker {
     star: bool,
     /// The names of the tables some `*` may expand over (see `expand::stars_reach`).
     star_reach: HashSet<String>,
+    /// What the statement's join aliases and column alias lists cover (see `expand::joins`).
+    joins: super::expand::Joins,
     natural_join: bool,
     locking: bool,
     /// Inside a DDL statement: every relation is a DDL target.
@@ -509,7 +511,11 @@ impl Walker {
                 Some(format!("does not allow column {c} of {table}"))
             } else if self.star && (self.star_reach.contains(&u.name) || u.alias.as_ref().is_some_and(|a| self.star_reach.contains(a))) {
                 Some(format!("does not allow * on {table}: it includes column {col}; name the columns"))
-            } else if self.single_refs.contains(&u.name) || u.alias.as_ref().is_some_and(|a| self.single_refs.contains(a)) {
+            } else if self.joins.renamed.contains(&u.name) || u.alias.as_ref().is_some_and(|a| self.joins.renamed.contains(a)) {
+                Some(format!("does not allow column aliases over {table}: they would rename column {col}"))
+            } else if self.single_refs.iter().any(|r| {
+                *r == u.name || u.alias.as_ref() == Some(r) || self.joins.beneath.get(r).is_some_and(|b| b.contains(&u.name) || u.alias.as_ref().is_some_and(|a| b.contains(a)))
+            }) {
                 Some(format!("does not allow whole-row references to {table}: they include column {col}"))
             } else if self.natural_join {
                 Some(format!("does not allow NATURAL JOIN with {table}: it may join on column {col}"))
@@ -674,6 +680,7 @@ pub(super) fn check_statement(p: &ScopePolicy, paths: &[Vec<String>], stmt: &Val
     if w.star {
         w.star_reach = super::expand::stars_reach(stmt);
     }
+    w.joins = super::expand::joins(stmt);
     w.finish(p);
     match w.problem {
         Some(problem) => Err(problem),
