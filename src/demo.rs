@@ -75,12 +75,12 @@ statement_timeout = "30s"
 tables = [{ name = "orders.*", allow = ["read", "copy-out"] }]
 
 [support]
-description = "read customers (without ssn) and orders"
+description = "read customers (ssn masked but its last four digits) and orders"
 database = "shop"
 role = "pglease_support"
 max_duration = "8h"
 tables = [
-  { name = "public.customers", allow = ["read"], deny_columns = ["ssn"] },
+  { name = "public.customers", allow = ["read"], mask_columns = { ssn = "partial(0, 4)" } },
   { name = "orders.orders", allow = ["read"] },
 ]
 

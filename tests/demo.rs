@@ -82,6 +82,20 @@ async fn the_demo_serves_grants_and_cleans_up_after_itself() {
     let (ok, out, err) = psql(&conn, g["password"].as_str().unwrap(), "update orders.orders set status = 'paid' where id = 42 returning status").await;
     assert!(ok, "{err}");
     assert!(out.starts_with("paid"), "{out}");
+    // Under support, `SELECT *` on customers works, ssn masked but its last four digits.
+    let out = admin(tokens["alice"].as_str().unwrap(), &["grant", "request", "--scope", "support", "--for", "30m", "--reason", "ticket 7", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = admin(tokens["bob"].as_str().unwrap(), &["grant", "approve", g["id"].as_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conn = conninfo_of(g["psql"].as_str().unwrap()) + &format!(" sslrootcert={}", info["ca_cert"].as_str().unwrap());
+    let (ok, out, err) = psql(&conn, g["password"].as_str().unwrap(), "select * from customers where id = 7").await;
+    assert!(ok, "{err}");
+    // Customer 7: ssn 433-07-0217 in SHOP_SCHEMA's formula.
+    assert_eq!(out, "7|Customer 7|customer7@example.com|*******0217");
+    assert!(err.contains("NOTICE:  pglease: scope \"support\" masked column ssn of public.customers"), "{err}");
+    let (ok, _, err) = psql(&conn, g["password"].as_str().unwrap(), "select id from customers where ssn like '433%'").await;
+    assert!(!ok && err.contains("does not allow masked column ssn of public.customers outside a select list"), "{err}");
     // Lifecycle events were written.
     let events = std::fs::read_to_string(info["audit_log"].as_str().unwrap()).unwrap();
     assert!(events.contains("grant_approved") && events.contains("session_opened"), "{events}");
