@@ -25,8 +25,13 @@ async fn run_workload(env: &GrantsEnv, program: &str, args: &[&str], dir: &Path)
 
 /// Runs a script with a fresh `app` grant's login; returns its output once it printed "done".
 async fn run_script(env: &GrantsEnv, program: &str, args: &[&str], dir: &Path, marker: &str) -> String {
+    run_script_as(env, "app", program, args, dir, marker).await
+}
+
+/// Runs a script with a fresh grant of `scope`; returns its output once it printed "done".
+async fn run_script_as(env: &GrantsEnv, scope: &str, program: &str, args: &[&str], dir: &Path, marker: &str) -> String {
     let h = common::harness().await;
-    let (_, login, password) = env.active_grant("app", "1h").await;
+    let (_, login, password) = env.active_grant(scope, "1h").await;
     let (program, args, dir) = (program.to_owned(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), dir.to_owned());
     let port = env.proxy_addr.port().to_string();
     let database = env.database.clone();
@@ -98,6 +103,21 @@ async fn jdbc_workload() {
     let env = GrantsEnv::start(EnvOptions::default()).await;
     let out = run_workload(&env, "java", &["-cp", "/usr/share/java/postgresql.jar", "Workload.java"], &drivers_dir().join("jdbc")).await;
     for step in ["ok binary #3", "ok copy in and out", "ok denied", "ok application_name", "ok pg_stat_activity stamp"] {
+        assert!(out.contains(step), "{step}:\n{out}");
+    }
+}
+
+/// Masked columns reach psycopg (text and binary results, COPY) and JDBC (server-prepared,
+/// simple protocol, COPY) masked, and a masked column used to filter or sort is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_columns_reach_drivers_masked() {
+    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let out = run_script_as(&env, "masked", "python3", &["psycopg_masked.py"], &drivers_dir(), "unused").await;
+    for step in ["ok binary masked", "ok text masked", "ok notice", "ok copy masked", "ok where refused"] {
+        assert!(out.contains(step), "{step}:\n{out}");
+    }
+    let out = run_script_as(&env, "masked", "java", &["-cp", "/usr/share/java/postgresql.jar", "Masked.java"], &drivers_dir().join("jdbc"), "unused").await;
+    for step in ["ok extended masked #3", "ok simple masked #3", "ok extended copy masked", "ok simple order by refused"] {
         assert!(out.contains(step), "{step}:\n{out}");
     }
 }

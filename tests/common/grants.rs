@@ -133,6 +133,12 @@ impl GrantsEnv {
             max_duration = "1h"
             settings = ["jit", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "search_path"]
             tables = [{{ name = "public.t", allow = ["read", "insert", "update", "delete", "copy-in", "copy-out"] }}, {{ name = "app.items", allow = ["read"] }}]
+            [masked]
+            database = "{db}"
+            role = "{masked}"
+            password_env = "UNUSED"
+            max_duration = "1h"
+            tables = [{{ name = "public.people", allow = ["read", "copy-out"], mask_columns = {{ ssn = "partial(0, 4)", name = "redact" }} }}]
             [leaky]
             database = "{db}"
             role = "{leaky}"
@@ -145,6 +151,7 @@ impl GrantsEnv {
             dba = role("dba"),
             support = role("support"),
             leaky = role("leaky"),
+            masked = role("masked"),
             app = role("app"),
             app_databases = if options.second_database { format!("databases = [\"{db}\", \"{db}_2\"]") } else { format!("database = \"{db}\"") },
         ))
