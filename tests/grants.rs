@@ -106,7 +106,7 @@ async fn api_calls_need_a_valid_token_and_the_right_role() {
     assert!(env.api(Some(CAROL), "POST", "/sessions/1/kill", json!({})).await.unwrap_err().contains("403"));
     assert!(env.api(Some(CAROL), "POST", "/grants", json!({"scope": "read", "duration": "1m", "reason": "x"})).await.unwrap_err().contains("403"));
     assert!(env.api(Some(CAROL), "GET", "/sessions", json!({})).await.is_ok());
-    assert_eq!(env.api(Some(ALICE), "GET", "/scopes", json!({})).await.unwrap().as_array().unwrap().len(), 6);
+    assert_eq!(env.api(Some(ALICE), "GET", "/scopes", json!({})).await.unwrap().as_array().unwrap().len(), 7);
     // Engineers see only their own grants.
     env.active_grant("read", "10m").await; // alice's
     env.api(Some(BOB), "POST", "/grants/issue", json!({"user": "carol", "scope": "read", "duration": "10m", "reason": "x"})).await.unwrap();

@@ -1,15 +1,32 @@
-//! The policy decision on arbitrary SQL, for every demo scope: never a panic, and the cached
-//! decision (exact text or statement shape) is always the one computed from scratch.
+//! The policy decision on arbitrary SQL, for every demo scope (knowing the demo's tables) and a
+//! variant of `support` that denies ssn instead of masking it: never a panic; the cached
+//! decision (exact text or statement shape) is always the one computed from scratch; and no
+//! rewrite (`*` expanded, masks applied) reads ssn outside a mask.
 #![no_main]
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use pglease::policy::ScopePolicy;
+use pglease::policy::{Decision, ScopePolicy};
 
 fn scopes() -> &'static Vec<ScopePolicy> {
     static SCOPES: OnceLock<Vec<ScopePolicy>> = OnceLock::new();
-    SCOPES.get_or_init(|| pglease::demo::demo_scopes().iter().map(|(name, c)| ScopePolicy::from_config(name, c)).collect())
+    SCOPES.get_or_init(|| {
+        let mut scopes = pglease::demo::demo_scopes();
+        let mut deny = scopes["support"].clone();
+        deny.tables[0].mask_columns.clear();
+        deny.tables[0].deny_columns = vec!["ssn".into()];
+        scopes.insert("support-deny".into(), deny);
+        let schema = Arc::new(pglease::policy::schema::Schema::from_ddl(pglease::demo::SHOP_SCHEMA).expect("the demo schema parses"));
+        scopes
+            .iter()
+            .map(|(name, c)| {
+                let policy = ScopePolicy::from_config(name, c);
+                policy.set_schema(policy.default_database().to_owned().as_str(), Some(schema.clone()));
+                policy
+            })
+            .collect()
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -19,5 +36,9 @@ fuzz_target!(|data: &[u8]| {
         let fresh = scope.decide_uncached(sql);
         // One line, so the whole finding survives a filtered log.
         assert!(cached == fresh, "scope {}: decided {cached:?} from the cache but {fresh:?} from scratch for {sql:?}", scope.name);
+        if let Decision::Rewrite { sql: out, .. } = &fresh.decision {
+            let unmasked = pglease::policy::masks::references_outside_case(out, "ssn").unwrap_or_else(|e| panic!("scope {}: the rewrite of {sql:?} does not parse: {e}", scope.name));
+            assert!(unmasked == 0, "scope {}: the rewrite of {sql:?} reads ssn unmasked: {out:?}", scope.name);
+        }
     }
 });
