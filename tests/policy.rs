@@ -240,6 +240,43 @@ async fn star_over_denied_columns_returns_the_permitted_ones() {
     assert!(seen.is_some(), "the new column never showed in *");
 }
 
+/// The `hash` mask is HMAC-SHA256 under a key the backing role cannot read: equal values hash
+/// equal, the hash is the real HMAC of the value, and nobody may call the function themselves.
+#[tokio::test]
+async fn hash_masks_are_keyed_hmacs_no_one_can_compute_for_guesses() {
+    use hmac::Mac;
+    let env = env().await;
+    let (_, login, password) = env.active_grant("masked", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let rows = client.query("SELECT id, number FROM cards ORDER BY id", &[]).await.unwrap();
+    let hashes: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(hashes[0], hashes[2], "equal values hash equal");
+    assert_ne!(hashes[0], hashes[1]);
+    assert!(hashes.iter().all(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())), "{hashes:?}");
+    // It is HMAC-SHA256 under the role's key (which the superuser can read).
+    let role = format!("{}_masked", env.database);
+    let direct = env.direct().await;
+    let key = direct.query_one("SELECT inner_pad FROM pglease_masks.keys WHERE role = $1", &[&role]).await.unwrap();
+    let key: Vec<u8> = key.get::<_, Vec<u8>>(0).iter().map(|b| b ^ 0x36).collect();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(b"4111111111111111");
+    let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hashes[0], expected);
+    // Hashing a guess to compare is refused; so is joining on the real value.
+    for sql in ["SELECT pglease_masks.hash('4111111111111111')", "SELECT c.id FROM cards c JOIN cards d ON c.number = d.number"] {
+        let e = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}");
+    }
+    // The backing role itself cannot read the keys.
+    let h = common::harness().await;
+    let mut config = h.cluster.superuser_config(&env.database);
+    config.user(&role).password(format!("pw-{role}"));
+    let (as_role, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let e = as_role.simple_query("SELECT * FROM pglease_masks.keys").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+}
+
 #[tokio::test]
 async fn a_scope_whose_role_can_do_more_is_not_served() {
     let env = env().await;

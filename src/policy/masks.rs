@@ -29,6 +29,11 @@ pub enum Mask {
     Redact,
     /// NULL, of the column's own type.
     Null,
+    /// HMAC-SHA256 of the value (as text), hex, under a key of the scope's role kept in the
+    /// database where that role cannot read it (`pglease scope sql` creates both): equal values
+    /// hash equal within a scope, so masked columns still join in the client, and cannot be
+    /// reversed by hashing guesses.
+    Hash,
     /// A SQL expression, `{value}` standing for the column.
     Sql(String),
 }
@@ -49,6 +54,7 @@ impl Mask {
             "email" => return Ok(Mask::Email),
             "redact" => return Ok(Mask::Redact),
             "null" => return Ok(Mask::Null),
+            "hash" => return Ok(Mask::Hash),
             _ => {}
         }
         if let Some(args) = t.strip_prefix("partial(").and_then(|r| r.strip_suffix(')')) {
@@ -62,7 +68,7 @@ impl Mask {
             }
             return Err(format!("{t:?}: partial takes two counts of characters kept, at the start and the end (e.g. partial(0, 4))"));
         }
-        Err(format!("unknown mask {t:?} (partial(START, END), email, redact, null, or sql:EXPR with {{value}})"))
+        Err(format!("unknown mask {t:?} (partial(START, END), email, hash, redact, null, or sql:EXPR with {{value}})"))
     }
 
     /// The SQL of the masked value of `value` (a column reference's text).
@@ -80,9 +86,45 @@ impl Mask {
             }
             Mask::Redact => format!("(CASE WHEN ({value}) IS NULL THEN NULL ELSE '[redacted]' END)"),
             Mask::Null => format!("(CASE WHEN false THEN ({value}) END)"),
+            Mask::Hash => format!("(CASE WHEN ({value}) IS NULL THEN NULL ELSE {HASH_FUNCTION}({v}) END)"),
             Mask::Sql(expr) => format!("({})", expr.replace("{value}", &format!("({value})"))),
         }
     }
+}
+
+/// The function the `hash` mask calls (see [`hash_setup_sql`]). Only masks pglease writes may
+/// call it: a statement that calls it itself is refused (hashing guesses would reverse a mask).
+pub const HASH_FUNCTION: &str = "pglease_masks.hash";
+
+/// SQL that sets up the `hash` mask for `role` in the database it runs in: a role that owns a
+/// schema `pglease_masks` no one else reads, with a random key per backing role and a
+/// `SECURITY DEFINER` function computing HMAC-SHA256 (from the built-in `sha256`, no extension)
+/// under the calling session's key. Running it again keeps existing keys.
+pub fn hash_setup_sql(role: &str) -> String {
+    let quoted = format!("\"{}\"", role.replace('"', "\"\""));
+    let literal = role.replace('\'', "''");
+    format!(
+        "-- The hash mask: HMAC-SHA256 under a key of this role, which the role itself cannot read.\n\
+         DO $$ BEGIN CREATE ROLE pglease_masks NOLOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;\n\
+         CREATE SCHEMA IF NOT EXISTS pglease_masks AUTHORIZATION pglease_masks;\n\
+         REVOKE ALL ON SCHEMA pglease_masks FROM PUBLIC;\n\
+         CREATE TABLE IF NOT EXISTS pglease_masks.keys (role name PRIMARY KEY, inner_pad bytea NOT NULL, outer_pad bytea NOT NULL);\n\
+         ALTER TABLE pglease_masks.keys OWNER TO pglease_masks;\n\
+         REVOKE ALL ON pglease_masks.keys FROM PUBLIC;\n\
+         INSERT INTO pglease_masks.keys\n\
+         SELECT '{literal}', decode(string_agg(lpad(to_hex(get_byte(k, i) # 54), 2, '0'), '' ORDER BY i), 'hex'),\n\
+                decode(string_agg(lpad(to_hex(get_byte(k, i) # 92), 2, '0'), '' ORDER BY i), 'hex')\n\
+         FROM (SELECT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex') AS k) r,\n\
+              generate_series(0, 63) i\n\
+         GROUP BY k ON CONFLICT (role) DO NOTHING;\n\
+         CREATE OR REPLACE FUNCTION pglease_masks.hash(value text) RETURNS text\n\
+           LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog\n\
+           AS $f$ SELECT encode(sha256(k.outer_pad || sha256(k.inner_pad || convert_to(value, 'UTF8'))), 'hex') FROM pglease_masks.keys k WHERE k.role = session_user $f$;\n\
+         ALTER FUNCTION pglease_masks.hash(text) OWNER TO pglease_masks;\n\
+         REVOKE ALL ON FUNCTION pglease_masks.hash(text) FROM PUBLIC;\n\
+         GRANT USAGE ON SCHEMA pglease_masks TO {quoted};\n\
+         GRANT EXECUTE ON FUNCTION pglease_masks.hash(text) TO {quoted};\n"
+    )
 }
 
 /// A statement with its masks applied.

@@ -194,6 +194,29 @@ fn tree_strings<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
     }
 }
 
+/// Whether `tree` calls the function `qualified` (`schema.name`) anywhere.
+fn calls(v: &Value, qualified: &str) -> bool {
+    match v {
+        Value::Object(m) => {
+            if let Some(call) = m.get("FuncCall") {
+                let parts: Vec<&str> = call
+                    .get("funcname")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.get("node").and_then(|n| n.get("String")).and_then(|s| s.get("sval")).and_then(Value::as_str))
+                    .collect();
+                if parts.len() >= 2 && parts[parts.len() - 2..].join(".") == qualified {
+                    return true;
+                }
+            }
+            m.values().any(|x| calls(x, qualified))
+        }
+        Value::Array(a) => a.iter().any(|x| calls(x, qualified)),
+        _ => false,
+    }
+}
+
 /// The names of every prepared statement `tree` executes.
 fn executed_statements(v: &Value, out: &mut Vec<String>) {
     match v {
@@ -286,6 +309,11 @@ impl ScopePolicy {
         let mut all: Vec<String> = self.databases.keys().cloned().collect();
         all.sort();
         all
+    }
+
+    /// Whether some rule masks a column with `hash`.
+    fn hashes(&self) -> bool {
+        self.rules.iter().any(|r| r.masks.values().any(|m| *m == masks::Mask::Hash))
     }
 
     /// The (schema, table) patterns of the rules that deny or mask columns: the tables whose
@@ -430,6 +458,11 @@ impl ScopePolicy {
 
     /// Whether a function may be called. `schema` is the qualifier as written, if any.
     fn function_allowed(&self, schema: Option<&str>, name: &str) -> bool {
+        // The hash mask's function, in the masks pglease writes (a statement calling it itself
+        // is refused before it is masked: see `decide_with_tree`).
+        if schema.is_some_and(|s| format!("{s}.{name}") == masks::HASH_FUNCTION) {
+            return self.hashes();
+        }
         let qualified = schema.map(|s| format!("{s}.{name}"));
         if functions::NEVER.contains(&name) || functions::DECIDED_AS_STATEMENTS.contains(&name) {
             return false;
@@ -557,6 +590,10 @@ impl ScopePolicy {
             Ok(t) => t,
             Err(_) => return (Verdict { decision: self.deny("could not inspect the statement"), effects: vec![] }, None),
         };
+        // Only masks call the hash mask's function: hashing guesses would reverse the mask.
+        if self.hashes() && calls(&tree, masks::HASH_FUNCTION) {
+            return (Verdict { decision: self.deny(format!("does not allow calling function {}: only its masks may", masks::HASH_FUNCTION)), effects: vec![] }, Some(tree));
+        }
         // `*` over tables with denied columns becomes the permitted columns; the new text is
         // what gets decided (and run).
         let mut expanded = None;

@@ -27,6 +27,9 @@ pub fn scope_sql(name: &str, scope: &ScopeConfig) -> String {
             out.push_str(&format!("{}-- In database {db}:\n\\connect {}\n", if i == 0 { "" } else { "\n" }, quote(db)));
         }
         out.push_str(&table_grants(scope, &role));
+        if scope.tables.iter().any(|t| t.mask_columns.values().any(|m| matches!(super::masks::Mask::parse(m), Ok(super::masks::Mask::Hash)))) {
+            out.push_str(&super::masks::hash_setup_sql(&scope.role));
+        }
     }
     let dbs: Vec<String> = databases.iter().map(|d| quote(d)).collect();
     out.push_str(&format!(

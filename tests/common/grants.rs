@@ -138,7 +138,10 @@ impl GrantsEnv {
             role = "{masked}"
             password_env = "UNUSED"
             max_duration = "1h"
-            tables = [{{ name = "public.people", allow = ["read", "copy-out"], mask_columns = {{ ssn = "partial(0, 4)", name = "redact" }} }}]
+            tables = [
+              {{ name = "public.people", allow = ["read", "copy-out"], mask_columns = {{ ssn = "partial(0, 4)", name = "redact" }} }},
+              {{ name = "public.cards", allow = ["read"], mask_columns = {{ number = "hash" }} }},
+            ]
             [leaky]
             database = "{db}"
             role = "{leaky}"
@@ -165,6 +168,8 @@ impl GrantsEnv {
                 &database,
                 "CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);
                  CREATE TABLE public.people (id int, name text, ssn text); INSERT INTO people VALUES (1, 'ann', '111-11-1111'), (2, 'bo', '222-22-2222');
+                 CREATE TABLE public.cards (id int, person int, number text);
+                 INSERT INTO cards VALUES (1, 1, '4111111111111111'), (2, 2, '5500000000000004'), (3, 2, '4111111111111111');
                  CREATE TYPE public.mood AS ENUM ('sad', 'happy');
                  CREATE SCHEMA app; CREATE TABLE app.items (id int, name text); INSERT INTO app.items VALUES (1, 'widget');",
             )
