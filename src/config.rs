@@ -491,6 +491,12 @@ pub struct TableRuleConfig {
     /// filter, join, sort, group or aggregate.
     #[serde(default)]
     pub mask_columns: std::collections::BTreeMap<String, String>,
+    /// Rows the scope may see and change: a SQL condition on the table's columns, with
+    /// `{{person}}`, `{{grant}}` and `{{scope}}` for the session's (read from settings pglease
+    /// pins, never spliced into the text). Added to every read, UPDATE, DELETE and COPY of the
+    /// table; `pglease scope sql` makes the same a row-level security policy of the role.
+    #[serde(default)]
+    pub row_filter: Option<String>,
 }
 
 /// A kind of statement on a table.
@@ -960,6 +966,9 @@ impl Config {
                 }
                 if rule.allow.is_empty() {
                     return Err(ConfigError::invalid(&format!("scopes.{name}.tables[{i}].allow"), "must name at least one action"));
+                }
+                if let Some(filter) = &rule.row_filter {
+                    crate::policy::rowfilter::condition_sql(filter).map_err(|why| ConfigError::invalid(&format!("scopes.{name}.tables[{i}].row_filter"), why))?;
                 }
                 for (column, mask) in &rule.mask_columns {
                     let key = format!("scopes.{name}.tables[{i}].mask_columns.{column}");

@@ -515,6 +515,12 @@ impl Proxy {
         forwarded.push(("client_encoding".into(), "UTF8".into()));
         forwarded.extend(params.settings.iter().cloned());
         forwarded.extend(pinned.iter().cloned());
+        if let Some(scope) = &identity.scope {
+            // What row filters (and the role's row-level security policies) read.
+            forwarded.push(("pglease.person".into(), identity.person.clone()));
+            forwarded.push(("pglease.grant".into(), identity.grant_id.clone().unwrap_or_default()));
+            forwarded.push(("pglease.scope".into(), scope.clone()));
+        }
         // Stamp the upstream session so pg_stat_activity shows who is behind it.
         let client_app = params.forwarded.iter().find(|(k, _)| k.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.as_str()).unwrap_or("");
         forwarded.push(("application_name".into(), stamp(&identity, client_app)));

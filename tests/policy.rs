@@ -277,6 +277,53 @@ async fn hash_masks_are_keyed_hmacs_no_one_can_compute_for_guesses() {
     assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
 }
 
+/// A row filter holds for reads, joins, UPDATE, DELETE and COPY through pglease, with the
+/// session's person bound from the grant, and for the backing role connecting straight to
+/// Postgres (row-level security, as `scope sql` wrote it).
+#[tokio::test]
+async fn row_filters_hold_through_pglease_and_in_postgres() {
+    let env = env().await;
+    let (_, login, password) = env.active_grant("masked", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>();
+    // alice sees the EU tickets and her own.
+    assert_eq!(ids(client.query("SELECT id FROM tickets ORDER BY id", &[]).await.unwrap()), [1, 2, 4]);
+    assert_eq!(ids(client.query("SELECT t.id FROM tickets t JOIN tickets u ON u.id = t.id WHERE t.id > $1 ORDER BY 1", &[&0i32]).await.unwrap()), [1, 2, 4]);
+    assert_eq!(ids(client.query("SELECT id FROM (SELECT * FROM tickets) s WHERE id IN (SELECT id FROM tickets) ORDER BY 1", &[]).await.unwrap()), [1, 2, 4]);
+    // UPDATE and DELETE touch only those rows; COPY copies only those.
+    assert_eq!(client.execute("UPDATE tickets SET id = id + 10 WHERE id < 4 OR region = 'eu'", &[]).await.unwrap(), 3);
+    // A row may not leave the filter by an update (the role's policy checks new rows).
+    assert!(client.execute("UPDATE tickets SET owner = 'bob' WHERE owner = 'alice'", &[]).await.is_err());
+    assert_eq!(client.execute("DELETE FROM tickets WHERE region = 'us'", &[]).await.unwrap(), 1);
+    let copied = {
+        use futures_util::TryStreamExt;
+        let stream = client.copy_out("COPY tickets TO STDOUT").await.unwrap();
+        let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+        String::from_utf8(chunks.concat()).unwrap()
+    };
+    assert_eq!(copied.lines().count(), 2, "{copied}");
+    let direct = env.direct().await;
+    let all: Vec<(i32, String)> = direct.query("SELECT id, owner FROM tickets ORDER BY id", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(all, [(3, "bob".to_owned()), (11, "x".to_owned()), (14, "y".to_owned())]);
+    // The session cannot change whose it is.
+    let e = client.simple_query("SET pglease.person = 'bob'").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    // The backing role, straight to Postgres: the same rows, by row-level security.
+    let h = common::harness().await;
+    let role = format!("{}_masked", env.database);
+    let mut config = h.cluster.superuser_config(&env.database);
+    config.user(&role).password(format!("pw-{role}"));
+    let (as_role, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    assert!(as_role.query("SELECT id FROM tickets", &[]).await.is_err(), "without the session's person, nothing");
+    as_role.batch_execute("SET pglease.person = 'bob'").await.unwrap();
+    assert_eq!(ids(as_role.query("SELECT id FROM tickets ORDER BY id", &[]).await.unwrap()), [3, 11, 14]);
+    assert_eq!(as_role.execute("DELETE FROM tickets WHERE owner = 'y'", &[]).await.unwrap(), 1);
+    assert_eq!(direct.query_one("SELECT count(*) FROM tickets", &[]).await.unwrap().get::<_, i64>(0), 2);
+    // Other roles still see every row.
+    assert_eq!(direct.query("SELECT id FROM tickets", &[]).await.unwrap().len(), 2);
+}
+
 #[tokio::test]
 async fn a_scope_whose_role_can_do_more_is_not_served() {
     let env = env().await;

@@ -350,7 +350,7 @@ impl Expander<'_> {
 /// Rewrites every `*` over a table with denied columns in `sql` (parsed as `tree`) that has an
 /// exact form; None when there is none. An error when the text does not match its tree.
 pub fn expand(policy: &ScopePolicy, paths: &[Vec<String>], sql: &str, tree: &Value, schema: &Schema) -> Result<Option<Expanded>, String> {
-    let tokens = pg_query::scan_tokens(sql).map_err(|e| e.to_string())?;
+    let tokens = super::scan_tokens(sql)?;
     let mut ctes = HashSet::new();
     cte_names(tree, &mut ctes);
     let mut x = Expander { policy, paths, schema, sql, tokens, ctes, edits: Vec::new(), omitted: Vec::new() };

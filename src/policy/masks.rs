@@ -363,7 +363,7 @@ pub fn apply(policy: &ScopePolicy, paths: &[Vec<String>], sql: &str, tree: &Valu
     output_positions(tree, &mut outputs);
     let mut bare = HashSet::new();
     bare_targets(tree, &mut bare);
-    let tokens = pg_query::scan_tokens(sql).map_err(|e| format!("could not apply its masks: {e}"))?;
+    let tokens = super::scan_tokens(sql).map_err(|e| format!("could not apply its masks: {e}"))?;
     let mut edits: Vec<(usize, usize, String)> = Vec::new();
     let mut masked: Vec<(String, String)> = Vec::new();
     let mut refusal = None;

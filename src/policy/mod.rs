@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod masks;
 pub mod rolecheck;
 mod rewrite;
+pub mod rowfilter;
 pub mod schema;
 pub mod shape;
 pub mod sql;
@@ -87,6 +88,7 @@ struct TableRule {
     actions: HashSet<Action>,
     deny_columns: Vec<String>,
     masks: std::collections::BTreeMap<String, masks::Mask>,
+    row_filter: Option<String>,
 }
 
 fn glob(pattern: &str, name: &str) -> bool {
@@ -169,6 +171,9 @@ pub const ROW_CAP_REASON: &str = "results are capped at";
 /// The reason of a rewrite that expanded `*` to the permitted columns.
 pub const EXPANDED_REASON: &str = "* expanded to the columns the scope may read";
 
+/// How the reason of a rewrite that added row filters starts.
+pub const FILTERED_REASON: &str = "rows filtered on";
+
 /// The reason of a rewrite that applied masks.
 pub const MASKED_REASON: &str = "masked columns read through their masks";
 
@@ -192,6 +197,14 @@ fn tree_strings<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
         Value::Array(a) => a.iter().for_each(|x| tree_strings(x, out)),
         _ => {}
     }
+}
+
+/// The tokens of `sql`. (`pg_query::scan_tokens` reads a null pointer when there are none.)
+pub(crate) fn scan_tokens(sql: &str) -> Result<Vec<pg_query::protobuf::ScanToken>, String> {
+    if sql.trim_matches([' ', '\t', '\n', '\r', '\x0c', '\x0b']).is_empty() {
+        return Ok(Vec::new());
+    }
+    pg_query::scan_tokens(sql).map_err(|e| e.to_string())
 }
 
 /// Whether `tree` calls the function `qualified` (`schema.name`) anywhere.
@@ -273,7 +286,7 @@ impl ScopePolicy {
                 }
                 // Config validation names a mask that does not parse; one that slipped past shows nothing.
                 let masks = r.mask_columns.iter().map(|(c, m)| (c.clone(), masks::Mask::parse(m).unwrap_or(masks::Mask::Null))).collect();
-                TableRule { schema: schema.to_owned(), table: table.to_owned(), actions, deny_columns: r.deny_columns.clone(), masks }
+                TableRule { schema: schema.to_owned(), table: table.to_owned(), actions, deny_columns: r.deny_columns.clone(), masks, row_filter: r.row_filter.clone() }
             })
             .collect();
         let read_only = rules.iter().all(|r| r.actions.iter().all(|a| matches!(a, Action::Read | Action::CopyOut)));
@@ -443,7 +456,8 @@ impl ScopePolicy {
     /// Whether a session may change setting `name` (SET, set_config, or at startup).
     pub fn setting_allowed(&self, name: &str) -> bool {
         let name = name.to_ascii_lowercase();
-        if PINNED_SETTINGS.contains(&name.as_str()) {
+        // pglease's own (`pglease.person`…, which row filters read) are pinned for the session.
+        if PINNED_SETTINGS.contains(&name.as_str()) || name.starts_with("pglease.") {
             return false;
         }
         if name == "statement_timeout" && self.statement_timeout.is_some() {
@@ -594,6 +608,23 @@ impl ScopePolicy {
         if self.hashes() && calls(&tree, masks::HASH_FUNCTION) {
             return (Verdict { decision: self.deny(format!("does not allow calling function {}: only its masks may", masks::HASH_FUNCTION)), effects: vec![] }, Some(tree));
         }
+        // Row filters first: the subqueries they add are expanded and masked like any other.
+        let mut filtered = None;
+        if rowfilter::any(self) {
+            match rowfilter::apply(self, paths, sql, &tree) {
+                Ok(None) => {}
+                Ok(Some(f)) => match pg_query::parse(&f.sql, 0).map_err(|e| e.to_string()).and_then(|p| Ok((serde_json::to_value(&p.protobuf).map_err(|e| e.to_string())?, p))) {
+                    Ok((t, p)) => {
+                        tree = t;
+                        parsed = p;
+                        filtered = Some(f);
+                    }
+                    Err(why) => return (Verdict { decision: self.deny(format!("could not apply its row filters: {why}")), effects: vec![] }, Some(tree)),
+                },
+                Err(why) => return (Verdict { decision: self.deny(why), effects: vec![] }, Some(tree)),
+            }
+        }
+        let sql = filtered.as_ref().map_or(sql, |f| f.sql.as_str());
         // `*` over tables with denied columns becomes the permitted columns; the new text is
         // what gets decided (and run).
         let mut expanded = None;
@@ -692,11 +723,18 @@ impl ScopePolicy {
             }
             (!parts.is_empty()).then(|| format!("pglease: scope \"{}\" {}", self.name, parts.join("; ")))
         };
-        let rewritten = match (masked, expanded) {
-            (Some(m), e) => Some((m.sql, if e.is_some() { format!("{EXPANDED_REASON}; {MASKED_REASON}") } else { MASKED_REASON.to_owned() })),
-            (None, Some(e)) => Some((e.sql, EXPANDED_REASON.to_owned())),
-            (None, None) => None,
-        };
+        let mut reasons = Vec::new();
+        if let Some(f) = &filtered {
+            reasons.push(format!("{FILTERED_REASON} {}", f.tables.join(", ")));
+        }
+        if expanded.is_some() {
+            reasons.push(EXPANDED_REASON.to_owned());
+        }
+        if masked.is_some() {
+            reasons.push(MASKED_REASON.to_owned());
+        }
+        let text = masked.map(|m| m.sql).or(expanded.map(|e| e.sql)).or(filtered.map(|f| f.sql));
+        let rewritten = text.map(|t| (t, reasons.join("; ")));
         let capped = match self.row_limit {
             Some(limit) => match rewrite::apply_row_limit(parsed.protobuf, limit) {
                 Ok(capped) => capped.map(|sql| (sql, format!("{ROW_CAP_REASON} {limit} rows"))),

@@ -104,6 +104,22 @@ pub async fn excess_privileges(upstream: &Upstream, login: &UpstreamLogin, datab
                 excess.push(format!("{privilege} on {schema}.{table}"));
             }
         }
+        // A row filter must be a row-level security policy of the role too.
+        if policy.rule_of(&schema, &table).is_some_and(|r| r.row_filter.is_some()) && row[2].as_deref() == Some("t") {
+            let q = format!(
+                "SELECT c.relrowsecurity AND EXISTS (SELECT 1 FROM pg_policies p WHERE p.schemaname = '{s}' AND p.tablename = '{t}' AND p.policyname = '{name}' \
+                   AND p.permissive = 'RESTRICTIVE' AND current_user = ANY (p.roles)) \
+                 FROM pg_class c WHERE c.oid = '{qs}.{qt}'::regclass",
+                s = schema.replace('\'', "''"),
+                t = table.replace('\'', "''"),
+                name = super::sql::policy_name(&policy.name).replace('\'', "''"),
+                qs = quote(&schema),
+                qt = quote(&table),
+            );
+            if query(&mut reader, &q).await?.first().and_then(|r| r[0].clone()).as_deref() != Some("t") {
+                excess.push(format!("every row of {schema}.{table} (its row filter has no row-level security policy: run pglease scope sql)"));
+            }
+        }
         // Denied columns must not be readable through column privileges either.
         let denied = policy.denied_columns(&[], Some(&schema), &table);
         for col in denied {

@@ -34,7 +34,7 @@ pub fn of(sql: &str) -> Option<Shape> {
     if sql.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c')) {
         return None;
     }
-    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let tokens = super::scan_tokens(sql).ok()?;
     let mut key = String::with_capacity(sql.len() + tokens.len());
     let mut literals = Vec::new();
     for t in &tokens {

@@ -27,6 +27,7 @@ pub fn scope_sql(name: &str, scope: &ScopeConfig) -> String {
             out.push_str(&format!("{}-- In database {db}:\n\\connect {}\n", if i == 0 { "" } else { "\n" }, quote(db)));
         }
         out.push_str(&table_grants(scope, &role));
+        out.push_str(&row_security(name, scope, &role));
         if scope.tables.iter().any(|t| t.mask_columns.values().any(|m| matches!(super::masks::Mask::parse(m), Ok(super::masks::Mask::Hash)))) {
             out.push_str(&super::masks::hash_setup_sql(&scope.role));
         }
@@ -130,6 +131,47 @@ fn table_grants(scope: &ScopeConfig, role: &str) -> String {
         }
     }
     out
+}
+
+/// The name of the row-level security policy that backs a scope's row filters.
+pub fn policy_name(scope: &str) -> String {
+    format!("pglease_{scope}")
+}
+
+/// Row-level security for the scope's row filters: each filtered table gets a RESTRICTIVE
+/// policy for the role with the filter (ANDed with whatever else applies). A table without row
+/// security yet gets it enabled with one permissive policy for everyone, so that other roles
+/// go on seeing every row.
+fn row_security(scope_name: &str, scope: &ScopeConfig, role: &str) -> String {
+    let mut out = String::new();
+    for rule in scope.tables.iter() {
+        let Some(filter) = &rule.row_filter else { continue };
+        let Ok(condition) = super::rowfilter::condition_sql(filter) else { continue };
+        let (schema, table) = rule.name.split_once('.').unwrap_or(("*", "*"));
+        let policy = policy_name(scope_name);
+        out.push_str(&format!(
+            "-- {}: rows where {filter} (the filter pglease adds, enforced by Postgres too)\n\
+             DO $$ DECLARE t regclass; BEGIN FOR t IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname LIKE {} AND c.relname LIKE {} AND c.relkind IN ('r','p') LOOP\n\
+             IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = t) THEN EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t); EXECUTE format('CREATE POLICY pglease_everyone ON %s USING (true) WITH CHECK (true)', t); END IF;\n\
+             EXECUTE format('DROP POLICY IF EXISTS %I ON %s', '{}', t);\n\
+             EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE TO {} USING (%s) WITH CHECK (%s)', '{}', t, {}, {});\n\
+             END LOOP; END $$;\n",
+            rule.name,
+            like(schema),
+            like(table),
+            policy.replace('\'', "''"),
+            role.replace('\'', "''"),
+            policy.replace('\'', "''"),
+            sql_literal(&condition),
+            sql_literal(&condition),
+        ));
+    }
+    out
+}
+
+/// `text` as a SQL string literal.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// A `LIKE` pattern (quoted) for a `*` wildcard pattern.

@@ -876,3 +876,97 @@ fn the_demo_support_scope_masks_ssn() {
     assert!(sql.contains("right((customers.ssn)::text, 4)") && sql.ends_with("END) AS ssn FROM customers"), "{sql}");
     assert!(notice.is_some_and(|n| n.contains("masked column ssn")));
 }
+
+/// Support reads EU customers only, and only the orders of the person's own region.
+fn filtering() -> ScopePolicy {
+    custom(
+        r#"[eu]
+        database = "shop"
+        role = "eu"
+        password_env = "X"
+        tables = [
+          { name = "public.customers", allow = ["read", "update", "delete", "copy-out"], row_filter = "email LIKE '%.eu'" },
+          { name = "orders.orders", allow = ["read"], row_filter = "status <> {{person}}" },
+        ]"#,
+    )
+}
+
+#[track_caller]
+fn filtered_sql(s: &ScopePolicy, sql: &str) -> String {
+    match s.decide_with_schema(sql, Some(&shop_schema())).decision {
+        Decision::Rewrite { sql, reason, .. } => {
+            assert!(reason.contains(super::FILTERED_REASON), "{reason}");
+            sql
+        }
+        other => panic!("{sql}: {other:?}"),
+    }
+}
+
+const EU: &str = "(SELECT * FROM customers WHERE (email LIKE '%.eu'))";
+
+#[test]
+fn row_filters_reach_every_read_update_delete_and_copy() {
+    let s = filtering();
+    assert_eq!(filtered_sql(&s, "SELECT id FROM customers"), format!("SELECT id FROM {EU} AS customers"));
+    assert_eq!(filtered_sql(&s, "SELECT c.id FROM customers c WHERE c.id = 1"), format!("SELECT c.id FROM {EU} c WHERE c.id = 1"));
+    assert_eq!(
+        filtered_sql(&s, "SELECT o.id FROM orders.orders o JOIN customers c ON c.id = o.customer_id"),
+        format!("SELECT o.id FROM (SELECT * FROM orders.orders WHERE (status <> current_setting('pglease.person'))) o JOIN {EU} c ON c.id = o.customer_id")
+    );
+    assert_eq!(
+        filtered_sql(&s, "SELECT id FROM orders.orders WHERE customer_id IN (SELECT id FROM public.customers)"),
+        "SELECT id FROM (SELECT * FROM orders.orders WHERE (status <> current_setting('pglease.person'))) AS orders WHERE customer_id IN (SELECT id FROM (SELECT * FROM public.customers WHERE (email LIKE '%.eu')) AS customers)"
+    );
+    assert_eq!(
+        filtered_sql(&s, "WITH x AS (SELECT id FROM customers) SELECT * FROM x"),
+        format!("WITH x AS (SELECT id FROM {EU} AS customers) SELECT * FROM x")
+    );
+    // UPDATE and DELETE: the condition, ANDed.
+    assert_eq!(filtered_sql(&s, "UPDATE customers SET name = 'x' WHERE id = 1 OR id = 2"), "UPDATE customers SET name = 'x' WHERE (id = 1 OR id = 2) AND (email LIKE '%.eu')");
+    assert_eq!(filtered_sql(&s, "DELETE FROM customers WHERE id = 3 RETURNING id"), "DELETE FROM customers WHERE (id = 3) AND (email LIKE '%.eu') RETURNING id");
+    assert_eq!(filtered_sql(&s, "DELETE FROM customers"), "DELETE FROM customers WHERE (email LIKE '%.eu')");
+    assert_eq!(
+        filtered_sql(&s, "UPDATE customers c SET name = o.status FROM orders.orders o WHERE o.customer_id = c.id"),
+        "UPDATE customers c SET name = o.status FROM (SELECT * FROM orders.orders WHERE (status <> current_setting('pglease.person'))) o WHERE (o.customer_id = c.id) AND (email LIKE '%.eu')"
+    );
+    // COPY.
+    assert_eq!(filtered_sql(&s, "COPY customers TO STDOUT"), "COPY (SELECT * FROM customers WHERE (email LIKE '%.eu')) TO STDOUT");
+    assert_eq!(filtered_sql(&s, "COPY customers (id, name) TO STDOUT"), "COPY (SELECT id, name FROM customers WHERE (email LIKE '%.eu')) TO STDOUT");
+    // Nothing else may name the table.
+    for (sql, why) in [
+        ("TRUNCATE customers", "does not allow TRUNCATE"),
+        ("SELECT id FROM ONLY customers", "ONLY"),
+        ("SELECT id FROM customers TABLESAMPLE system (50)", "TABLESAMPLE"),
+        ("LOCK TABLE customers", "has a row filter"),
+    ] {
+        denied_knowing_columns(&s, sql, why);
+    }
+    // The session values are settings pglease pins.
+    for sql in ["SET pglease.person = 'bob'", "SELECT set_config('pglease.person', 'bob', false)", "RESET pglease.person"] {
+        denied(&s, sql, "pglease.person");
+    }
+    // A filter is one condition.
+    use super::rowfilter::condition_sql;
+    assert_eq!(condition_sql("owner = {{person}}").unwrap(), "owner = current_setting('pglease.person')");
+    for bad in ["true) OR (true", "x = 1; DROP TABLE t", "x = 1 -- ", "owner = {{user}}", ""] {
+        assert!(condition_sql(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn row_filters_compose_with_masks_and_denied_columns() {
+    let s = custom(
+        r#"[eu]
+        database = "shop"
+        role = "eu"
+        password_env = "X"
+        tables = [{ name = "public.customers", allow = ["read"], row_filter = "email LIKE '%.eu'", mask_columns = { ssn = "redact" }, deny_columns = ["name"] }]"#,
+    );
+    let sql = filtered_sql(&s, "SELECT * FROM customers");
+    assert_eq!(
+        sql,
+        "SELECT * FROM (SELECT customers.id, customers.email, (CASE WHEN (customers.ssn) IS NULL THEN NULL ELSE '[redacted]' END) AS ssn FROM customers WHERE (email LIKE '%.eu')) AS customers"
+    );
+    denied_knowing_columns(&s, "SELECT id FROM customers WHERE ssn = 'x'", "masked column ssn");
+    denied_knowing_columns(&s, "SELECT name FROM customers", "column name");
+}

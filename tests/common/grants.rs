@@ -141,6 +141,7 @@ impl GrantsEnv {
             tables = [
               {{ name = "public.people", allow = ["read", "copy-out"], mask_columns = {{ ssn = "partial(0, 4)", name = "redact" }} }},
               {{ name = "public.cards", allow = ["read"], mask_columns = {{ number = "hash" }} }},
+              {{ name = "public.tickets", allow = ["read", "update", "delete", "copy-out"], row_filter = "region = 'eu' OR owner = {{{{person}}}}" }},
             ]
             [leaky]
             database = "{db}"
@@ -168,6 +169,8 @@ impl GrantsEnv {
                 &database,
                 "CREATE TABLE public.t (id int); INSERT INTO t VALUES (1), (2);
                  CREATE TABLE public.people (id int, name text, ssn text); INSERT INTO people VALUES (1, 'ann', '111-11-1111'), (2, 'bo', '222-22-2222');
+                 CREATE TABLE public.tickets (id int, region text, owner text);
+                 INSERT INTO tickets VALUES (1, 'eu', 'x'), (2, 'us', 'alice'), (3, 'us', 'bob'), (4, 'eu', 'y');
                  CREATE TABLE public.cards (id int, person int, number text);
                  INSERT INTO cards VALUES (1, 1, '4111111111111111'), (2, 2, '5500000000000004'), (3, 2, '4111111111111111');
                  CREATE TYPE public.mood AS ENUM ('sad', 'happy');
