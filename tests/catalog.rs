@@ -49,8 +49,11 @@ async fn the_builtin_table_is_the_catalogs() {
     let mut aggregates: Vec<String> = client.query(functions::AGGREGATES_QUERY, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     aggregates.sort();
     let known: Vec<String> = functions::AGGREGATES.iter().map(|a| (*a).to_owned()).collect();
-    if major == functions::BUILTINS_MAJOR && (live != table || aggregates != known) {
-        let source = functions::render_table(major, &rows, &aggregates).unwrap();
+    let mut row_argument: Vec<String> = client.query(functions::ROW_ARGUMENT_QUERY, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    row_argument.sort();
+    let known_row: Vec<String> = functions::ROW_ARGUMENT.iter().map(|a| (*a).to_owned()).collect();
+    if major == functions::BUILTINS_MAJOR && (live != table || aggregates != known || row_argument != known_row) {
+        let source = functions::render_table(major, &rows, &aggregates, &row_argument).unwrap();
         if std::env::var_os("PGLEASE_BLESS").is_some() {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/policy/builtins_pg{major}.rs"));
             std::fs::write(&path, source).unwrap();
@@ -72,6 +75,9 @@ fn the_table_decides_by_volatility_and_the_deny_classes_stay_denied() {
     assert!(functions::AGGREGATES.windows(2).all(|w| w[0] < w[1]));
     assert!(["count", "max", "string_agg", "row_number", "lag"].iter().all(|a| functions::is_aggregate(a)));
     assert!(!functions::is_aggregate("lower"));
+    assert!(functions::ROW_ARGUMENT.windows(2).all(|w| w[0] < w[1]));
+    assert!(["row_to_json", "to_jsonb", "hash_record", "json_build_array"].iter().all(|f| functions::takes_a_row(f)));
+    assert!(!functions::takes_a_row("name") && !functions::takes_a_row("upper"));
     assert!(functions::BUILTINS.len() > 2000, "{}", functions::BUILTINS.len());
     // Every name of every class that must stay refused by default is refused by default,
     // and is a real built-in (or a pattern over some), so the lists cannot rot unnoticed.

@@ -1,4 +1,4 @@
-//! Generated from the `pg_catalog` of PostgreSQL 15 by `functions::CATALOG_QUERY` and `AGGREGATES_QUERY`: do not edit.
+//! Generated from the `pg_catalog` of PostgreSQL 15 by `functions::CATALOG_QUERY`, `AGGREGATES_QUERY` and `ROW_ARGUMENT_QUERY`: do not edit.
 //! `tests/catalog.rs` fails when this no longer matches the catalog of the Postgres the tests
 //! run against, and rewrites it with `PGLEASE_BLESS=1`.
 
@@ -2205,4 +2205,44 @@ pub const AGGREGATES: &[&str] = &[
     "var_samp",
     "variance",
     "xmlagg",
+];
+
+pub const ROW_ARGUMENT: &[&str] = &[
+    "any_out",
+    "anycompatible_out",
+    "anycompatiblenonarray_out",
+    "anyelement_out",
+    "anynonarray_out",
+    "array_agg",
+    "concat",
+    "count",
+    "cume_dist",
+    "dense_rank",
+    "first_value",
+    "hash_record",
+    "json_agg",
+    "json_build_array",
+    "json_build_object",
+    "jsonb_agg",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "lag",
+    "last_value",
+    "lead",
+    "mode",
+    "num_nonnulls",
+    "num_nulls",
+    "percent_rank",
+    "pg_collation_for",
+    "pg_column_compression",
+    "pg_column_size",
+    "pg_typeof",
+    "quote_literal",
+    "quote_nullable",
+    "rank",
+    "record_out",
+    "record_send",
+    "row_to_json",
+    "to_json",
+    "to_jsonb",
 ];

@@ -545,3 +545,84 @@ fn other_stars(v: &Value, direct: &HashSet<*const Value>, all: &HashSet<String>,
         _ => {}
     }
 }
+
+/// `q.f` where `f` is not a column of `q` is Postgres's attribute notation for the call `f(q)`
+/// (`t.row_to_json`, `t.ts_stat`): it must pass the function rules, and over a table with
+/// denied or masked columns it is a whole-row reference. A `q.f` is taken as a column only
+/// where `q` is a table whose columns pglease knows to include `f`. (Only names of built-in
+/// functions are checked: a user-defined function of one argument called this way is not.)
+pub fn attribute_calls(policy: &ScopePolicy, paths: &[Vec<String>], tree: &Value, schema: Option<&Schema>) -> Result<(), String> {
+    // The tables each name may stand for.
+    let mut tables: std::collections::HashMap<String, Vec<(String, String)>> = std::collections::HashMap::new();
+    every_range_var(tree, &mut |rv| {
+        let (sch, name) = (s(rv, "schemaname"), s(rv, "relname"));
+        let candidates = policy.candidates(paths, Some(sch).filter(|s| !s.is_empty()), name);
+        tables.entry(name.to_owned()).or_default().extend(candidates.iter().cloned());
+        if let Some(a) = rv.get("alias").filter(|a| !a.is_null()) {
+            tables.entry(s(a, "aliasname").to_owned()).or_default().extend(candidates.iter().cloned());
+        }
+    });
+    let joins = joins(tree);
+    let restricted = |(sch, t): &(String, String)| {
+        policy.rule_for(sch, t).is_some_and(|(_, denied)| !denied.is_empty()) || !policy.masked_columns(&[], Some(sch), t).is_empty()
+    };
+    let mut problem = None;
+    every_column_ref(tree, &mut |cr| {
+        if problem.is_some() {
+            return;
+        }
+        let names: Vec<&str> = list(cr, "fields").iter().filter_map(tagged).map(|(t, f)| if t == "String" { s(f, "sval") } else { "*" }).collect();
+        let [.., q, f] = names.as_slice() else { return };
+        if *f == "*" || super::functions::builtin(f).is_none() {
+            return;
+        }
+        let under: Vec<(String, String)> = tables
+            .get(*q)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(joins.beneath.get(*q).into_iter().flatten().filter_map(|n| tables.get(n)).flatten().cloned())
+            .collect();
+        let is_column = !under.is_empty() && !joins.beneath.contains_key(*q) && under.iter().all(|(sch, t)| schema.and_then(|k| k.columns(sch, t)).is_some_and(|c| c.iter().any(|c| c == f)));
+        if is_column {
+            return;
+        }
+        // Over a table (not a join's alias), only a function taking a whole row can be meant.
+        let over_table = !under.is_empty() && !joins.beneath.contains_key(*q);
+        if over_table && !super::functions::takes_a_row(f) {
+            return;
+        }
+        if !policy.function_allowed(None, f) {
+            problem = Some(format!("does not allow {q}.{f}: it calls function {f}"));
+        } else if let Some((sch, t)) = under.iter().find(|x| restricted(x)) {
+            problem = Some(format!("does not allow {q}.{f}: it may be {f}({q}), a whole-row reference to {sch}.{t}"));
+        }
+    });
+    problem.map_or(Ok(()), Err)
+}
+
+fn every_range_var<'v>(v: &'v Value, f: &mut impl FnMut(&'v Value)) {
+    match v {
+        Value::Object(m) => {
+            if let Some(rv) = m.get("RangeVar") {
+                f(rv);
+            }
+            m.values().for_each(|x| every_range_var(x, f));
+        }
+        Value::Array(a) => a.iter().for_each(|x| every_range_var(x, f)),
+        _ => {}
+    }
+}
+
+fn every_column_ref<'v>(v: &'v Value, f: &mut impl FnMut(&'v Value)) {
+    match v {
+        Value::Object(m) => {
+            if let Some(cr) = m.get("ColumnRef") {
+                f(cr);
+            }
+            m.values().for_each(|x| every_column_ref(x, f));
+        }
+        Value::Array(a) => a.iter().for_each(|x| every_column_ref(x, f)),
+        _ => {}
+    }
+}

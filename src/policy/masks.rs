@@ -238,31 +238,15 @@ fn output_positions(v: &Value, out: &mut HashSet<*const Value>) {
     }
 }
 
-/// The names every `WITH` of the statement defines.
-fn cte_names(v: &Value, out: &mut HashSet<String>) {
-    match v {
-        Value::Object(m) => {
-            if let Some(name) = m.get("CommonTableExpr").map(|c| s(c, "ctename")) {
-                out.insert(name.to_owned());
-            }
-            m.values().for_each(|x| cte_names(x, out));
-        }
-        Value::Array(a) => a.iter().for_each(|x| cte_names(x, out)),
-        _ => {}
-    }
-}
-
 /// The statement's tables that have masked columns.
 fn masked_tables(policy: &ScopePolicy, paths: &[Vec<String>], tree: &Value) -> Vec<MaskedTable> {
-    let mut ctes = HashSet::new();
-    cte_names(tree, &mut ctes);
+    // A name that is also a CTE's counts as the table too: a CTE shadows a table only in parts
+    // of the statement, and a column it passes on may be the table's.
+    let joins = super::expand::joins(tree);
     let mut tables: Vec<MaskedTable> = Vec::new();
     each_node(tree, &mut |n| {
         let Some(("RangeVar", rv)) = tagged(n) else { return };
         let (schema, name) = (s(rv, "schemaname"), s(rv, "relname"));
-        if schema.is_empty() && ctes.contains(name) {
-            return;
-        }
         let candidates = policy.candidates(paths, Some(schema).filter(|s| !s.is_empty()), name);
         let mut masks = BTreeMap::new();
         for (s, t) in &candidates {
@@ -276,6 +260,12 @@ fn masked_tables(policy: &ScopePolicy, paths: &[Vec<String>], tree: &Value) -> V
         let mut names = HashSet::from([name.to_owned()]);
         if let Some(a) = rv.get("alias").filter(|a| !a.is_null()) {
             names.insert(s(a, "aliasname").to_owned());
+        }
+        // A join's alias qualifies the columns of the tables under it (`j.ssn`).
+        for (alias, beneath) in &joins.beneath {
+            if names.iter().any(|n| beneath.contains(n)) {
+                names.insert(alias.clone());
+            }
         }
         let (cs, ct) = &candidates[0];
         tables.push(MaskedTable { names, qualified: format!("{cs}.{ct}"), masks });
@@ -329,7 +319,9 @@ fn bare_targets(v: &Value, out: &mut HashSet<*const Value>) {
         if let Some(("ResTarget", rt)) = tagged(n)
             && s(rt, "name").is_empty()
             && let Some(val) = rt.get("val")
-            && matches!(tagged(val), Some(("ColumnRef", _)))
+            && let Some(("ColumnRef", cr)) = tagged(val)
+            // Not `(ssn)`: the alias would land inside the parentheses.
+            && rt.get("location") == cr.get("location")
         {
             out.insert(val as *const Value);
         }

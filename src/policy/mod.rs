@@ -608,6 +608,10 @@ impl ScopePolicy {
         if self.hashes() && calls(&tree, masks::HASH_FUNCTION) {
             return (Verdict { decision: self.deny(format!("does not allow calling function {}: only its masks may", masks::HASH_FUNCTION)), effects: vec![] }, Some(tree));
         }
+        // Attribute notation (`t.f` for `f(t)`) calls functions and reads whole rows.
+        if let Err(why) = expand::attribute_calls(self, paths, &tree, schema) {
+            return (Verdict { decision: self.deny(why), effects: vec![] }, Some(tree));
+        }
         // Row filters first: the subqueries they add are expanded and masked like any other.
         let mut filtered = None;
         if rowfilter::any(self) {

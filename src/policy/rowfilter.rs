@@ -97,10 +97,9 @@ struct Filterer<'a> {
 impl Filterer<'_> {
     /// The filter of the table `rv` names, as SQL, and its `schema.table`.
     fn filter_of(&self, rv: &Value) -> Result<Option<(String, String)>, String> {
+        // A name that is also a CTE's is filtered too: the CTE's own body, and other parts of the
+        // statement, may read the table by it.
         let (schema, name) = (s(rv, "schemaname"), s(rv, "relname"));
-        if schema.is_empty() && self.ctes.contains(name) {
-            return Ok(None);
-        }
         let candidates = self.policy.candidates(self.paths, Some(schema).filter(|s| !s.is_empty()), name);
         let filters: Vec<(String, &str)> = candidates
             .iter()

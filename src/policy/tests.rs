@@ -970,3 +970,41 @@ fn row_filters_compose_with_masks_and_denied_columns() {
     denied_knowing_columns(&s, "SELECT id FROM customers WHERE ssn = 'x'", "masked column ssn");
     denied_knowing_columns(&s, "SELECT name FROM customers", "column name");
 }
+
+/// What the second review found: attribute notation, join aliases and CTE names.
+#[test]
+fn attribute_notation_join_aliases_and_cte_names_do_not_unmask() {
+    let s = masking();
+    for sql in [
+        "SELECT t.ts_stat FROM unnest(array['SELECT ssn::tsvector FROM customers']) t",
+        "SELECT t.pg_terminate_backend FROM unnest(array[1]) t",
+        "SELECT c.row_to_json FROM customers c",
+        "SELECT customers.to_jsonb FROM customers",
+        "SELECT j.name, j.ssn FROM (customers JOIN orders.orders o ON o.customer_id = customers.id) AS j WHERE j.ssn LIKE '919%'",
+        "WITH customers AS (SELECT ssn FROM customers) SELECT ssn FROM customers WHERE ssn > '5'",
+        "SELECT name, ssn FROM customers WHERE ssn LIKE '919%'; WITH customers AS (SELECT 1) SELECT 1",
+        "DECLARE k CURSOR FOR SELECT ssn FROM customers WHERE ssn > '5' AND EXISTS (WITH customers AS (SELECT 1) SELECT 1)",
+    ] {
+        match s.decide_with_schema(sql, Some(&shop_schema())).decision {
+            Decision::Deny { .. } => {}
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+    // A join alias's masked column comes out masked.
+    let (sql, _) = expanded(&s, "SELECT j.ssn FROM (customers CROSS JOIN (SELECT 1) z) AS j");
+    assert!(sql.contains("right((j.ssn)::text, 4)"), "{sql}");
+    // A CTE named like the table: its body reads the table, masked.
+    let (sql, _) = expanded(&s, "WITH customers AS (SELECT ssn FROM customers) SELECT ssn FROM customers");
+    assert!(sql.starts_with("WITH customers AS (SELECT (CASE") && sql.matches("repeat('*'").count() >= 2, "{sql}");
+    // Functions of builtin names still run as attribute notation where that is all they are…
+    allowed(&scope("orders-read"), "SELECT t.upper FROM unnest(array['a']) t");
+    // …and columns named like functions are columns where pglease knows the table's columns.
+    assert!(!s.decide_with_schema("SELECT c.name FROM customers c", Some(&shop_schema())).decision.is_deny());
+    // `(ssn)` is masked, under the name Postgres gives it.
+    let (sql, _) = expanded(&s, "SELECT (ssn) FROM customers");
+    assert!(sql.starts_with("SELECT ((CASE"), "{sql}");
+    // Row filters hold inside a CTE named like their table.
+    let f = filtering();
+    let sql = filtered_sql(&f, "WITH customers AS (SELECT * FROM customers) SELECT id FROM customers");
+    assert_eq!(sql.matches("email LIKE '%.eu'").count(), 2, "{sql}");
+}
