@@ -6,8 +6,8 @@
 //! database at startup and on reload (as the scope's own role), then again every
 //! [`REFRESH_EVERY`], and soon after a DDL statement runs through the proxy. A schema that
 //! could not be refreshed for [`MAX_AGE`] is dropped: statements that need it are refused, as
-//! they were before pglease knew any columns. Only tables a rule with denied columns covers are
-//! loaded.
+//! they were before pglease knew any columns. Only tables a rule with denied or masked columns
+//! covers are loaded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -184,7 +184,6 @@ pub async fn refresh(upstream: &Upstream, login: &UpstreamLogin, policy: &ScopeP
 /// Keeps `policy`'s schemas fresh, every [`REFRESH_EVERY`] and soon after DDL, until the
 /// policy is gone (a reload replaced it). One task per policy, however often this is called.
 pub fn keep_fresh(upstream: Arc<Upstream>, policy: &Arc<ScopePolicy>, login: UpstreamLogin) {
-    // (A scope kept across a reload loads its schema again: `Proxy::keep_schemas_fresh`.)
     if catalog_query(policy).is_none() || policy.refresher_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return;
     }
