@@ -19,6 +19,7 @@ use pg_query::protobuf::{ScanToken, Token};
 use serde_json::Value;
 
 use super::schema::Schema;
+use super::tree::{cte_names, each, is_name, list, location, s, tagged};
 use super::{ScopePolicy, quote_ident};
 
 /// A rewritten statement and what it left out.
@@ -85,40 +86,10 @@ impl Item {
     }
 }
 
-fn tagged(v: &Value) -> Option<(&str, &Value)> {
-    let inner = v.as_object()?.get("node")?.as_object()?;
-    if inner.len() != 1 {
-        return None;
-    }
-    inner.iter().next().map(|(k, v)| (k.as_str(), v))
-}
 
-fn s<'v>(v: &'v Value, key: &str) -> &'v str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
 
-fn list<'v>(v: &'v Value, key: &str) -> &'v [Value] {
-    v.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
-}
 
-fn location(v: &Value) -> i64 {
-    v.get("location").and_then(Value::as_i64).unwrap_or(-1)
-}
 
-/// The names every `WITH` of the statement defines (an unqualified name among them may be a
-/// CTE rather than a table: such a `*` is left alone).
-fn cte_names(v: &Value, out: &mut HashSet<String>) {
-    match v {
-        Value::Object(m) => {
-            if let Some(name) = m.get("CommonTableExpr").map(|c| s(c, "ctename")) {
-                out.insert(name.to_owned());
-            }
-            m.values().for_each(|x| cte_names(x, out));
-        }
-        Value::Array(a) => a.iter().for_each(|x| cte_names(x, out)),
-        _ => {}
-    }
-}
 
 struct Expander<'a> {
     policy: &'a ScopePolicy,
@@ -196,17 +167,13 @@ impl Expander<'_> {
         self.tokens.binary_search_by_key(&at, |t| t.start as usize).ok()
     }
 
-    fn is_name(t: &ScanToken) -> bool {
-        t.token == Token::Ident as i32 || t.token == Token::Uident as i32 || t.keyword_kind != 0
-    }
-
     /// The end of a dotted name starting at token `i` (`a`, `a.b`, `"a"."b"`).
     fn name_end(&self, mut i: usize) -> Option<usize> {
-        if !Self::is_name(self.tokens.get(i)?) {
+        if !is_name(self.tokens.get(i)?) {
             return None;
         }
         while let (Some(dot), Some(next)) = (self.tokens.get(i + 1), self.tokens.get(i + 2)) {
-            if dot.token == Token::Ascii46 as i32 && Self::is_name(next) {
+            if dot.token == Token::Ascii46 as i32 && is_name(next) {
                 i += 2;
             } else {
                 break;
@@ -351,8 +318,7 @@ impl Expander<'_> {
 /// exact form; None when there is none. An error when the text does not match its tree.
 pub fn expand(policy: &ScopePolicy, paths: &[Vec<String>], sql: &str, tree: &Value, schema: &Schema) -> Result<Option<Expanded>, String> {
     let tokens = super::scan_tokens(sql)?;
-    let mut ctes = HashSet::new();
-    cte_names(tree, &mut ctes);
+    let ctes = cte_names(tree);
     let mut x = Expander { policy, paths, schema, sql, tokens, ctes, edits: Vec::new(), omitted: Vec::new() };
     x.visit(tree)?;
     if x.edits.is_empty() {
@@ -554,7 +520,7 @@ fn other_stars(v: &Value, direct: &HashSet<*const Value>, all: &HashSet<String>,
 pub fn attribute_calls(policy: &ScopePolicy, paths: &[Vec<String>], tree: &Value, schema: Option<&Schema>) -> Result<(), String> {
     // The tables each name may stand for.
     let mut tables: std::collections::HashMap<String, Vec<(String, String)>> = std::collections::HashMap::new();
-    every_range_var(tree, &mut |rv| {
+    each(tree, "RangeVar", &mut |rv| {
         let (sch, name) = (s(rv, "schemaname"), s(rv, "relname"));
         let candidates = policy.candidates(paths, Some(sch).filter(|s| !s.is_empty()), name);
         tables.entry(name.to_owned()).or_default().extend(candidates.iter().cloned());
@@ -567,7 +533,7 @@ pub fn attribute_calls(policy: &ScopePolicy, paths: &[Vec<String>], tree: &Value
         policy.rule_for(sch, t).is_some_and(|(_, denied)| !denied.is_empty()) || !policy.masked_columns(&[], Some(sch), t).is_empty()
     };
     let mut problem = None;
-    every_column_ref(tree, &mut |cr| {
+    each(tree, "ColumnRef", &mut |cr| {
         if problem.is_some() {
             return;
         }
@@ -601,28 +567,4 @@ pub fn attribute_calls(policy: &ScopePolicy, paths: &[Vec<String>], tree: &Value
     problem.map_or(Ok(()), Err)
 }
 
-fn every_range_var<'v>(v: &'v Value, f: &mut impl FnMut(&'v Value)) {
-    match v {
-        Value::Object(m) => {
-            if let Some(rv) = m.get("RangeVar") {
-                f(rv);
-            }
-            m.values().for_each(|x| every_range_var(x, f));
-        }
-        Value::Array(a) => a.iter().for_each(|x| every_range_var(x, f)),
-        _ => {}
-    }
-}
 
-fn every_column_ref<'v>(v: &'v Value, f: &mut impl FnMut(&'v Value)) {
-    match v {
-        Value::Object(m) => {
-            if let Some(cr) = m.get("ColumnRef") {
-                f(cr);
-            }
-            m.values().for_each(|x| every_column_ref(x, f));
-        }
-        Value::Array(a) => a.iter().for_each(|x| every_column_ref(x, f)),
-        _ => {}
-    }
-}

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use pg_query::protobuf::{ScanToken, Token};
 use serde_json::Value;
 
+use super::tree::{is_name, list, s, tagged};
 use super::{ScopePolicy, functions, quote_ident};
 
 /// How a masked column's value is shown.
@@ -145,21 +146,8 @@ struct MaskedTable {
     masks: BTreeMap<String, Mask>,
 }
 
-fn tagged(v: &Value) -> Option<(&str, &Value)> {
-    let inner = v.as_object()?.get("node")?.as_object()?;
-    if inner.len() != 1 {
-        return None;
-    }
-    inner.iter().next().map(|(k, v)| (k.as_str(), v))
-}
 
-fn s<'v>(v: &'v Value, key: &str) -> &'v str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
 
-fn list<'v>(v: &'v Value, key: &str) -> &'v [Value] {
-    v.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
-}
 
 /// Every node of `v` (depth first), with the wrapper objects `{"node": …}` themselves.
 fn each_node<'v>(v: &'v Value, f: &mut impl FnMut(&'v Value)) {
@@ -292,9 +280,6 @@ fn reference<'t>(tables: &'t [MaskedTable], column_ref: &Value) -> Result<Option
     }
 }
 
-fn is_name(t: &ScanToken) -> bool {
-    t.token == Token::Ident as i32 || t.token == Token::Uident as i32 || t.keyword_kind != 0
-}
 
 /// The byte range of the dotted name starting at `at` (`a`, `a.b`, `"a"."b"`).
 fn name_range(tokens: &[ScanToken], at: usize) -> Option<(usize, usize)> {

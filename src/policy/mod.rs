@@ -16,6 +16,7 @@ pub mod rowfilter;
 pub mod schema;
 pub mod shape;
 pub mod sql;
+mod tree;
 mod walk;
 
 use std::collections::{HashMap, HashSet};

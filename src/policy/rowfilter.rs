@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use pg_query::protobuf::{ScanToken, Token};
 use serde_json::Value;
 
+use super::tree::{cte_names, is_name, s, tagged};
 use super::{ScopePolicy, quote_ident};
 
 /// The templates a filter may use, and the session settings they read.
@@ -65,21 +66,8 @@ pub struct Filtered {
     pub tables: Vec<String>,
 }
 
-fn tagged(v: &Value) -> Option<(&str, &Value)> {
-    let inner = v.as_object()?.get("node")?.as_object()?;
-    if inner.len() != 1 {
-        return None;
-    }
-    inner.iter().next().map(|(k, v)| (k.as_str(), v))
-}
 
-fn s<'v>(v: &'v Value, key: &str) -> &'v str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
 
-fn is_name(t: &ScanToken) -> bool {
-    t.token == Token::Ident as i32 || t.token == Token::Uident as i32 || t.keyword_kind != 0
-}
 
 /// Statements in which a filtered table may appear (each place is then filtered).
 const FILTERABLE: &[&str] = &["SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "CopyStmt", "ExplainStmt", "PrepareStmt", "DeclareCursorStmt"];
@@ -284,18 +272,6 @@ impl Filterer<'_> {
     }
 }
 
-fn cte_names(v: &Value, out: &mut HashSet<String>) {
-    match v {
-        Value::Object(m) => {
-            if let Some(name) = m.get("CommonTableExpr").map(|c| s(c, "ctename")) {
-                out.insert(name.to_owned());
-            }
-            m.values().for_each(|x| cte_names(x, out));
-        }
-        Value::Array(a) => a.iter().for_each(|x| cte_names(x, out)),
-        _ => {}
-    }
-}
 
 /// Whether any rule of `policy` filters rows.
 pub fn any(policy: &ScopePolicy) -> bool {
@@ -306,8 +282,7 @@ pub fn any(policy: &ScopePolicy) -> bool {
 /// `Err` is a refusal ("does not allow …").
 pub fn apply(policy: &ScopePolicy, paths: &[Vec<String>], sql: &str, tree: &Value) -> Result<Option<Filtered>, String> {
     let tokens = super::scan_tokens(sql).map_err(|e| format!("could not apply its row filters: {e}"))?;
-    let mut ctes = HashSet::new();
-    cte_names(tree, &mut ctes);
+    let ctes = cte_names(tree);
     let mut f = Filterer { policy, paths, sql, tokens, ctes, edits: Vec::new(), tables: Vec::new() };
     for stmt in tree.get("stmts").and_then(Value::as_array).into_iter().flatten() {
         let Some(node) = stmt.get("stmt") else { continue };
