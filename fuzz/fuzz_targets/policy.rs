@@ -1,7 +1,7 @@
 //! The policy decision on arbitrary SQL, for every demo scope (knowing the demo's tables) and a
 //! variant of `support` that denies ssn instead of masking it: never a panic; the cached
 //! decision (exact text or statement shape) is always the one computed from scratch; and no
-//! rewrite (`*` expanded, masks applied) reads ssn outside a mask.
+//! rewrite (`*` expanded, masks applied) reads a masked column outside a mask.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -17,7 +17,11 @@ fn scopes() -> &'static Vec<ScopePolicy> {
         deny.tables[0].mask_columns.clear();
         deny.tables[0].deny_columns = vec!["ssn".into()];
         scopes.insert("support-deny".into(), deny);
-        let schema = Arc::new(pglease::policy::schema::Schema::from_ddl(pglease::demo::SHOP_SCHEMA).expect("the demo schema parses"));
+        // Its CREATE TABLE lines only: under the sanitizer the parser's stack-depth check trips
+        // on the INSERT expressions.
+        let tables: String = pglease::demo::SHOP_SCHEMA.lines().filter(|l| l.starts_with("CREATE TABLE")).collect::<Vec<_>>().join("\n");
+        let schema = Arc::new(pglease::policy::schema::Schema::from_ddl(&tables).expect("the demo's tables parse"));
+        assert!(schema.columns("public", "customers").is_some());
         scopes
             .iter()
             .map(|(name, c)| {
@@ -37,8 +41,8 @@ fuzz_target!(|data: &[u8]| {
         // One line, so the whole finding survives a filtered log.
         assert!(cached == fresh, "scope {}: decided {cached:?} from the cache but {fresh:?} from scratch for {sql:?}", scope.name);
         if let Decision::Rewrite { sql: out, .. } = &fresh.decision {
-            let unmasked = pglease::policy::masks::references_outside_case(out, "ssn").unwrap_or_else(|e| panic!("scope {}: the rewrite of {sql:?} does not parse: {e}", scope.name));
-            assert!(unmasked == 0, "scope {}: the rewrite of {sql:?} reads ssn unmasked: {out:?}", scope.name);
+            let unmasked = pglease::policy::masks::references_outside_case(scope, out).unwrap_or_else(|e| panic!("scope {}: the rewrite of {sql:?} does not parse: {e}", scope.name));
+            assert!(unmasked == 0, "scope {}: the rewrite of {sql:?} reads a masked column unmasked: {out:?}", scope.name);
         }
     }
 });

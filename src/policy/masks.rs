@@ -437,29 +437,31 @@ pub fn notice(masked: &[(String, String)]) -> String {
     format!("masked {}", parts.join("; "))
 }
 
-/// How many references to a column named `column` in `sql` are outside every `CASE`
-/// expression (the built-in masks are `CASE` expressions): a structural check of a rewrite's
-/// output, for the fuzz target and tests, independent of how the rewrite was made.
-pub fn references_outside_case(sql: &str, column: &str) -> Result<usize, String> {
-    fn walk(v: &Value, column: &str, in_case: bool, count: &mut usize) {
+/// How many references to a masked column in `sql` (as `policy` reads them, under its pinned
+/// search_path) are outside every `CASE` expression (the built-in masks are `CASE`
+/// expressions): a structural check of a rewrite's output, for the fuzz target and tests,
+/// independent of the byte ranges `apply` keeps.
+pub fn references_outside_case(policy: &ScopePolicy, sql: &str) -> Result<usize, String> {
+    fn walk(v: &Value, tables: &[MaskedTable], in_case: bool, count: &mut usize) {
         match v {
             Value::Object(m) => {
                 let in_case = in_case || m.contains_key("CaseExpr");
-                if let Some(cr) = m.get("ColumnRef") {
-                    let last = list(cr, "fields").last().and_then(tagged).map(|(_, f)| s(f, "sval"));
-                    if last == Some(column) && !in_case {
-                        *count += 1;
-                    }
+                if let Some(cr) = m.get("ColumnRef")
+                    && !in_case
+                    && matches!(reference(tables, cr), Ok(Some(_)))
+                {
+                    *count += 1;
                 }
-                m.values().for_each(|x| walk(x, column, in_case, count));
+                m.values().for_each(|x| walk(x, tables, in_case, count));
             }
-            Value::Array(a) => a.iter().for_each(|x| walk(x, column, in_case, count)),
+            Value::Array(a) => a.iter().for_each(|x| walk(x, tables, in_case, count)),
             _ => {}
         }
     }
     let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
     let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| e.to_string())?;
+    let tables = masked_tables(policy, std::slice::from_ref(&policy.search_path), &tree);
     let mut count = 0;
-    walk(&tree, column, false, &mut count);
+    walk(&tree, &tables, false, &mut count);
     Ok(count)
 }
