@@ -38,6 +38,13 @@ fuzz_target!(|data: &[u8]| {
     for scope in scopes() {
         let cached = scope.decide(sql);
         let fresh = scope.decide_uncached(sql);
+        // Under the sanitizer, stack frames are several times larger and the parser's own
+        // stack-depth check (libpg_query's, against the depth at its first call) trips at
+        // depths that differ by a frame between the two paths: a refusal either way.
+        let too_deep = |v: &pglease::policy::Verdict| matches!(&v.decision, Decision::Deny { message, .. } if message.contains("stack depth limit exceeded"));
+        if too_deep(&cached) || too_deep(&fresh) {
+            continue;
+        }
         // One line, so the whole finding survives a filtered log.
         assert!(cached == fresh, "scope {}: decided {cached:?} from the cache but {fresh:?} from scratch for {sql:?}", scope.name);
         if let Decision::Rewrite { sql: out, .. } = &fresh.decision {
