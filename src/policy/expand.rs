@@ -19,7 +19,7 @@ use pg_query::protobuf::{ScanToken, Token};
 use serde_json::Value;
 
 use super::schema::Schema;
-use super::tree::{cte_names, each, is_name, list, location, s, tagged};
+use super::tree::{cte_names, each, list, location, name_end, s, tagged, token_at};
 use super::{ScopePolicy, quote_ident};
 
 /// A rewritten statement and what it left out.
@@ -162,24 +162,12 @@ impl Expander<'_> {
         }
     }
 
-    /// The index of the token that starts at byte `at`.
     fn token_at(&self, at: usize) -> Option<usize> {
-        self.tokens.binary_search_by_key(&at, |t| t.start as usize).ok()
+        token_at(&self.tokens, at)
     }
 
-    /// The end of a dotted name starting at token `i` (`a`, `a.b`, `"a"."b"`).
-    fn name_end(&self, mut i: usize) -> Option<usize> {
-        if !is_name(self.tokens.get(i)?) {
-            return None;
-        }
-        while let (Some(dot), Some(next)) = (self.tokens.get(i + 1), self.tokens.get(i + 2)) {
-            if dot.token == Token::Ascii46 as i32 && is_name(next) {
-                i += 2;
-            } else {
-                break;
-            }
-        }
-        Some(i)
+    fn name_end(&self, i: usize) -> Option<usize> {
+        name_end(&self.tokens, i)
     }
 
     fn select(&mut self, body: &Value) -> Result<(), String> {

@@ -12,10 +12,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use pg_query::protobuf::{ScanToken, Token};
+use pg_query::protobuf::ScanToken;
 use serde_json::Value;
 
-use super::tree::{is_name, list, s, tagged};
+use super::tree::{list, name_end, s, tagged, token_at};
 use super::{ScopePolicy, functions, quote_ident};
 
 /// How a masked column's value is shown.
@@ -283,18 +283,8 @@ fn reference<'t>(tables: &'t [MaskedTable], column_ref: &Value) -> Result<Option
 
 /// The byte range of the dotted name starting at `at` (`a`, `a.b`, `"a"."b"`).
 fn name_range(tokens: &[ScanToken], at: usize) -> Option<(usize, usize)> {
-    let mut i = tokens.iter().position(|t| t.start as usize == at)?;
-    if !is_name(&tokens[i]) {
-        return None;
-    }
-    while let (Some(dot), Some(next)) = (tokens.get(i + 1), tokens.get(i + 2)) {
-        if dot.token == Token::Ascii46 as i32 && is_name(next) {
-            i += 2;
-        } else {
-            break;
-        }
-    }
-    Some((at, tokens[i].end as usize))
+    let last = name_end(tokens, token_at(tokens, at)?)?;
+    Some((at, tokens[last].end as usize))
 }
 
 /// The select-list entries that are a masked column reference alone (`SELECT ssn`): the

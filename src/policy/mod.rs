@@ -208,6 +208,12 @@ pub(crate) fn scan_tokens(sql: &str) -> Result<Vec<pg_query::protobuf::ScanToken
     pg_query::scan_tokens(sql).map_err(|e| e.to_string())
 }
 
+/// A rewritten statement parsed again: its tree as JSON (what the walk reads) and as pg_query's.
+fn reparse(sql: &str) -> Result<(Value, pg_query::ParseResult), String> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
+    Ok((serde_json::to_value(&parsed.protobuf).map_err(|e| e.to_string())?, parsed))
+}
+
 /// Whether `tree` calls the function `qualified` (`schema.name`) anywhere.
 fn calls(v: &Value, qualified: &str) -> bool {
     match v {
@@ -618,7 +624,7 @@ impl ScopePolicy {
         if rowfilter::any(self) {
             match rowfilter::apply(self, paths, sql, &tree) {
                 Ok(None) => {}
-                Ok(Some(f)) => match pg_query::parse(&f.sql, 0).map_err(|e| e.to_string()).and_then(|p| Ok((serde_json::to_value(&p.protobuf).map_err(|e| e.to_string())?, p))) {
+                Ok(Some(f)) => match reparse(&f.sql) {
                     Ok((t, p)) => {
                         tree = t;
                         parsed = p;
@@ -639,7 +645,7 @@ impl ScopePolicy {
             match expand::expand(self, paths, sql, &tree, schema) {
                 Ok(None) => {}
                 Ok(Some(e)) => {
-                    let reparsed = pg_query::parse(&e.sql, 0).map_err(|e| e.to_string()).and_then(|p| Ok((serde_json::to_value(&p.protobuf).map_err(|e| e.to_string())?, p)));
+                    let reparsed = reparse(&e.sql);
                     match reparsed {
                         Ok((t, p)) => {
                             tree = t;
@@ -659,9 +665,7 @@ impl ScopePolicy {
             match masks::apply(self, paths, current, &tree) {
                 Ok(None) => {}
                 Ok(Some(m)) => {
-                    let reparsed = pg_query::parse(&m.sql, 0)
-                        .map_err(|e| e.to_string())
-                        .and_then(|p| Ok((serde_json::to_value(&p.protobuf).map_err(|e| e.to_string())?, p)))
+                    let reparsed = reparse(&m.sql)
                         .and_then(|(t, p)| masks::verify(self, paths, &t, &m.ranges).map(|()| (t, p)));
                     match reparsed {
                         Ok((t, p)) => {

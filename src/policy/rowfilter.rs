@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use pg_query::protobuf::{ScanToken, Token};
 use serde_json::Value;
 
-use super::tree::{cte_names, is_name, s, tagged};
+use super::tree::{cte_names, name_end, s, tagged, token_at};
 use super::{ScopePolicy, quote_ident};
 
 /// The templates a filter may use, and the session settings they read.
@@ -101,23 +101,11 @@ impl Filterer<'_> {
     }
 
     fn token_at(&self, at: i64) -> Option<usize> {
-        let at = usize::try_from(at).ok()?;
-        self.tokens.binary_search_by_key(&at, |t| t.start as usize).ok()
+        token_at(&self.tokens, usize::try_from(at).ok()?)
     }
 
-    /// The token index ending the dotted name that starts at token `i`.
-    fn name_end(&self, mut i: usize) -> Option<usize> {
-        if !is_name(self.tokens.get(i)?) {
-            return None;
-        }
-        while let (Some(dot), Some(next)) = (self.tokens.get(i + 1), self.tokens.get(i + 2)) {
-            if dot.token == Token::Ascii46 as i32 && is_name(next) {
-                i += 2;
-            } else {
-                break;
-            }
-        }
-        Some(i)
+    fn name_end(&self, i: usize) -> Option<usize> {
+        name_end(&self.tokens, i)
     }
 
     /// The byte range of the table name of `rv` in the text.

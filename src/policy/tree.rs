@@ -56,3 +56,24 @@ pub(super) fn cte_names(v: &Value) -> HashSet<String> {
 pub(super) fn is_name(t: &ScanToken) -> bool {
     t.token == Token::Ident as i32 || t.token == Token::Uident as i32 || t.keyword_kind != 0
 }
+
+/// The index of the token that starts at byte `at`.
+pub(super) fn token_at(tokens: &[ScanToken], at: usize) -> Option<usize> {
+    tokens.binary_search_by_key(&at, |t| t.start as usize).ok()
+}
+
+/// The index of the last token of the dotted name starting at token `i` (`a`, `a.b`,
+/// `"a"."b"`); None when no name starts there.
+pub(super) fn name_end(tokens: &[ScanToken], mut i: usize) -> Option<usize> {
+    if !is_name(tokens.get(i)?) {
+        return None;
+    }
+    while let (Some(dot), Some(next)) = (tokens.get(i + 1), tokens.get(i + 2)) {
+        if dot.token == Token::Ascii46 as i32 && is_name(next) {
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    Some(i)
+}
