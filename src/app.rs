@@ -84,6 +84,7 @@ pub struct RunningApp {
     pub shutdown: CancellationToken,
     pub reloader: crate::reload::Reloader,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    reads: Arc<crate::grants::reads::ReadLedger>,
 }
 
 impl RunningApp {
@@ -92,6 +93,10 @@ impl RunningApp {
         self.shutdown.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+        // What the drained sessions read last is stored too.
+        if let Err(e) = self.reads.flush().await {
+            tracing::error!(error = %e, "read budgets: the last counts could not be stored");
         }
     }
 }
@@ -172,6 +177,7 @@ impl App {
             .with_sessions(sessions.clone())
             .with_scope_logins(served.logins)
             .with_events(events.clone())
+            .with_reads(grants.reads())
             .with_grant_settings(grant_settings(config));
         let proxy = Arc::new(proxy);
         proxy.keep_schemas_fresh().await;
@@ -257,6 +263,7 @@ impl App {
             }
         }));
         tasks.push(tokio::spawn(self.grants.clone().run_reaper(shutdown.clone())));
+        tasks.push(tokio::spawn(self.grants.reads().run(shutdown.clone())));
         if let Some((conninfo, options)) = self.control_plane.take() {
             let instance = self.config.control_plane.as_ref().and_then(|cp| cp.instance_id.clone()).unwrap_or_else(|| crate::control_plane::default_instance_id(proxy_addr.port()));
             let fleet = Arc::new(Fleet::new(
@@ -332,7 +339,7 @@ impl App {
             tasks.push(tokio::spawn(crate::audit::pgsink::run(options, shutdown.clone())));
         }
         let reloader = crate::reload::Reloader::new(self.proxy.clone(), self.grants.clone(), self.admin.api.clone(), self.events.clone(), self.skip_role_check, self.config);
-        Ok(RunningApp { proxy_addr, admin_addr, shutdown, reloader, tasks })
+        Ok(RunningApp { proxy_addr, admin_addr, shutdown, reloader, tasks, reads: self.grants.reads() })
     }
 }
 

@@ -279,7 +279,7 @@ pub enum NotifyKind {
 }
 
 /// The events a notification target may ask for.
-pub const NOTIFY_EVENTS: &[&str] = &["requested", "approved", "denied", "break_glass", "revoked", "expiring", "expired", "session_killed", "audit_failing"];
+pub const NOTIFY_EVENTS: &[&str] = &["requested", "approved", "denied", "break_glass", "revoked", "expiring", "expired", "session_killed", "read_budget", "audit_failing"];
 
 impl NotifyConfig {
     /// The receiver's URL (read from where the config says).
@@ -451,6 +451,12 @@ pub struct ScopeConfig {
     pub search_path: Vec<String>,
     /// Results are cut to this many rows (a `LIMIT` added or lowered).
     pub row_limit: Option<u64>,
+    /// Over its whole life, across all its sessions, a grant of this scope may read at most
+    /// this many rows (rows of results and of `COPY … TO STDOUT`). The statement that crosses
+    /// it is cut off with an error, and further statements are refused.
+    pub max_rows_read: Option<u64>,
+    /// The same, in bytes of those rows as sent to the client: `"500MB"`, `"2GiB"`, or a number.
+    pub max_bytes_read: Option<bytesize::ByteSize>,
     /// `statement_timeout` pinned for the scope's sessions.
     #[serde(default, with = "humantime_serde")]
     pub statement_timeout: Option<Duration>,
@@ -984,6 +990,12 @@ impl Config {
             if scope.row_limit == Some(0) {
                 return Err(ConfigError::invalid(&key("row_limit"), "must be at least 1"));
             }
+            if scope.max_rows_read == Some(0) {
+                return Err(ConfigError::invalid(&key("max_rows_read"), "must be at least 1"));
+            }
+            if scope.max_bytes_read.is_some_and(|b| b.as_u64() == 0) {
+                return Err(ConfigError::invalid(&key("max_bytes_read"), "must be more than 0 bytes"));
+            }
             if let Some(bg) = &scope.break_glass
                 && (bg.max_duration.is_zero() || bg.max_duration > scope.max_duration)
             {
@@ -1108,6 +1120,21 @@ mod tests {
         let both = scope.replace("mask_columns = { ssn = \"shuffle\" }", "deny_columns = [\"ssn\"], mask_columns = { ssn = \"redact\" }");
         assert!(err(&format!("{MINIMAL}{both}")).contains("denied or masked, not both"));
         Config::parse(&format!("{MINIMAL}{}", scope.replace("shuffle", "partial(0, 4)"))).unwrap();
+    }
+
+    #[test]
+    fn read_budgets_parse_with_units_and_bad_ones_name_their_key() {
+        let scope = |budget: &str| format!("{MINIMAL}\n[scopes.support]\ndatabase = \"shop\"\nrole = \"support\"\npassword_env = \"X\"\n{budget}\n");
+        let c = Config::parse(&scope("max_rows_read = 5000\nmax_bytes_read = \"5MB\"")).unwrap();
+        assert_eq!((c.scopes["support"].max_rows_read, c.scopes["support"].max_bytes_read.map(|b| b.as_u64())), (Some(5000), Some(5_000_000)));
+        let c = Config::parse(&scope("max_bytes_read = \"2GiB\"")).unwrap();
+        assert_eq!(c.scopes["support"].max_bytes_read.map(|b| b.as_u64()), Some(2 << 30));
+        let c = Config::parse(&scope("max_bytes_read = 4096")).unwrap();
+        assert_eq!(c.scopes["support"].max_bytes_read.map(|b| b.as_u64()), Some(4096));
+        for (budget, key) in [("max_rows_read = 0", "scopes.support.max_rows_read"), ("max_bytes_read = \"0B\"", "scopes.support.max_bytes_read"), ("max_bytes_read = \"lots\"", "scopes.support.max_bytes_read"), ("max_rows_read = -1", "scopes.support.max_rows_read")] {
+            let e = err(&scope(budget));
+            assert!(e.contains(key), "{budget}: {e}");
+        }
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub enum Event {
     LoginFailed { login: String, client: String },
     /// A cancel request; `forwarded` when it matched a live session.
     CancelRequest { pid: i32, client: String, forwarded: bool },
+    /// A grant read as much as its scope's read budget allows: the statement crossing it was cut
+    /// off, and further statements that return rows are refused.
+    ReadBudgetSpent { grant: String, user: String, scope: String, rows_read: u64, bytes_read: u64, max_rows_read: Option<u64>, max_bytes_read: Option<u64> },
     /// The audit log cannot be written (statements are refused meanwhile), and since when.
     AuditFailing { error: String },
     /// The audit log is written again.

@@ -104,6 +104,8 @@ pub struct Proxy {
     pub sessions: Arc<SessionRegistry>,
     /// With a control plane: where a cancel request for another instance's session goes.
     fleet: std::sync::OnceLock<Arc<crate::control_plane::fleet::Fleet>>,
+    /// What grants under a read budget have read.
+    reads: Option<Arc<crate::grants::reads::ReadLedger>>,
     /// Keys the mock SCRAM salts of unknown logins; random per process.
     mock_secret: [u8; 32],
 }
@@ -134,6 +136,7 @@ impl Proxy {
             cancels: CancelRegistry::new(),
             sessions: SessionRegistry::new(),
             fleet: std::sync::OnceLock::new(),
+            reads: None,
             mock_secret,
         }
     }
@@ -261,6 +264,13 @@ impl Proxy {
     /// Shares a session registry (the grant service ends sessions through it).
     pub fn with_sessions(mut self, sessions: Arc<SessionRegistry>) -> Self {
         self.sessions = sessions;
+        self
+    }
+
+    /// Counts grants' reads against their scopes' read budgets here (without a ledger, a scope
+    /// with a budget serves no session: fail closed).
+    pub fn with_reads(mut self, reads: Arc<crate::grants::reads::ReadLedger>) -> Self {
+        self.reads = Some(reads);
         self
     }
 
@@ -483,7 +493,7 @@ impl Proxy {
 
         // Fail closed: a session governed by a scope logs in as that scope's role, under that
         // scope's policy, or not at all.
-        let (login, hooks, pinned): (UpstreamLogin, Arc<dyn SessionHooks>, Vec<(String, String)>) = match &identity.scope {
+        let (login, hooks, pinned, budget): (UpstreamLogin, Arc<dyn SessionHooks>, Vec<(String, String)>, _) = match &identity.scope {
             Some(scope) => {
                 let refuse = |why: String| ClientError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, why);
                 let found = match (state.scope_logins.get(scope), state.policies.get(scope), state.disabled_scopes.get(scope)) {
@@ -499,7 +509,7 @@ impl Proxy {
                 match found {
                     Ok((l, policy)) => {
                         let hooks: Arc<dyn SessionHooks> = Arc::new(PolicyHooks::new(policy.clone(), &l.user));
-                        (l, hooks, policy.pinned_startup_params())
+                        (l, hooks, policy.pinned_startup_params(), policy.read_budget)
                     }
                     Err(e) => {
                         tracing::error!(scope = %scope, error = %e, "session refused");
@@ -508,7 +518,29 @@ impl Proxy {
                     }
                 }
             }
-            None => (self.upstream.default_login().clone(), self.hooks.clone(), Vec::new()),
+            None => (self.upstream.default_login().clone(), self.hooks.clone(), Vec::new(), None),
+        };
+        // The grant's read budget: what it has read so far must be known before it reads more.
+        let reads = match budget {
+            Some(budget) => {
+                let meter = match (&self.reads, &identity.grant_id, &identity.scope) {
+                    (Some(ledger), Some(grant), Some(scope)) => {
+                        let who = crate::grants::reads::GrantRef { id: grant.clone(), user: identity.person.clone(), scope: scope.clone() };
+                        ledger.meter(who, budget).await.map_err(|e| e.to_string())
+                    }
+                    _ => Err("no read budget ledger on this proxy".to_owned()),
+                };
+                match meter {
+                    Ok(m) => Some(m),
+                    Err(why) => {
+                        tracing::error!(error = %why, "session refused: its grant's read budget usage cannot be read");
+                        let e = ClientError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pglease: cannot read how much this grant has read (its scope has a read budget); try again shortly");
+                        handshake::send_error(reader.get_mut(), &e).await;
+                        return Err(HandshakeError::Refused(e));
+                    }
+                }
+            }
+            None => None,
         };
 
         let mut forwarded: Vec<(String, String)> = params.forwarded.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("application_name")).cloned().collect();
@@ -561,7 +593,7 @@ impl Proxy {
 
         // The settings a replay must run under: the client's accepted ones, then the pinned.
         let settings = params.settings.iter().cloned().chain(pinned).collect();
-        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database, settings };
+        let ctx = SessionContext { id: registered.handle.id, identity, client_addr: addr, database: params.database, settings, reads };
         let hooks = match &self.audit {
             Some(log) => crate::audit::audited(hooks, log, &ctx),
             None => hooks,

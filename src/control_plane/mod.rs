@@ -6,6 +6,7 @@
 //! - [`store::PgGrantStore`]: the shared grant store; a write names the version it read.
 //! - [`watch`]: each instance hears of every change (`LISTEN/NOTIFY`), reads the store again
 //!   periodically, and refuses logins once it could not read it for too long.
+//! - [`reads`]: how much each grant has read, for read budgets.
 //! - [`events`]: every instance's grant and session events in one table.
 //! - [`fleet`]: instances announce themselves and their live sessions; a kill or a cancel
 //!   request for a session on another instance reaches it through the control plane.
@@ -14,6 +15,7 @@ pub mod conn;
 pub mod events;
 pub mod fleet;
 pub mod migrations;
+pub mod reads;
 pub mod store;
 pub mod watch;
 

@@ -50,6 +50,10 @@ impl GrantStore for PgGrantStore {
         true
     }
 
+    fn reads(&self) -> std::sync::Arc<dyn crate::grants::reads::ReadStore> {
+        std::sync::Arc::new(super::reads::PgReads::new(self.conn.conninfo()))
+    }
+
     async fn put(&self, grant: &Grant) -> Result<u64, StoreError> {
         let body = serde_json::to_string(grant).expect("grants serialize");
         let read = grant.version as i64;

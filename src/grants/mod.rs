@@ -5,6 +5,7 @@
 //! own login and a random secret shown once; only the SCRAM verifier is kept. When a grant
 //! ends, its sessions are ended with `FATAL 57P01`.
 
+pub mod reads;
 pub mod store;
 
 use std::collections::HashMap;
@@ -209,6 +210,8 @@ pub struct GrantService {
     /// that fails closed (the control plane cannot say whether the grant is live). None: the
     /// store is this process's own, memory is always current.
     fresh_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// What budgeted grants have read, kept with the grants.
+    reads: Arc<reads::ReadLedger>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -239,7 +242,9 @@ impl GrantService {
         // A shared store's grants are current as of now; the watcher keeps them so. Until it
         // first succeeds, they count as current for a short while only.
         let fresh_until = store.shared().then(|| std::time::Instant::now() + Duration::from_secs(30));
+        let reads = Arc::new(reads::ReadLedger::new(store.reads(), events.clone()));
         Ok(Arc::new(Self {
+            reads,
             store,
             grants: RwLock::new(grants),
             write: tokio::sync::Mutex::new(()),
@@ -249,6 +254,11 @@ impl GrantService {
             changed: Notify::new(),
             fresh_until: std::sync::Mutex::new(fresh_until),
         }))
+    }
+
+    /// The read budgets' ledger (its task is started with the app's).
+    pub fn reads(&self) -> Arc<reads::ReadLedger> {
+        self.reads.clone()
     }
 
     /// The scopes in force now.

@@ -34,6 +34,8 @@ pub trait GrantStore: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// Where the grants' read budgets are counted, kept with the grants.
+    fn reads(&self) -> std::sync::Arc<dyn super::reads::ReadStore>;
 }
 
 /// An append-only JSON Lines file: one full grant record per line, the last line for an id
@@ -137,12 +139,17 @@ impl GrantStore for FileStore {
         file.sync_data().map_err(|e| self.io(e))?;
         Ok(grant.version)
     }
+
+    fn reads(&self) -> std::sync::Arc<dyn super::reads::ReadStore> {
+        std::sync::Arc::new(super::reads::FileReads::new(&self.path))
+    }
 }
 
 /// Grants in memory only, for tests.
 #[derive(Default)]
 pub struct MemoryStore {
     grants: std::sync::Mutex<Vec<Grant>>,
+    reads: std::sync::Arc<super::reads::MemoryReads>,
 }
 
 #[async_trait::async_trait]
@@ -160,6 +167,10 @@ impl GrantStore for MemoryStore {
             None => all.push(stored),
         }
         Ok(grant.version + 1)
+    }
+
+    fn reads(&self) -> std::sync::Arc<dyn super::reads::ReadStore> {
+        self.reads.clone()
     }
 }
 

@@ -58,6 +58,7 @@ fn kind_of(event: &Event) -> Option<&'static str> {
         Event::GrantExpiring { .. } => "expiring",
         Event::GrantExpired { .. } => "expired",
         Event::SessionKilled { .. } => "session_killed",
+        Event::ReadBudgetSpent { .. } => "read_budget",
         Event::AuditFailing { .. } | Event::AuditRecovered => "audit_failing",
         _ => return None,
     })
@@ -288,6 +289,13 @@ fn summary(kind: &str, f: &Value) -> String {
         "expired" => format!("{}'s grant for *{}* expired", s("user"), s("scope")),
         "audit_failing" if f["event"] == "audit_recovered" => ":white_check_mark: the audit log is written again; statements run again".to_owned(),
         "audit_failing" => format!(":rotating_light: the audit log cannot be written, so every statement is refused: {}", s("error")),
+        "read_budget" => format!(
+            ":rotating_light: {}'s grant for *{}* used its read budget ({} rows, {} bytes read); its further statements are refused",
+            s("user"),
+            s("scope"),
+            f["rows_read"],
+            f["bytes_read"]
+        ),
         "session_killed" => format!("{} ended session {}", s("by"), f["session"]),
         other => other.to_owned(),
     }

@@ -25,13 +25,23 @@ struct State {
     /// of them: a second Parse of a name that exists fails in Postgres and leaves the first,
     /// and pglease cannot see whether a DEALLOCATE or Close ran.
     vetted: HashMap<String, Vec<Vetted>>,
-    /// What each bound portal does when it runs: its path changes, and whether its result is
-    /// capped by the scope's row limit.
-    portals: HashMap<String, (Vec<PathChange>, bool)>,
+    /// What each bound portal does when it runs.
+    portals: HashMap<String, Portal>,
     paths: PathTracker,
     /// Forwarded messages whose results have not all come back, oldest first: to tell which
     /// statement a `CommandComplete` belongs to.
     results: VecDeque<Awaiting>,
+}
+
+/// A bound portal.
+#[derive(Clone, Default)]
+struct Portal {
+    /// The `search_path` changes its statement makes.
+    changes: Vec<PathChange>,
+    /// Whether its result is capped by the scope's row limit.
+    capped: bool,
+    /// The prepared statement it runs.
+    statement: String,
 }
 
 /// A forwarded message, as its results come back.
@@ -326,7 +336,12 @@ impl SessionHooks for PolicyHooks {
     async fn on_query(&self, ctx: &SessionContext, sql: &str) -> Verdict {
         // Every Query gets one ReadyForQuery back, refused or not (see `session`).
         self.state().paths.outstanding += 1;
-        let (verdict, capped) = self.decide(ctx, sql, None);
+        // A grant whose read budget is spent may still end its transaction and leave.
+        let spent = ctx.reads.as_ref().and_then(|m| m.refusal()).filter(|_| !super::returns_no_rows(sql));
+        let (verdict, capped) = match spent {
+            Some(refusal) => (Verdict::Refuse(refusal), false),
+            None => self.decide(ctx, sql, None),
+        };
         self.state().results.push_back(Awaiting::Query { capped });
         verdict
     }
@@ -345,16 +360,22 @@ impl SessionHooks for PolicyHooks {
         let changes: Vec<PathChange> = texts.iter().flat_map(|v| v.changes.clone()).collect();
         // The statement Postgres has is one of these texts: the last, unless a duplicate Parse failed.
         let capped = texts.last().is_some_and(|v| v.capped);
-        st.portals.insert(bind.portal.clone(), (changes, capped));
+        st.portals.insert(bind.portal.clone(), Portal { changes, capped, statement: bind.statement.clone() });
         Verdict::Forward
     }
 
-    async fn on_execute(&self, _ctx: &SessionContext, execute: &Execute) -> Verdict {
+    async fn on_execute(&self, ctx: &SessionContext, execute: &Execute) -> Verdict {
         let mut st = self.state();
+        let portal = st.portals.get(&execute.portal).cloned().unwrap_or_default();
+        if let Some(refusal) = ctx.reads.as_ref().and_then(|m| m.refusal()) {
+            let texts = st.vetted.get(&portal.statement).map(Vec::as_slice).unwrap_or_default();
+            if texts.is_empty() || !texts.iter().all(|v| super::returns_no_rows(&v.sql)) {
+                return Verdict::Refuse(refusal);
+            }
+        }
         // The portal's SET search_path takes effect now, before Postgres runs it.
-        let (changes, capped) = st.portals.get(&execute.portal).cloned().unwrap_or_default();
-        st.paths.register(&changes);
-        st.results.push_back(Awaiting::Execute { capped });
+        st.paths.register(&portal.changes);
+        st.results.push_back(Awaiting::Execute { capped: portal.capped });
         Verdict::Forward
     }
 
@@ -468,6 +489,7 @@ mod tests {
             client_addr: "127.0.0.1:1".parse().unwrap(),
             database: "shop".into(),
             settings: vec![],
+            reads: None,
         }
     }
 

@@ -137,6 +137,8 @@ pub struct ScopePolicy {
     catalog: bool,
     pub search_path: Vec<String>,
     pub row_limit: Option<u64>,
+    /// What each grant of the scope may read over its life (counted by the relay).
+    pub read_budget: Option<crate::grants::reads::ReadBudget>,
     pub statement_timeout: Option<Duration>,
     require_where: bool,
     settings: HashSet<String>,
@@ -206,6 +208,20 @@ pub(crate) fn scan_tokens(sql: &str) -> Result<Vec<pg_query::protobuf::ScanToken
         return Ok(Vec::new());
     }
     pg_query::scan_tokens(sql).map_err(|e| e.to_string())
+}
+
+/// Whether every statement of `sql` only opens or ends a transaction, or changes a setting, a
+/// prepared statement or a cursor: what a session may still run once its grant's read budget
+/// is spent (so that it can roll back and leave cleanly). Fails closed on SQL that does not parse.
+pub fn returns_no_rows(sql: &str) -> bool {
+    use pg_query::NodeEnum as N;
+    let Ok(parsed) = pg_query::parse(sql, 0) else { return false };
+    parsed.protobuf.stmts.iter().all(|s| {
+        matches!(
+            s.stmt.as_ref().and_then(|n| n.node.as_ref()),
+            Some(N::TransactionStmt(_) | N::VariableSetStmt(_) | N::DiscardStmt(_) | N::DeallocateStmt(_) | N::ClosePortalStmt(_))
+        )
+    })
 }
 
 /// A rewritten statement parsed again: its tree as JSON (what the walk reads) and as pg_query's.
@@ -304,6 +320,7 @@ impl ScopePolicy {
             catalog: c.catalog,
             search_path: c.search_path.clone(),
             row_limit: c.row_limit,
+            read_budget: crate::grants::reads::ReadBudget::of(c),
             statement_timeout: c.statement_timeout,
             require_where: c.require_where,
             settings: c.settings.iter().map(|s| s.to_ascii_lowercase()).collect(),

@@ -22,6 +22,9 @@ pub struct SessionContext {
     /// Settings pinned for the session upstream (search_path, statement_timeout…), so that
     /// a replay can run under the same ones.
     pub settings: Vec<(String, String)>,
+    /// The grant's read budget, when its scope sets one: the relay counts every row sent
+    /// against it and cuts a result off where it would cross.
+    pub reads: Option<std::sync::Arc<crate::grants::reads::ReadMeter>>,
 }
 
 /// A hook's answer about a statement.

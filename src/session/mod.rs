@@ -727,6 +727,22 @@ async fn upstream_to_client(
             Err(e) => return Outcome::UpstreamProtocol(e.to_string()),
         };
         messages += 1;
+        // A row that would take the grant past its read budget is not sent: the session ends
+        // there (what the client was sent before it stays sent). Ending it, rather than
+        // answering this one statement with an error, keeps the outcome exact: the statement
+        // may already have finished upstream, with more of a pipeline behind it.
+        if let Some(meter) = &ctx.reads {
+            let row = match &event {
+                ReadEvent::Large { tag: b'D' | b'd', body_len } => Some(*body_len as u64 + 5),
+                ReadEvent::Frame(f) if matches!(f.tag(), b'D' | b'd') => Some(f.raw().len() as u64),
+                _ => None,
+            };
+            if let Some(bytes) = row
+                && meter.take_row(bytes).is_err()
+            {
+                return Outcome::End(meter.cut_error());
+            }
+        }
         let frame = match event {
             ReadEvent::Large { tag, body_len } => {
                 match stream_large(up, client, tag, body_len).await {

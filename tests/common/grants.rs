@@ -402,8 +402,13 @@ impl GrantsEnv {
     }
 
     pub async fn connect_db(&self, login: &str, password: &str, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.connect_at(self.proxy_addr, login, password, database).await
+    }
+
+    /// …through the instance listening at `proxy` (one of [`GrantsEnv::another_instance`]'s).
+    pub async fn connect_at(&self, proxy: SocketAddr, login: &str, password: &str, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let mut config = tokio_postgres::Config::new();
-        config.host("127.0.0.1").port(self.proxy_addr.port()).user(login).password(password).dbname(database).ssl_mode(tokio_postgres::config::SslMode::Require);
+        config.host("127.0.0.1").port(proxy.port()).user(login).password(password).dbname(database).ssl_mode(tokio_postgres::config::SslMode::Require);
         let (client, connection) = config.connect(super::tls_connector()).await?;
         tokio::spawn(async move {
             let _ = connection.await;
