@@ -130,6 +130,9 @@ pub fn print_grant(g: &Value) {
     ] {
         println!("{key:>13}: {}", s(g, key));
     }
+    if let Ok(read) = serde_json::from_value::<crate::grants::ReadView>(g["read"].clone()) {
+        println!("{:>13}: {}", "read", read.describe());
+    }
 }
 
 /// `text` as a value in a URL's query string (instance ids hold `:`).
@@ -198,6 +201,8 @@ pub fn print_scope(v: &Value) {
     }
     println!("catalog reads:     {}", if r["catalog"].as_bool() == Some(false) { "no" } else { "pg_catalog, information_schema" });
     println!("row limit:         {}", r["row_limit"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "none".into()));
+    let budget = crate::grants::reads::ReadBudget { rows: r["max_rows_read"].as_u64(), bytes: r["max_bytes_read"].as_u64() };
+    println!("read budget:       {}", if budget.rows.is_none() && budget.bytes.is_none() { "none".to_owned() } else { format!("{} per grant", budget.describe()) });
     println!("statement_timeout: {}", r["statement_timeout"].as_str().unwrap_or("not pinned"));
     println!("WHERE required:    {}", if r["require_where"].as_bool() == Some(false) { "no" } else { "on UPDATE and DELETE" });
     println!("settings:          {}", or(list(&r["settings"]), "display settings only"));

@@ -39,6 +39,9 @@ pub struct Rules {
     pub tables: Vec<crate::config::TableRuleConfig>,
     pub search_path: Vec<String>,
     pub row_limit: Option<u64>,
+    /// Read budget per grant (`max_rows_read`, `max_bytes_read` in bytes).
+    pub max_rows_read: Option<u64>,
+    pub max_bytes_read: Option<u64>,
     #[serde(serialize_with = "opt_human")]
     pub statement_timeout: Option<Duration>,
     pub require_where: bool,
@@ -75,6 +78,8 @@ impl Scope {
                 tables: c.tables.clone(),
                 search_path: c.search_path.clone(),
                 row_limit: c.row_limit,
+                max_rows_read: c.max_rows_read,
+                max_bytes_read: c.max_bytes_read.map(|b| b.as_u64()),
                 statement_timeout: c.statement_timeout,
                 require_where: c.require_where,
                 settings: c.settings.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::{StreamExt, pin_mut};
 use pglease::events::Event;
 
-use common::grants::{EnvOptions, GrantsEnv};
+use common::grants::{ALICE, EnvOptions, GrantsEnv};
 use common::sqlstate;
 
 /// `public.t` holds ids 1..=100; grants of the `app` scope may read 50 rows each.
@@ -65,6 +65,11 @@ fn severity_and_code(e: &tokio_postgres::Error) -> (String, String, String) {
     (db.severity().to_owned(), db.code().code().to_owned(), db.message().to_owned())
 }
 
+/// `grant show`'s read budget part.
+async fn shown(env: &GrantsEnv, id: &str) -> serde_json::Value {
+    env.api(Some(ALICE), "GET", &format!("/grants/{id}"), serde_json::json!({})).await.unwrap()["read"].clone()
+}
+
 fn spent_events(env: &GrantsEnv, grant: &str) -> Vec<Event> {
     env.events.events().into_iter().filter(|e| matches!(e, Event::ReadBudgetSpent { grant: g, .. } if g == grant)).collect()
 }
@@ -101,9 +106,13 @@ async fn a_grant_reads_its_budget_and_not_a_row_more() {
     assert_eq!(spent.len(), 1, "one event per grant: {spent:?}");
     assert!(matches!(&spent[0], Event::ReadBudgetSpent { scope, user, rows_read: 50, max_rows_read: Some(50), max_bytes_read: None, .. } if scope == "app" && user == "alice"), "{spent:?}");
 
+    let read = shown(&env, &id).await;
+    assert_eq!((read["rows"].as_u64(), read["max_rows"].as_u64(), read["max_bytes"].is_null()), (Some(50), Some(50), true), "grant show: {read}");
+
     // A restart does not give the budget back.
     env.stop().await;
     env.boot().await;
+    assert_eq!(shown(&env, &id).await["rows"].as_u64(), Some(50), "as stored, before any session");
     let after = env.connect(&login, &password).await.unwrap();
     assert_eq!(sqlstate(&after.simple_query("SELECT 1").await.unwrap_err()).as_deref(), Some("53400"));
 

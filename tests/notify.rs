@@ -225,3 +225,33 @@ async fn people_are_told_before_a_grant_ends_and_when_the_audit_log_fails() {
     let recovered = common::eventually(Duration::from_secs(20), || async { receiver.delivered("/hook").into_iter().find(|(_, b)| b["event"] == "audit_recovered") }).await;
     assert!(recovered.is_some(), "its recovery sent too");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_spends_its_read_budget_is_reported() {
+    let receiver = Arc::new(Receiver::default());
+    let addr = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut hook = target("hook", NotifyKind::Webhook, format!("http://{addr}/hook"), dir.path());
+    hook.events = vec!["read_budget".into()];
+    let chat = target("chat", NotifyKind::Slack, format!("http://{addr}/slack"), dir.path());
+    let mut env = GrantsEnv::start(EnvOptions { notify: vec![hook, chat], ..EnvOptions::default() }).await;
+    env.reload(|c| c.scopes.get_mut("app").unwrap().max_rows_read = Some(1)).await.unwrap();
+    let (id, login, password) = env.active_grant("app", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let e = client.simple_query("SELECT id FROM t").await.unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("53400"), "two rows, a budget of one: {e:?}");
+
+    let got = common::eventually(Duration::from_secs(20), || async { Some(receiver.delivered("/hook")).filter(|d| !d.is_empty()) }).await.expect("read_budget sent");
+    assert_eq!(got.len(), 1, "only the event the target asked for");
+    let body = &got[0].1;
+    assert_eq!((body["kind"].as_str(), body["grant"].as_str(), body["user"].as_str(), body["scope"].as_str()), (Some("read_budget"), Some(id.as_str()), Some("alice"), Some("app")));
+    assert_eq!((body["rows_read"].as_u64(), body["max_rows_read"].as_u64()), (Some(1), Some(1)));
+    let raw = receiver.hits.lock().unwrap().iter().find(|h| h.path == "/hook" && h.status == 200).unwrap().body.clone();
+    verify(&got[0].0, body, &raw);
+    let text = common::eventually(Duration::from_secs(20), || async {
+        receiver.delivered("/slack").into_iter().map(|(_, b)| b["text"].as_str().unwrap_or_default().to_owned()).find(|t| t.contains("read budget"))
+    })
+    .await
+    .expect("Slack told too");
+    assert!(text.contains("alice's grant for *app* used its read budget (1 rows"), "{text}");
+}

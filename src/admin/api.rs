@@ -267,7 +267,7 @@ async fn list_grants(State(state): State<Arc<ApiState>>, Caller(who): Caller, Qu
 }
 
 async fn show_grant(State(state): State<Arc<ApiState>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Json<GrantView>, ApiError> {
-    Ok(Json(state.grants.show(&who, &id)?))
+    Ok(Json(state.grants.show_with_reads(&who, &id).await?))
 }
 
 pub use crate::session::SessionView;

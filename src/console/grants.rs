@@ -231,7 +231,7 @@ fn grant_row(state: &ApiState, viewer: &Viewer, g: &GrantView) -> Markup {
 /// One grant, as a link in a notification opens it: a pending request with the actions the
 /// viewer may take on it, or the grant's state.
 pub async fn show(State(state): State<Arc<ApiState>>, viewer: Viewer, Path(id): Path<String>, Query(done): Query<Done>) -> Response {
-    let g = match state.grants.show(&viewer.who, &id) {
+    let g = match state.grants.show_with_reads(&viewer.who, &id).await {
         Ok(g) => g,
         Err(e) => return grant_error(&viewer, e),
     };
@@ -247,6 +247,9 @@ pub async fn show(State(state): State<Arc<ApiState>>, viewer: Viewer, Path(id): 
                     tbody { (grant_row(&state, &viewer, &g)) }
                 }
             }
+        }
+        @if let Some(read) = &g.read {
+            p #read-budget { "Read so far: " (read.describe()) " (the scope's read budget per grant)" }
         }
     };
     page(&viewer, "/grants", &format!("Grant {}", g.id), body).into_response()

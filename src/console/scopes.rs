@@ -58,6 +58,7 @@ pub fn rules_table(s: &Scope) -> Markup {
                 } }
                 tr { th scope="row" { "search_path" } td { (r.search_path.join(", ")) } }
                 tr { th scope="row" { "Row limit" } td { (r.row_limit.map(|n| n.to_string()).unwrap_or_else(|| "none".into())) } }
+                tr { th scope="row" { "Read budget" } td { (match crate::grants::reads::ReadBudget::of(&s.config) { Some(b) => format!("{} per grant", b.describe()), None => "none".into() }) } }
                 tr { th scope="row" { "statement_timeout" } td { (r.statement_timeout.map(crate::time::human_duration).unwrap_or_else(|| "not pinned".into())) } }
                 tr { th scope="row" { "WHERE required" } td { @if r.require_where { "on UPDATE and DELETE" } @else { "no" } } }
                 tr { th scope="row" { "Settings" } td { (list(&r.settings, "display settings only")) } }

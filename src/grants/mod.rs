@@ -134,6 +134,26 @@ pub struct GrantView {
     pub ended_at: Option<String>,
     pub ended_by: Option<String>,
     pub end_reason: Option<String>,
+    /// What the grant has read, when its scope sets a read budget (`grant show` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<ReadView>,
+}
+
+/// A grant's reads against its scope's budget.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReadView {
+    pub rows: u64,
+    pub bytes: u64,
+    pub max_rows: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+impl ReadView {
+    /// "30 rows (2.1 kB) of 50 rows" as a person reads it.
+    pub fn describe(&self) -> String {
+        let budget = reads::ReadBudget { rows: self.max_rows, bytes: self.max_bytes };
+        format!("{} rows ({}) of {}", self.rows, reads::human_bytes(self.bytes), budget.describe())
+    }
 }
 
 impl GrantView {
@@ -157,6 +177,7 @@ impl GrantView {
             ended_at: t(g.ended_at),
             ended_by: g.ended_by.clone(),
             end_reason: g.end_reason.clone(),
+            read: None,
         }
     }
 }
@@ -628,6 +649,25 @@ impl GrantService {
             return Err(GrantError::NotFound(id.to_owned()));
         }
         Ok(GrantView::of(&g, SystemTime::now()))
+    }
+
+    /// One grant with what it has read, when its scope sets a read budget: as counted here if a
+    /// session of it is on this instance, else as stored (None if the store cannot say now).
+    pub async fn show_with_reads(&self, who: &Principal, id: &str) -> Result<GrantView, GrantError> {
+        let mut view = self.show(who, id)?;
+        let Some(budget) = self.scopes().get(&view.scope).and_then(|s| reads::ReadBudget::of(&s.config)) else { return Ok(view) };
+        let used = match self.reads.usage(id) {
+            Some((used, _)) => Some(used),
+            None => match self.store.reads().load(id).await {
+                Ok(used) => Some(used),
+                Err(e) => {
+                    tracing::warn!(grant = %id, error = %e, "cannot read the grant's read budget usage");
+                    None
+                }
+            },
+        };
+        view.read = used.map(|u| ReadView { rows: u.rows, bytes: u.bytes, max_rows: budget.rows, max_bytes: budget.bytes });
+        Ok(view)
     }
 
     /// Records the end of every grant past its window; returns the next deadline, if any.
