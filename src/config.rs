@@ -452,10 +452,12 @@ pub struct ScopeConfig {
     /// Results are cut to this many rows (a `LIMIT` added or lowered).
     pub row_limit: Option<u64>,
     /// Over its whole life, across all its sessions, a grant of this scope may read at most
-    /// this many rows (rows of results and of `COPY … TO STDOUT`). The statement that crosses
-    /// it is cut off with an error, and further statements are refused.
+    /// this many rows (rows of results and of `COPY … TO STDOUT`). The session whose next row
+    /// would cross it is ended (`FATAL 53400`), and further statements are refused.
     pub max_rows_read: Option<u64>,
-    /// The same, in bytes of those rows as sent to the client: `"500MB"`, `"2GiB"`, or a number.
+    /// The same in bytes sent to the client (those rows, and errors, notices and notifications):
+    /// `"500MB"`, `"2GiB"`, or a number. One row can hold a whole table (`json_agg`): a rows
+    /// budget alone does not bound what leaves.
     pub max_bytes_read: Option<bytesize::ByteSize>,
     /// `statement_timeout` pinned for the scope's sessions.
     #[serde(default, with = "humantime_serde")]

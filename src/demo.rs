@@ -79,6 +79,7 @@ description = "read customers (ssn masked but its last four digits) and orders"
 database = "shop"
 role = "pglease_support"
 max_duration = "8h"
+max_rows_read = 10000
 tables = [
   { name = "public.customers", allow = ["read"], mask_columns = { ssn = "partial(0, 4)" } },
   { name = "orders.orders", allow = ["read"] },

@@ -546,13 +546,14 @@ impl Proxy {
         let mut forwarded: Vec<(String, String)> = params.forwarded.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("application_name")).cloned().collect();
         forwarded.push(("client_encoding".into(), "UTF8".into()));
         forwarded.extend(params.settings.iter().cloned());
-        forwarded.extend(pinned.iter().cloned());
+        // What row filters (and the role's row-level security policies) read: pinned too.
+        let mut pinned = pinned;
         if let Some(scope) = &identity.scope {
-            // What row filters (and the role's row-level security policies) read.
-            forwarded.push(("pglease.person".into(), identity.person.clone()));
-            forwarded.push(("pglease.grant".into(), identity.grant_id.clone().unwrap_or_default()));
-            forwarded.push(("pglease.scope".into(), scope.clone()));
+            pinned.push(("pglease.person".into(), identity.person.clone()));
+            pinned.push(("pglease.grant".into(), identity.grant_id.clone().unwrap_or_default()));
+            pinned.push(("pglease.scope".into(), scope.clone()));
         }
+        forwarded.extend(pinned.iter().cloned());
         // Stamp the upstream session so pg_stat_activity shows who is behind it.
         let client_app = params.forwarded.iter().find(|(k, _)| k.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.as_str()).unwrap_or("");
         forwarded.push(("application_name".into(), stamp(&identity, client_app)));

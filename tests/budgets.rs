@@ -86,7 +86,7 @@ async fn a_grant_reads_its_budget_and_not_a_row_more() {
     assert_eq!(got, 20, "rows up to the budget, none beyond");
     let (severity, code, message) = severity_and_code(&e.expect("cut off"));
     assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
-    assert!(message.starts_with(&format!("pglease: grant {id} has used its read budget (scope \"app\" allows 50 rows per grant; read so far: 50 rows,")), "{message}");
+    assert!(message.starts_with(&format!("pglease: grant {id} has used its read budget (scope \"app\" allows 50 rows per grant; counted so far: 50 rows,")), "{message}");
     assert!(common::eventually(Duration::from_secs(5), || async { client.is_closed().then_some(()) }).await.is_some(), "the session ended");
 
     // Its next session runs nothing that returns rows, in any protocol…
@@ -95,8 +95,16 @@ async fn a_grant_reads_its_budget_and_not_a_row_more() {
     let (severity, code, message) = severity_and_code(&e);
     assert_eq!((severity.as_str(), code.as_str()), ("ERROR", "53400"));
     assert!(message.contains("refuses further statements that return rows under it"), "{message}");
-    assert_eq!(sqlstate(&again.query("SELECT id FROM t WHERE id = $1", &[&1i32]).await.unwrap_err()).as_deref(), Some("53400"), "extended: refused at Execute");
-    assert_eq!(sqlstate(&copy_out(&again, "COPY t TO STDOUT").await.1.unwrap()).as_deref(), Some("53400"));
+    let refused = |e: tokio_postgres::Error| {
+        let (severity, code, _) = severity_and_code(&e);
+        assert_eq!((severity.as_str(), code.as_str()), ("ERROR", "53400"), "refused, not cut: {e:?}");
+    };
+    refused(again.query("SELECT id FROM t WHERE id = $1", &[&1i32]).await.unwrap_err()); // extended: at Execute
+    refused(copy_out(&again, "COPY t TO STDOUT").await.1.unwrap());
+    // A SQL cursor's portal is not one pglease bound.
+    again.batch_execute("BEGIN").await.unwrap();
+    refused(again.simple_query("DECLARE c CURSOR FOR SELECT id FROM t").await.unwrap_err());
+    again.batch_execute("ROLLBACK").await.unwrap();
     // …but may end a transaction and change settings, so a pool can reset it and a person leave.
     again.batch_execute("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT").await.unwrap();
     again.batch_execute("ROLLBACK").await.unwrap();
@@ -137,7 +145,25 @@ async fn a_bytes_budget_ends_the_session_at_the_row_that_would_cross_it() {
     assert_eq!(got, 9);
     let (_, code, message) = severity_and_code(&e.expect("cut off"));
     assert_eq!(code, "53400");
-    assert!(message.contains("allows 10.0 kB per grant; read so far: 9 rows, 9.1 kB"), "{message}");
+    assert!(message.contains("allows 10.0 kB per grant; counted so far: 9 rows, 10.0 kB"), "{message}");
+    // The cut spent the budget for good, though 9.1 kB were sent: not even a one-byte row now.
+    let again = env.connect(&login, &password).await.unwrap();
+    let (severity, code, _) = severity_and_code(&again.simple_query("SELECT 1").await.unwrap_err());
+    assert_eq!((severity.as_str(), code.as_str()), ("ERROR", "53400"));
+
+    // An error quotes what it failed on: its bytes count too. A whole column in one cast error
+    // ends the session before the error is sent.
+    let (_, login, password) = env.active_grant("app", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    let e = client.simple_query("SELECT string_agg(repeat('x', 1000), ',')::int FROM t").await.unwrap_err();
+    let (severity, code, message) = severity_and_code(&e);
+    assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"), "{message}");
+    assert!(!message.contains("xxxx"), "the error's text was not sent");
+    // A small error is only counted, and passes.
+    let (_, login, password) = env.active_grant("app", "30m").await;
+    let client = env.connect(&login, &password).await.unwrap();
+    assert_eq!(sqlstate(&client.simple_query("SELECT 1 / 0").await.unwrap_err()).as_deref(), Some("22012"));
+    assert_eq!(rows_of(&client.simple_query("SELECT 1").await.unwrap()), 1);
 }
 
 #[tokio::test]

@@ -166,7 +166,7 @@ async fn admin_and_audit_commands_against_a_running_proxy() {
     // The whole rule set, durations as written.
     let out = run(&["scope", "show", "read"], ALICE).await;
     let shown = text(&out.stdout);
-    for expected in ["max duration:      1h", "break-glass:       up to 10m", "public.t", "read, copy-out", "row limit:         3", "statement_timeout: 20s"] {
+    for expected in ["max duration:      1h", "break-glass:       up to 10m", "public.t", "read, copy-out", "row limit:         3", "read budget:       none", "statement_timeout: 20s"] {
         assert!(shown.contains(expected), "{expected}:\n{shown}");
     }
 

@@ -288,6 +288,14 @@ async fn row_filters_hold_through_pglease_and_in_postgres() {
     let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>();
     // alice sees the EU tickets and her own.
     assert_eq!(ids(client.query("SELECT id FROM tickets ORDER BY id", &[]).await.unwrap()), [1, 2, 4]);
+    // The settings the filter reads are among the session's pinned ones, which `audit replay`
+    // runs a replay under.
+    let opened = env.events.events().into_iter().find_map(|e| match e {
+        pglease::events::Event::SessionOpened { login: l, settings, .. } if l == login => Some(settings),
+        _ => None,
+    });
+    let settings = opened.expect("session_opened");
+    assert_eq!((settings.get("pglease.person").map(String::as_str), settings.get("pglease.scope").map(String::as_str)), (Some("alice"), Some("masked")));
     assert_eq!(ids(client.query("SELECT t.id FROM tickets t JOIN tickets u ON u.id = t.id WHERE t.id > $1 ORDER BY 1", &[&0i32]).await.unwrap()), [1, 2, 4]);
     assert_eq!(ids(client.query("SELECT id FROM (SELECT * FROM tickets) s WHERE id IN (SELECT id FROM tickets) ORDER BY 1", &[]).await.unwrap()), [1, 2, 4]);
     // UPDATE and DELETE touch only those rows; COPY copies only those.

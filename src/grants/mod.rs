@@ -658,7 +658,7 @@ impl GrantService {
         let Some(budget) = self.scopes().get(&view.scope).and_then(|s| reads::ReadBudget::of(&s.config)) else { return Ok(view) };
         let used = match self.reads.usage(id) {
             Some((used, _)) => Some(used),
-            None => match self.store.reads().load(id).await {
+            None => match self.reads.stored_usage(id).await {
                 Ok(used) => Some(used),
                 Err(e) => {
                     tracing::warn!(grant = %id, error = %e, "cannot read the grant's read budget usage");

@@ -95,14 +95,19 @@ pub struct ReadMeter {
     /// The scope's limits (`u64::MAX`: none); a reload may change them.
     max_rows: AtomicU64,
     max_bytes: AtomicU64,
-    /// The store's total at the last flush, and what was read here since.
-    stored_rows: AtomicU64,
-    stored_bytes: AtomicU64,
-    local_rows: AtomicU64,
-    local_bytes: AtomicU64,
-    /// A statement was cut off, or the total reached the budget.
+    /// Everything the grant has read as far as this instance knows: what the store held at the
+    /// last flush, plus what was read here since. One atomic each, so a reader never sees a
+    /// flush half done.
+    used_rows: AtomicU64,
+    used_bytes: AtomicU64,
+    /// What was read here and is not in the store yet.
+    pending_rows: AtomicU64,
+    pending_bytes: AtomicU64,
+    /// The store's total at the last flush (only the flush touches it).
+    stored: std::sync::Mutex<ReadUsage>,
+    /// A row would have crossed the budget: nothing more is read under it here.
     spent: AtomicBool,
-    /// The `read_budget` event was sent (once per instance).
+    /// The `read_budget` event was sent by this meter.
     announced: AtomicBool,
     /// Milliseconds since `epoch` at the first failed flush since the last good one; 0: none.
     unrecorded_since: AtomicU64,
@@ -116,7 +121,7 @@ impl std::fmt::Debug for ReadMeter {
     }
 }
 
-/// Why a row may not be sent.
+/// Why a message may not be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Crossed;
 
@@ -128,10 +133,11 @@ impl ReadMeter {
             scope: grant.scope.clone(),
             max_rows: AtomicU64::new(u64::MAX),
             max_bytes: AtomicU64::new(u64::MAX),
-            stored_rows: AtomicU64::new(stored.rows),
-            stored_bytes: AtomicU64::new(stored.bytes),
-            local_rows: AtomicU64::new(0),
-            local_bytes: AtomicU64::new(0),
+            used_rows: AtomicU64::new(stored.rows),
+            used_bytes: AtomicU64::new(stored.bytes),
+            pending_rows: AtomicU64::new(0),
+            pending_bytes: AtomicU64::new(0),
+            stored: std::sync::Mutex::new(stored),
             spent: AtomicBool::new(false),
             announced: AtomicBool::new(false),
             unrecorded_since: AtomicU64::new(0),
@@ -154,26 +160,41 @@ impl ReadMeter {
 
     /// Everything the grant has read, as far as this instance knows.
     pub fn used(&self) -> ReadUsage {
-        ReadUsage {
-            rows: self.stored_rows.load(Relaxed) + self.local_rows.load(Relaxed),
-            bytes: self.stored_bytes.load(Relaxed) + self.local_bytes.load(Relaxed),
-        }
+        ReadUsage { rows: self.used_rows.load(Relaxed), bytes: self.used_bytes.load(Relaxed) }
     }
 
     /// Counts one row of `bytes` about to be sent to a client. A row that would take the grant
-    /// past its budget is not counted (it is not sent) and spends the budget.
+    /// past its budget is not sent: it spends the budget, for good (the usage is raised to the
+    /// limit it crossed, and stored so).
     pub fn take_row(&self, bytes: u64) -> Result<(), Crossed> {
-        let rows = self.local_rows.fetch_add(1, Relaxed) + 1 + self.stored_rows.load(Relaxed);
-        let total = self.local_bytes.fetch_add(bytes, Relaxed) + bytes + self.stored_bytes.load(Relaxed);
-        let unrecorded = self.unrecorded_too_long();
-        if rows > self.max_rows.load(Relaxed) || total > self.max_bytes.load(Relaxed) || unrecorded {
-            self.local_rows.fetch_sub(1, Relaxed);
-            self.local_bytes.fetch_sub(bytes, Relaxed);
-            if !unrecorded {
-                self.spend();
-            }
+        self.take(1, bytes, true)
+    }
+
+    /// Counts a message other than a row that carries what a statement computed (an error's or
+    /// a notice's text, a notification's payload): bytes only. Under a spent budget only
+    /// statements that read nothing run, so their messages pass uncounted.
+    pub fn take_message(&self, bytes: u64) -> Result<(), Crossed> {
+        if self.spent.load(Relaxed) {
+            return Ok(());
+        }
+        self.take(0, bytes, false)
+    }
+
+    fn take(&self, rows: u64, bytes: u64, strict: bool) -> Result<(), Crossed> {
+        if self.unrecorded_too_long() || (strict && self.spent.load(Relaxed)) {
             return Err(Crossed);
         }
+        let (max_rows, max_bytes) = (self.max_rows.load(Relaxed), self.max_bytes.load(Relaxed));
+        let r = self.used_rows.fetch_add(rows, Relaxed) + rows;
+        let b = self.used_bytes.fetch_add(bytes, Relaxed) + bytes;
+        if r > max_rows || b > max_bytes {
+            self.used_rows.fetch_sub(rows, Relaxed);
+            self.used_bytes.fetch_sub(bytes, Relaxed);
+            self.spend();
+            return Err(Crossed);
+        }
+        self.pending_rows.fetch_add(rows, Relaxed);
+        self.pending_bytes.fetch_add(bytes, Relaxed);
         Ok(())
     }
 
@@ -184,9 +205,6 @@ impl ReadMeter {
         }
         let used = self.used();
         let reached = used.rows >= self.max_rows.load(Relaxed) || used.bytes >= self.max_bytes.load(Relaxed);
-        if reached {
-            self.spend();
-        }
         (reached || self.spent.load(Relaxed)).then(|| self.spent_error("pglease refuses further statements that return rows under it"))
     }
 
@@ -195,7 +213,7 @@ impl ReadMeter {
         let mut e = if self.unrecorded_too_long() {
             self.unrecorded_error()
         } else {
-            self.spent_error("pglease ended this session before the row that would cross it, and refuses further statements that return rows under it")
+            self.spent_error("pglease ended this session before the message that would cross it, and refuses further statements that return rows under it")
         };
         e.severity = crate::error::Severity::Fatal;
         e
@@ -206,7 +224,7 @@ impl ReadMeter {
         ClientError::error(
             BUDGET_SPENT,
             format!(
-                "pglease: grant {} has used its read budget (scope \"{}\" allows {} per grant; read so far: {} rows, {}); {what_now}",
+                "pglease: grant {} has used its read budget (scope \"{}\" allows {} per grant; counted so far: {} rows, {}); {what_now}",
                 self.grant,
                 self.scope,
                 self.budget().describe(),
@@ -224,8 +242,19 @@ impl ReadMeter {
         )
     }
 
+    /// A message would have crossed the budget: the usage is raised to the limit crossed, so
+    /// that every instance, and this one after a restart, finds the budget used; one event.
     fn spend(&self) {
-        self.spent.store(true, Relaxed);
+        if self.spent.swap(true, Relaxed) {
+            return;
+        }
+        for (max, used, pending) in [(&self.max_rows, &self.used_rows, &self.pending_rows), (&self.max_bytes, &self.used_bytes, &self.pending_bytes)] {
+            let (max, now) = (max.load(Relaxed), used.load(Relaxed));
+            if max != u64::MAX && now < max {
+                used.fetch_add(max - now, Relaxed);
+                pending.fetch_add(max - now, Relaxed);
+            }
+        }
         if !self.announced.swap(true, Relaxed) {
             let used = self.used();
             let budget = self.budget();
@@ -248,21 +277,26 @@ impl ReadMeter {
         since != 0 && self.epoch.elapsed().as_millis() as u64 >= since + UNRECORDED_LIMIT.as_millis() as u64
     }
 
-    fn local(&self) -> ReadUsage {
-        ReadUsage { rows: self.local_rows.load(Relaxed), bytes: self.local_bytes.load(Relaxed) }
+    /// Takes what is pending, for a flush.
+    fn take_pending(&self) -> ReadUsage {
+        ReadUsage { rows: self.pending_rows.swap(0, Relaxed), bytes: self.pending_bytes.swap(0, Relaxed) }
     }
 
-    /// The store took `sent` and now holds `total`: what was read here since stays local.
+    /// The store took `sent` and now holds `total`: what other instances read since the last
+    /// flush (the total beyond what was stored then and what this flush sent) is added.
     fn stored(&self, sent: ReadUsage, total: ReadUsage) {
-        // Raised before the local part is lowered: a reader in between over-counts, never under.
-        self.stored_rows.store(total.rows, Relaxed);
-        self.stored_bytes.store(total.bytes, Relaxed);
-        self.local_rows.fetch_sub(sent.rows, Relaxed);
-        self.local_bytes.fetch_sub(sent.bytes, Relaxed);
+        let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+        let others = |total: u64, before: u64, sent: u64| total.saturating_sub(before.saturating_add(sent));
+        self.used_rows.fetch_add(others(total.rows, stored.rows, sent.rows), Relaxed);
+        self.used_bytes.fetch_add(others(total.bytes, stored.bytes, sent.bytes), Relaxed);
+        *stored = total;
         self.unrecorded_since.store(0, Relaxed);
     }
 
-    fn failed(&self) {
+    /// The store did not take `sent`: it is pending again.
+    fn failed(&self, sent: ReadUsage) {
+        self.pending_rows.fetch_add(sent.rows, Relaxed);
+        self.pending_bytes.fetch_add(sent.bytes, Relaxed);
         let now = (self.epoch.elapsed().as_millis() as u64).max(1);
         let _ = self.unrecorded_since.compare_exchange(0, now, Relaxed, Relaxed);
     }
@@ -309,11 +343,13 @@ impl ReadLedger {
     /// Adds every meter's new counts to the store and takes back the totals. Meters no session
     /// holds any more are dropped once their counts are stored.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let meters: Vec<Arc<ReadMeter>> = self.meters.iter().map(|m| m.value().clone()).collect();
+        let mut meters: Vec<Arc<ReadMeter>> = self.meters.iter().map(|m| m.value().clone()).collect();
         if meters.is_empty() {
             return Ok(());
         }
-        let deltas: Vec<(String, ReadUsage)> = meters.iter().map(|m| (m.grant.clone(), m.local())).collect();
+        // In one order on every instance: their upserts lock the rows alike, never in a cycle.
+        meters.sort_by(|a, b| a.grant.cmp(&b.grant));
+        let deltas: Vec<(String, ReadUsage)> = meters.iter().map(|m| (m.grant.clone(), m.take_pending())).collect();
         match self.store.add(&deltas).await {
             Ok(totals) => {
                 let totals: HashMap<String, ReadUsage> = totals.into_iter().collect();
@@ -322,18 +358,29 @@ impl ReadLedger {
                         Some(total) => meter.stored(*sent, *total),
                         // Nothing read anywhere yet: nothing to store.
                         None if sent.is_zero() => meter.unrecorded_since.store(0, Relaxed),
-                        None => meter.failed(),
+                        None => meter.failed(*sent),
                     }
                 }
-                // Held by the map and this list only: no session reads under it here now.
-                self.meters.retain(|_, m| Arc::strong_count(m) > 2 || !m.local().is_zero());
+                // A meter of this flush that only the map and this list hold has no session
+                // here now; one a login added or took meanwhile is kept (the shard lock orders
+                // this against `meter`).
+                for m in &meters {
+                    self.meters.remove_if(&m.grant, |_, held| Arc::ptr_eq(held, m) && Arc::strong_count(held) == 2 && held.pending_rows.load(Relaxed) == 0 && held.pending_bytes.load(Relaxed) == 0);
+                }
                 Ok(())
             }
             Err(e) => {
-                meters.iter().for_each(|m| m.failed());
+                for (meter, (_, sent)) in meters.iter().zip(&deltas) {
+                    meter.failed(*sent);
+                }
                 Err(e)
             }
         }
+    }
+
+    /// What the grant has read as stored (for `grant show` when no session of it is here).
+    pub async fn stored_usage(&self, grant: &str) -> Result<ReadUsage, StoreError> {
+        self.store.load(grant).await
     }
 
     /// Stores counts every [`FLUSH_EVERY`] until `shutdown`, then once more.
@@ -482,7 +529,7 @@ mod tests {
         assert_eq!(m.used(), ReadUsage { rows: 3, bytes: 30 }, "the refused row is not counted");
         let e = m.cut_error();
         assert_eq!(e.code, BUDGET_SPENT);
-        assert!(e.message.contains("grant g1 has used its read budget (scope \"support\" allows 3 rows per grant; read so far: 3 rows, 30 B)"), "{}", e.message);
+        assert!(e.message.contains("grant g1 has used its read budget (scope \"support\" allows 3 rows per grant; counted so far: 3 rows, 30 B)"), "{}", e.message);
         let spent: Vec<_> = sink.events().into_iter().filter(|e| matches!(e, Event::ReadBudgetSpent { .. })).collect();
         assert_eq!(spent, vec![Event::ReadBudgetSpent { grant: "g1".into(), user: "alice".into(), scope: "support".into(), rows_read: 3, bytes_read: 30, max_rows_read: Some(3), max_bytes_read: None }]);
     }
@@ -495,6 +542,13 @@ mod tests {
         let sent = (0..100).take_while(|_| m.take_row(64).is_ok()).count();
         assert_eq!(sent, 15, "15 rows of 64 bytes fit in 1000");
         assert!(m.refusal().is_some(), "a cut spends the budget even below its bytes");
+        assert_eq!(m.used().bytes, 1000, "…and counts it as used to the limit, so that it stays spent once stored");
+        assert_eq!(m.take_row(1), Err(Crossed), "not even a small row passes");
+        assert_eq!(m.take_message(500), Ok(()), "statements that read nothing may still say something");
+        ledger.flush().await.unwrap();
+        let (again, _) = super::tests::ledger(ledger.store.clone());
+        let m = again.meter(grant("g1"), ReadBudget { rows: None, bytes: Some(1000) }).await.unwrap();
+        assert!(m.refusal().is_some(), "spent as stored");
     }
 
     #[tokio::test]

@@ -366,13 +366,15 @@ impl SessionHooks for PolicyHooks {
 
     async fn on_execute(&self, ctx: &SessionContext, execute: &Execute) -> Verdict {
         let mut st = self.state();
-        let portal = st.portals.get(&execute.portal).cloned().unwrap_or_default();
+        let known = st.portals.get(&execute.portal).cloned();
         if let Some(refusal) = ctx.reads.as_ref().and_then(|m| m.refusal()) {
-            let texts = st.vetted.get(&portal.statement).map(Vec::as_slice).unwrap_or_default();
+            // A portal pglease did not see bound (a SQL cursor) may return anything.
+            let texts = known.as_ref().and_then(|p| st.vetted.get(&p.statement)).map(Vec::as_slice).unwrap_or_default();
             if texts.is_empty() || !texts.iter().all(|v| super::returns_no_rows(&v.sql)) {
                 return Verdict::Refuse(refusal);
             }
         }
+        let portal = known.unwrap_or_default();
         // The portal's SET search_path takes effect now, before Postgres runs it.
         st.paths.register(&portal.changes);
         st.results.push_back(Awaiting::Execute { capped: portal.capped });

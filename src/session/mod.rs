@@ -692,6 +692,14 @@ fn extended(shared: &Shared, frame: Frame, verdict: Verdict, discarding: &mut bo
     }
 }
 
+/// Whether an upstream error is the failure of a sentinel statement (a refusal pglease answers).
+fn is_refusal(shared: &Shared, frame: &Frame) -> bool {
+    let Ok(fields) = ErrorFields::decode(frame) else { return false };
+    let st = lock(shared);
+    let group = st.pending.front().or(st.open.as_ref());
+    matches!(group, Some(SyncGroup { refusal: Some(r), .. }) if fields.message().is_some_and(|m| m.contains(&r.marker)))
+}
+
 /// Upstream → client. Returns when the upstream closes, the client is gone, or the session
 /// drained for shutdown.
 async fn upstream_to_client(
@@ -732,14 +740,16 @@ async fn upstream_to_client(
         // answering this one statement with an error, keeps the outcome exact: the statement
         // may already have finished upstream, with more of a pipeline behind it.
         if let Some(meter) = &ctx.reads {
-            let row = match &event {
-                ReadEvent::Large { tag: b'D' | b'd', body_len } => Some(*body_len as u64 + 5),
-                ReadEvent::Frame(f) if matches!(f.tag(), b'D' | b'd') => Some(f.raw().len() as u64),
-                _ => None,
+            // Errors, notices and notifications carry what a statement computed too (a cast
+            // error quotes its input): their bytes count. pglease's own refusals do not.
+            let counted = match &event {
+                ReadEvent::Large { tag: b'D' | b'd', body_len } => meter.take_row(*body_len as u64 + 5),
+                ReadEvent::Frame(f) if matches!(f.tag(), b'D' | b'd') => meter.take_row(f.raw().len() as u64),
+                ReadEvent::Frame(f) if f.tag() == b'E' && is_refusal(shared, f) => Ok(()),
+                ReadEvent::Frame(f) if matches!(f.tag(), b'E' | b'N' | b'A') => meter.take_message(f.raw().len() as u64),
+                _ => Ok(()),
             };
-            if let Some(bytes) = row
-                && meter.take_row(bytes).is_err()
-            {
+            if counted.is_err() {
                 return Outcome::End(meter.cut_error());
             }
         }
