@@ -21,17 +21,12 @@ async fn env(options: EnvOptions) -> GrantsEnv {
     env
 }
 
-/// Reads a query's rows one by one as they arrive (extended protocol): how many came before
-/// the error that ended it, if any.
-async fn stream(client: &tokio_postgres::Client, sql: &str) -> (usize, Option<tokio_postgres::Error>) {
-    let rows = match client.query_raw(sql, Vec::<i32>::new()).await {
-        Ok(rows) => rows,
-        Err(e) => return (0, Some(e)),
-    };
-    pin_mut!(rows);
+/// Counts a stream's items as they arrive: how many came before the error that ended it, if any.
+async fn count<T>(items: impl futures_util::Stream<Item = Result<T, tokio_postgres::Error>>) -> (usize, Option<tokio_postgres::Error>) {
+    pin_mut!(items);
     let mut n = 0;
-    while let Some(row) = rows.next().await {
-        match row {
+    while let Some(item) = items.next().await {
+        match item {
             Ok(_) => n += 1,
             Err(e) => return (n, Some(e)),
         }
@@ -39,21 +34,20 @@ async fn stream(client: &tokio_postgres::Client, sql: &str) -> (usize, Option<to
     (n, None)
 }
 
-/// The same for `COPY … TO STDOUT`: how many rows (CopyData messages) came.
-async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> (usize, Option<tokio_postgres::Error>) {
-    let data = match client.copy_out(sql).await {
-        Ok(d) => d,
-        Err(e) => return (0, Some(e)),
-    };
-    pin_mut!(data);
-    let mut n = 0;
-    while let Some(chunk) = data.next().await {
-        match chunk {
-            Ok(_) => n += 1,
-            Err(e) => return (n, Some(e)),
-        }
+/// A query's rows, read one by one (extended protocol).
+async fn stream(client: &tokio_postgres::Client, sql: &str) -> (usize, Option<tokio_postgres::Error>) {
+    match client.query_raw(sql, Vec::<i32>::new()).await {
+        Ok(rows) => count(rows).await,
+        Err(e) => (0, Some(e)),
     }
-    (n, None)
+}
+
+/// The rows (CopyData messages) of a `COPY … TO STDOUT`.
+async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> (usize, Option<tokio_postgres::Error>) {
+    match client.copy_out(sql).await {
+        Ok(data) => count(data).await,
+        Err(e) => (0, Some(e)),
+    }
 }
 
 fn rows_of(messages: &[tokio_postgres::SimpleQueryMessage]) -> usize {
