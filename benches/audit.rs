@@ -124,7 +124,7 @@ async fn rotation_stall(dir: &std::path::Path) {
     use pglease::audit::record::Body;
     use pglease::audit::{AuditLog, AuditOptions, ParamLogging};
     let path = dir.join("rotation").join("audit.jsonl");
-    let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 64 << 20, anchor: None, params: ParamLogging::Log };
+    let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 64 << 20, anchor: None, params: ParamLogging::Log, writer: Default::default() };
     let (log, writer) = AuditLog::open(options).unwrap();
     let event = serde_json::json!({"event": "bench", "pad": "x".repeat(300)});
     let mut took = Vec::new();

@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use pglease::app::{App, BuildOptions, RunningApp as Running, Secrets};
-use pglease::audit::Durability;
+use pglease::audit::{Durability, WriterKind};
 use pglease::cluster::{Cluster, ClusterOptions};
 use pglease::config::*;
 use pglease::people::{People, Principal};
@@ -220,8 +220,8 @@ fn start_pgbouncer(dir: &Path, pg_port: u16) -> (Child, u16) {
     panic!("pgbouncer did not start:\n{log}");
 }
 
-fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfig>, durability: Durability) -> Config {
-    let tag = format!("{durability:?}").to_lowercase();
+fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfig>, durability: Durability, writer: WriterKind) -> Config {
+    let tag = format!("{durability:?}-{writer:?}").to_lowercase();
     Config {
         listen: ListenConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -254,7 +254,7 @@ fn pglease_config(dir: &Path, pg_port: u16, scopes: &BTreeMap<String, ScopeConfi
         admin: AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), public_url: None },
         log: LogConfig::default(),
         grants: GrantsConfig { store: dir.join(format!("grants-{tag}.jsonl")), ..GrantsConfig::default() },
-        audit: AuditConfig { path: dir.join(format!("audit-{tag}.jsonl")), durability, ..AuditConfig::default() },
+        audit: AuditConfig { path: dir.join(format!("audit-{tag}.jsonl")), durability, writer, ..AuditConfig::default() },
         scopes: scopes.clone(),
         people: BTreeMap::new(),
             control_plane: None,
@@ -334,21 +334,24 @@ fn main() {
     rt.block_on(cluster.execute("bench", &sql)).unwrap();
 
     let (mut bouncer, bouncer_port) = start_pgbouncer(dir.path(), cluster.port);
-    let (lease, lease_login, lease_secret) = rt.block_on(start_pglease(&pglease_config(dir.path(), cluster.port, &scopes, Durability::Write)));
-    let (lease_fsync, fsync_login, fsync_secret) = rt.block_on(start_pglease(&pglease_config(dir.path(), cluster.port, &scopes, Durability::Fsync)));
+    let (lease, lease_login, lease_secret) = rt.block_on(start_pglease(&pglease_config(dir.path(), cluster.port, &scopes, Durability::Write, WriterKind::Mapped)));
+    let (lease_fsync, fsync_login, fsync_secret) = rt.block_on(start_pglease(&pglease_config(dir.path(), cluster.port, &scopes, Durability::Fsync, WriterKind::Mapped)));
+    // The same with the audit records appended by write(2), as before the mapped writer.
+    let (lease_append, append_login, append_secret) = rt.block_on(start_pglease(&pglease_config(dir.path(), cluster.port, &scopes, Durability::Write, WriterKind::Append)));
 
     let targets = [
         Target { name: "direct", port: cluster.port, user: ROLE.into(), password: ROLE_PASSWORD.into(), pid: None },
         Target { name: "pgbouncer", port: bouncer_port, user: ROLE.into(), password: ROLE_PASSWORD.into(), pid: Some(bouncer.id()) },
         Target { name: "pglease", port: lease.proxy_addr.port(), user: lease_login, password: lease_secret, pid: Some(0) },
         Target { name: "pglease fsync", port: lease_fsync.proxy_addr.port(), user: fsync_login, password: fsync_secret, pid: Some(0) },
+        Target { name: "pglease append", port: lease_append.proxy_addr.port(), user: append_login, password: append_secret, pid: Some(0) },
     ];
     let t = seconds.to_string();
     let workloads: [(&str, Vec<&str>, &[&str]); 4] = [
-        ("-S -M simple -c 8", vec!["-n", "-S", "-M", "simple", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease"]),
-        ("-S -M prepared -c 8", vec!["-n", "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease", "pglease fsync"]),
+        ("-S -M simple -c 8", vec!["-n", "-S", "-M", "simple", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease", "pglease append"]),
+        ("-S -M prepared -c 8", vec!["-n", "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease", "pglease fsync", "pglease append"]),
         ("-S -M prepared -c 1", vec!["-n", "-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", &t], &["direct", "pgbouncer", "pglease"]),
-        ("tpcb -M prepared -c 8", vec!["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease", "pglease fsync"]),
+        ("tpcb -M prepared -c 8", vec!["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", &t], &["direct", "pgbouncer", "pglease", "pglease fsync", "pglease append"]),
     ];
     // Profiling aids: run only the workloads / paths whose names contain these.
     let only_workload = std::env::var("PGLEASE_BENCH_ONLY_WORKLOAD").unwrap_or_default();
@@ -370,6 +373,7 @@ fn main() {
     let _ = bouncer.wait();
     rt.block_on(lease.stop());
     rt.block_on(lease_fsync.stop());
+    rt.block_on(lease_append.stop());
 
     let stat = |w: &str, p: &str, f: fn(&Run) -> f64| median(runs.get(&(w, p)).map(|r| r.iter().map(f).collect()).unwrap_or_default());
     let tps = |w: &str, p: &str| stat(w, p, |r| r.tps);
@@ -423,6 +427,8 @@ fn main() {
     }
     let r = median(vec![tps(sp, "pglease fsync") / tps(sp, "pglease"), tps(tb, "pglease fsync") / tps(tb, "pglease")]);
     check("fsync / default audit tps, c8", r, ">= 0.90", r >= 0.9);
+    let r = median(vec![tps(ss, "pglease") / tps(ss, "pglease append"), tps(sp, "pglease") / tps(sp, "pglease append")]);
+    check("-S c8: mapped / append audit writer", r, "> 1.00", r > 1.0);
     println!("\n{:<40} {:<28}", "target", "measured");
     for (what, got, ok) in &targets_table {
         println!("{what:<40} {got:<28} {}", if *ok { "met" } else { "MISSED" });

@@ -116,6 +116,7 @@ impl App {
             rotate_bytes: config.audit.rotate_bytes,
             anchor: config.audit.anchor.clone(),
             params: config.audit.params,
+            writer: config.audit.writer,
         })
         .map_err(|e| anyhow::anyhow!("audit.path: {e}"))?;
         drop(audit_thread); // ends when the last handle to the log is dropped

@@ -379,6 +379,11 @@ pub struct AuditConfig {
     /// Start a new file past this size (bytes); the hash chain continues across files.
     #[serde(default = "default_rotate_bytes")]
     pub rotate_bytes: u64,
+    /// "mapped" (default): records are copied into a shared mapping of the live file, no system
+    /// call each; the live file must not be truncated from outside while pglease runs. "append":
+    /// `write(2)`, for file systems without `fallocate` or an outside `copytruncate`.
+    #[serde(default)]
+    pub writer: crate::audit::log::WriterKind,
     /// A second file (ideally elsewhere) that receives the chain head about once a second, so
     /// that cutting off the log's tail is detectable by `audit verify --anchor`.
     pub anchor: Option<PathBuf>,
@@ -404,7 +409,7 @@ fn default_audit_table() -> String {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { path: default_audit_path(), durability: Default::default(), rotate_bytes: default_rotate_bytes(), anchor: None, params: Default::default(), postgres: None }
+        Self { path: default_audit_path(), durability: Default::default(), rotate_bytes: default_rotate_bytes(), writer: Default::default(), anchor: None, params: Default::default(), postgres: None }
     }
 }
 

@@ -13,7 +13,7 @@ use pglease::audit::reader;
 use serde_json::{Value, json};
 
 fn records(env: &GrantsEnv) -> Vec<Value> {
-    std::fs::read_to_string(&env.audit_log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    common::audit_lines(&env.audit_log).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// Waits until the writer has caught up with results and events.
@@ -133,7 +133,7 @@ async fn every_statement_kind_is_recorded_with_its_outcome() {
 
 #[tokio::test]
 async fn verify_names_the_first_tampered_record() {
-    let env = GrantsEnv::start(EnvOptions::default()).await;
+    let mut env = GrantsEnv::start(EnvOptions::default()).await;
     let (_, login, password) = env.active_grant("read", "30m").await;
     let client = env.connect(&login, &password).await.unwrap();
     for i in 0..5 {
@@ -141,6 +141,9 @@ async fn verify_names_the_first_tampered_record() {
     }
     drop(client);
     settle().await;
+    // Stopped: the file is tampered with below, and pglease owns the live one (it is mapped).
+    // Stopping anchors the head.
+    env.stop().await;
     let original = std::fs::read_to_string(&env.audit_log).unwrap();
     let lines: Vec<&str> = original.lines().collect();
     assert!(reader::verify(&env.audit_log, None).is_ok());

@@ -421,8 +421,7 @@ async fn a_capped_result_says_so() {
     assert_eq!(client.query("SELECT id FROM t UNION ALL SELECT id FROM t UNION ALL SELECT id FROM t", &[]).await.unwrap().len(), 3);
     // The audit log has it on the capped results only (result records follow their replies).
     let capped = common::eventually(Duration::from_secs(10), || async {
-        let log = std::fs::read_to_string(&env.audit_log).unwrap();
-        let results: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|r: &serde_json::Value| r["kind"] == "result").collect();
+        let results: Vec<serde_json::Value> = common::audit_lines(&env.audit_log).iter().map(|l| serde_json::from_str(l).unwrap()).filter(|r: &serde_json::Value| r["kind"] == "result").collect();
         let capped: Vec<serde_json::Value> = results.into_iter().filter(|r| r["capped"] == true).collect();
         (capped.len() == 2).then_some(capped)
     })

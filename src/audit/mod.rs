@@ -6,12 +6,13 @@ pub mod log;
 pub mod pgsink;
 pub mod reader;
 pub mod record;
+pub mod segment;
 pub mod replay;
 pub mod table;
 
 use std::sync::Arc;
 
-pub use log::{AuditError, AuditLog, AuditOptions, Durability, ParamLogging};
+pub use log::{AuditError, AuditLog, AuditOptions, Durability, ParamLogging, WriterKind};
 
 use crate::events::{EventRecord, EventSink};
 

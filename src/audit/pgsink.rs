@@ -68,6 +68,10 @@ fn read_after(log: &Path, after: u64, cursor: &mut Option<(PathBuf, u64)>) -> Re
         let mut reader = std::io::BufReader::new(f);
         let mut pos = offset;
         loop {
+            // The live file's reserved zeros (see `segment`): nothing more yet.
+            if std::io::BufRead::fill_buf(&mut reader).map_err(|e| e.to_string())?.first() == Some(&0) {
+                break;
+            }
             let mut line = String::new();
             let n = reader.read_line(&mut line).map_err(|e| e.to_string())?;
             if n == 0 || !line.ends_with('\n') {

@@ -4,7 +4,6 @@
 //! records are read in constant memory (per session summaries aside).
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 
 use serde::Serialize;
@@ -35,9 +34,20 @@ impl Source<'_> {
                     return Err(format!("no audit log at {}", path.display()));
                 }
                 for file in &files {
-                    let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?);
-                    for (i, line) in reader.split(b'\n').enumerate() {
-                        let line = line.map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?);
+                    let mut line = Vec::new();
+                    for i in 0.. {
+                        // The live file's reserved zeros (see `segment`) start where records end.
+                        if std::io::BufRead::fill_buf(&mut reader).map_err(|e| format!("cannot read {}: {e}", file.display()))?.first() == Some(&0) {
+                            break;
+                        }
+                        line.clear();
+                        std::io::BufRead::read_until(&mut reader, b'\n', &mut line).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                        // The end, or a tail that is not a whole record: one being written, a
+                        // crash mid-write, or the live file's reserved zeros (see `segment`).
+                        if line.pop() != Some(b'\n') {
+                            break;
+                        }
                         if line.is_empty() {
                             continue;
                         }

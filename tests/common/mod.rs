@@ -307,6 +307,13 @@ pub async fn run_client_with_password(program: &str, args: &[&str], password: &s
 }
 
 /// The SQLSTATE of a tokio-postgres error, if it came from the server (or the proxy).
+/// The whole records of an audit log file, live or not: the live file ends in reserved zeros.
+pub fn audit_lines(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..end].lines().map(str::to_owned).collect()
+}
+
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
 }
