@@ -7,6 +7,7 @@
 //! `PGLEASE_BENCH_ROUNDS` (default 2), `PGLEASE_BENCH_IDLE` idle-session counts for the memory
 //! slope (default `1000,5000`; empty skips it), `PGLEASE_BENCH_JSON` a file for the raw results,
 //! `PGLEASE_BENCH_ONLY_WORKLOAD` / `PGLEASE_BENCH_ONLY_PATH` (exact path names, comma-separated) to run a subset, for profiling,
+//! `PGLEASE_BENCH_SYSCALLS=0` skips counting system calls per transaction (strace, `-S` prepared),
 //! `PGLEASE_BENCH_WORKERS` pglease's session threads (`listen.workers`; default 1, pgbouncer's
 //! one event loop: on this 2-core machine shared with Postgres and pgbench it is the cheaper
 //! setting), `PGLEASE_BENCH_RUNTIME` (`current` or a thread count) the runtime that accepts.
@@ -277,6 +278,41 @@ async fn start_pglease(config: &Config) -> (Running, String, String) {
     (running, g.grant.login, g.secret.unwrap())
 }
 
+/// System calls per transaction of the process `pid` (this one for pglease) during a pgbench
+/// run: `strace -c` attached to each of its threads (not `-f`: pgbench, a child started later,
+/// is not counted); (total, the largest by name). None without strace. strace slows the traced
+/// process down; the counts per transaction are what it measures.
+fn syscalls_per_tx(cluster: &Cluster, args: &[&str], target: &Target, pid: u32) -> Option<(f64, Vec<(String, f64)>)> {
+    let out = tempfile::NamedTempFile::new().ok()?;
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten().map(|t| t.file_name().to_string_lossy().into_owned()).collect();
+    let mut strace = Command::new("strace").args(["-c", "-q", "-o"]).arg(out.path()).args(threads.iter().flat_map(|t| ["-p", t.as_str()])).stderr(Stdio::null()).spawn().ok()?;
+    std::thread::sleep(Duration::from_millis(500)); // attached to every thread
+    let run = pgbench(cluster, args, target, || None);
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(out.path()).ok()?;
+    let per_tx = |calls: &str| calls.parse::<f64>().ok().map(|c| c / run.transactions.max(1.0));
+    let mut by_name: Vec<(String, f64)> = Vec::new();
+    let mut total = None;
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // "% time  seconds  usecs/call  calls  [errors]  syscall"
+        if cols.len() >= 5 && cols[0].parse::<f64>().is_ok() {
+            let name = cols[cols.len() - 1];
+            let Some(n) = per_tx(cols[3]) else { continue };
+            if name == "total" {
+                total = Some(n);
+            } else {
+                by_name.push((name.to_owned(), n));
+            }
+        }
+    }
+    by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
+    by_name.truncate(6);
+    total.map(|t| (t, by_name))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
@@ -367,6 +403,14 @@ fn main() {
             }
         }
     }
+    // System calls per transaction, `-S` prepared at 8 clients: pgbouncer, pglease, and pglease
+    // with the `append` audit writer.
+    let sp_args: Vec<&str> = vec!["-n", "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "4"];
+    let syscalls: Vec<(&str, Option<(f64, Vec<(String, f64)>)>)> = if env_or("PGLEASE_BENCH_SYSCALLS", 1) == 1 {
+        [(&targets[1], bouncer.id()), (&targets[2], std::process::id()), (&targets[4], std::process::id())].iter().map(|(t, pid)| (t.name, syscalls_per_tx(&cluster, &sp_args, t, *pid))).collect()
+    } else {
+        Vec::new()
+    };
     let idle: Vec<(&str, Option<f64>)> =
         if idle_counts.len() == 2 { targets[1..3].iter().map(|t| (t.name, idle_memory(t, &idle_counts))).collect() } else { vec![] };
     let _ = bouncer.kill();
@@ -405,6 +449,16 @@ fn main() {
         }
     }
 
+    for (name, counted) in &syscalls {
+        match counted {
+            Some((total, top)) => {
+                let top: Vec<String> = top.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
+                println!("syscalls per -S prepared c8 transaction via {name:<10} {total:>6.2} ({})", top.join(", "));
+            }
+            None => println!("syscalls via {name}: strace not available"),
+        }
+    }
+
     let mut targets_table: Vec<(String, String, bool)> = Vec::new();
     let mut check = |what: &str, got: f64, goal: &str, ok: bool| targets_table.push((what.to_owned(), format!("{got:.2} (target {goal})"), ok));
     let (ss, sp, s1, tb) = ("-S -M simple -c 8", "-S -M prepared -c 8", "-S -M prepared -c 1", "tpcb -M prepared -c 8");
@@ -427,6 +481,10 @@ fn main() {
     }
     let r = median(vec![tps(sp, "pglease fsync") / tps(sp, "pglease"), tps(tb, "pglease fsync") / tps(tb, "pglease")]);
     check("fsync / default audit tps, c8", r, ">= 0.90", r >= 0.9);
+    let calls = |n: &str| syscalls.iter().find(|(p, _)| *p == n).and_then(|(_, c)| c.as_ref()).map(|c| c.0);
+    if let (Some(lease), Some(bouncer)) = (calls("pglease"), calls("pgbouncer")) {
+        check("syscalls per -S tx: pglease - pgbouncer", lease - bouncer, "<= 0.20", lease - bouncer <= 0.2);
+    }
     let r = median(vec![tps(ss, "pglease") / tps(ss, "pglease append"), tps(sp, "pglease") / tps(sp, "pglease append")]);
     check("-S c8: mapped / append audit writer", r, "> 1.00", r > 1.0);
     println!("\n{:<40} {:<28}", "target", "measured");

@@ -28,7 +28,7 @@ install_missing() {
     # pg_query (the Postgres parser, used by the policy engine) builds with bindgen.
     have_libclang || packages+=(libclang-dev)
     command -v cc >/dev/null || packages+=(build-essential)
-    if [ "${1:-}" = bench ]; then command -v pgbouncer >/dev/null || packages+=(pgbouncer); fi
+    if [ "${1:-}" = bench ]; then command -v pgbouncer >/dev/null || packages+=(pgbouncer); command -v strace >/dev/null || packages+=(strace); fi
     if [ ${#packages[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "installing: ${packages[*]}" >&2
