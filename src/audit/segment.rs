@@ -31,11 +31,28 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Maps `file`, whose records end at its current length, with room for `capacity` bytes.
+    /// Maps `file`, whose records end at its current length, with room for `capacity` bytes, and
+    /// reserves the first chunk: a file system without `fallocate` fails here, not at a record.
     pub fn open(file: File, capacity: u64) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
         let map = Self::map(&file, capacity.max(len + CHUNK))?;
-        Ok(Self { file, map, len, reserved: len, synced: len })
+        let mut segment = Self { file, map, len, reserved: len, synced: len };
+        segment.reserve(len + 1)?;
+        Ok(segment)
+    }
+
+    /// Makes the file at least `end` bytes long, in whole chunks, with blocks behind them.
+    fn reserve(&mut self, end: u64) -> std::io::Result<()> {
+        if end > self.reserved {
+            let want = (end - self.reserved).div_ceil(CHUNK) * CHUNK;
+            // SAFETY: a plain syscall on a file descriptor we own.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, self.reserved as libc::off_t, want as libc::off_t) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            self.reserved += want;
+        }
+        Ok(())
     }
 
     fn map(file: &File, len: u64) -> std::io::Result<MmapRaw> {
@@ -46,15 +63,7 @@ impl Segment {
     /// Appends `bytes`. All or nothing: space is reserved first, and only a reservation fails.
     pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let end = self.len + bytes.len() as u64;
-        if end > self.reserved {
-            let want = (end - self.reserved).div_ceil(CHUNK) * CHUNK;
-            // SAFETY: a plain syscall on a file descriptor we own.
-            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, self.reserved as libc::off_t, want as libc::off_t) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            self.reserved += want;
-        }
+        self.reserve(end)?;
         if end > self.map.len() as u64 {
             self.map = Self::map(&self.file, end.max(2 * self.map.len() as u64))?;
         }
