@@ -110,15 +110,20 @@ impl App {
         let metrics = crate::admin::metrics_handle();
         let tls = client_tls(config)?;
         let upstream = Upstream::new(config.upstream.clone(), secrets.upstream, config.listen.max_message_bytes).context("upstream TLS")?;
-        let (audit, audit_thread) = crate::audit::AuditLog::open(crate::audit::AuditOptions {
+        let audit_options = crate::audit::AuditOptions {
             path: config.audit.path.clone(),
             durability: config.audit.durability,
             rotate_bytes: config.audit.rotate_bytes,
             anchor: config.audit.anchor.clone(),
             params: config.audit.params,
             writer: config.audit.writer,
-        })
-        .map_err(|e| anyhow::anyhow!("audit.path: {e}"))?;
+        };
+        // Off the runtime: opening may wait for a previous writer of the log to let go (an app
+        // restarted in this process, whose last sessions end on this runtime meanwhile).
+        let (audit, audit_thread) = tokio::task::spawn_blocking(move || crate::audit::AuditLog::open(audit_options))
+            .await
+            .map_err(|e| anyhow::anyhow!("audit.path: {e}"))?
+            .map_err(|e| anyhow::anyhow!("audit.path: {e}"))?;
         drop(audit_thread); // ends when the last handle to the log is dropped
         let mut events = Events::new().with_sink(Arc::new(crate::audit::AuditEvents(audit.clone())));
         for sink in options.event_sinks.iter().cloned() {

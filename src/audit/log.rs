@@ -364,6 +364,32 @@ impl Inline {
     }
 }
 
+/// How long a new writer waits for the previous one to let go of the log (the same process
+/// restarting its app lets go within milliseconds; another live process never does).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes `PATH.lock` (flock, exclusive), waiting up to [`LOCK_WAIT`] for another writer.
+fn lock_log(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    let started = Instant::now();
+    loop {
+        // SAFETY: a plain syscall on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(format!("cannot lock {}: {e}", lock_path.display()));
+        }
+        if started.elapsed() >= LOCK_WAIT {
+            return Err(format!("{} is written by another pglease (it holds {}); each instance needs an audit log of its own", path.display(), lock_path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Appends an anchor line and flushes it to disk; false (logged) if that failed.
 fn write_anchor(path: &Path, line: &str) -> bool {
     let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| {
@@ -461,6 +487,9 @@ struct Writer {
     /// nobody waits for are left so, for about [`UNSYNCED_FOR`]).
     unsynced: Option<Instant>,
     health: Arc<Health>,
+    /// `PATH.lock`, held while this writer lives: one writer per log. Last, so that it is let go
+    /// after the file is closed (and cut to its records).
+    _lock: std::fs::File,
 }
 
 struct WriterMeters {
@@ -733,9 +762,24 @@ impl AuditLog {
         if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
+        // One writer per log, in this process or another: two would fork its chain, and a
+        // mapped file cut by one would fault in the other.
+        let lock = lock_log(&options.path)?;
         let (seq, head) = chain_head(&options.path)?;
         let health = Arc::new(Health::default());
-        let writer = Writer { file: None, good_len: 0, seq, head, last_anchor: Instant::now(), anchored_seq: seq, meters: Default::default(), unsynced: None, options: options.clone(), health: health.clone() };
+        let writer = Writer {
+            file: None,
+            good_len: 0,
+            seq,
+            head,
+            last_anchor: Instant::now(),
+            anchored_seq: seq,
+            meters: Default::default(),
+            unsynced: None,
+            options: options.clone(),
+            health: health.clone(),
+            _lock: lock,
+        };
         let (sink, thread) = match options.durability {
             Durability::Fsync => {
                 let (tx, rx) = std_mpsc::channel();
@@ -888,6 +932,31 @@ mod tests {
         std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx).is_pending())).await
     }
 
+    /// One writer per log: a second one waits until the first lets go (here: is dropped, and
+    /// has cut its file to its records), then continues its chain.
+    #[tokio::test]
+    async fn a_second_writer_waits_for_the_first_to_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log, writer: WriterKind::Mapped };
+        let (first, first_thread) = AuditLog::open(options.clone()).unwrap();
+        first.append(event(1)).await.unwrap();
+        let started = Instant::now();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            first.append_nowait(event(2));
+            drop(first);
+            first_thread.join().unwrap();
+        });
+        let (second, second_thread) = tokio::task::spawn_blocking(move || AuditLog::open(options)).await.unwrap().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300), "it waited for the first writer");
+        release.join().unwrap();
+        second.append(event(3)).await.unwrap();
+        drop(second);
+        second_thread.join().unwrap();
+        assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 3, "one chain, nothing lost or forked");
+    }
+
     /// The live file is mapped with space reserved after the records: killed without closing,
     /// it ends in zeros, which readers stop at and the next start cuts off.
     #[tokio::test]
@@ -899,8 +968,10 @@ mod tests {
         for n in 0..3 {
             log.append(event(n)).await.unwrap();
         }
-        // As if the process were killed: nothing closes the file.
+        // As if the process were killed: nothing closes the file, and its lock goes with it (a
+        // lock file of a new inode, since this process still holds the old one).
         std::mem::forget(log);
+        std::fs::remove_file(dir.path().join("a.jsonl.lock")).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let records = bytes.iter().rposition(|&b| b == b'\n').unwrap() + 1;
         assert!(bytes.len() >= records + 4096 && bytes[records..].iter().all(|&b| b == 0), "reserved zeros follow the records");

@@ -326,7 +326,12 @@ impl GrantsEnv {
 
     /// One more instance, on a copy of the config edited by `edit`.
     pub async fn another_instance_with(&self, edit: impl FnOnce(&mut Config)) -> (SocketAddr, String, RunningApp) {
+        static INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(2);
         let mut config = self.config.clone();
+        // An audit log of its own: one writer per log (pglease locks it).
+        let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        config.audit.path = self._dir.path().join(format!("audit-{n}.jsonl"));
+        config.audit.anchor = Some(self._dir.path().join(format!("audit-{n}.anchor")));
         edit(&mut config);
         let app = self.build_from(&config).await.expect("another instance builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
