@@ -77,9 +77,14 @@ fn read_after(log: &Path, after: u64, cursor: &mut Option<(PathBuf, u64)>) -> Re
             if n == 0 || !line.ends_with('\n') {
                 break; // end, or a record still being written
             }
+            // A line that does not read as a record is not passed over: it is read again next
+            // time (a copy seen half done), and a line that never reads stops the copy, visibly.
+            let Some(seq) = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["seq"].as_u64()) else {
+                tracing::warn!(file = %file.display(), offset = pos, "audit sink: a line of the log does not read as a record; waiting");
+                return Ok(out);
+            };
             pos += n as u64;
             *cursor = Some((file.clone(), pos));
-            let seq = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
             if seq > after {
                 out.push(line.trim_end().to_owned());
                 if out.len() >= BATCH {

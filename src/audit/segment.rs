@@ -67,9 +67,27 @@ impl Segment {
         if end > self.map.len() as u64 {
             self.map = Self::map(&self.file, end.max(2 * self.map.len() as u64))?;
         }
-        // SAFETY: [len, end) lies inside the mapping (just grown if needed) and inside the file
-        // (just reserved), so no page of it can fault; only this segment writes the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(self.len as usize), bytes.len()) };
+        // Readers of the live file take a line as whole once its newline is there. `memcpy` does
+        // not store front to back (nor in order, with non-temporal stores), so each line is
+        // copied without its newline, fenced, and then given its newline.
+        let mut at = self.len as usize;
+        for line in bytes.split_inclusive(|&b| b == b'\n') {
+            let (body, newline) = match line.split_last() {
+                Some((b'\n', body)) => (body, true),
+                _ => (line, false),
+            };
+            // SAFETY: [len, end) lies inside the mapping (just grown if needed) and inside the
+            // file (just reserved), so no page of it can fault; only this segment writes it.
+            unsafe {
+                let to = self.map.as_mut_ptr().add(at);
+                std::ptr::copy_nonoverlapping(body.as_ptr(), to, body.len());
+                if newline {
+                    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                    std::ptr::write_volatile(to.add(body.len()), b'\n');
+                }
+            }
+            at += line.len();
+        }
         self.len = end;
         Ok(())
     }
