@@ -364,6 +364,22 @@ impl Inline {
     }
 }
 
+/// Starts the `write` mode's maintenance thread: `maintain` every 250 ms (retry carried
+/// records, anchor the head) until the log is dropped.
+fn maintained<T: Send + Sync + 'static>(log: &Arc<T>, maintain: fn(&T)) -> Result<std::thread::JoinHandle<()>, String> {
+    let weak = Arc::downgrade(log);
+    std::thread::Builder::new()
+        .name("pglease-audit".into())
+        .spawn(move || {
+            while let Some(log) = weak.upgrade() {
+                maintain(&log);
+                drop(log);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+        .map_err(|e| e.to_string())
+}
+
 /// How long a new writer waits for the previous one to let go of the log (the same process
 /// restarting its app lets go within milliseconds; another live process never does).
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -788,34 +804,12 @@ impl AuditLog {
             }
             Durability::Write if options.writer == WriterKind::Mapped => {
                 let direct = Arc::new(Direct { file: Mutex::new(Inline { writer, carry: Vec::new() }) });
-                let weak = Arc::downgrade(&direct);
-                let thread = std::thread::Builder::new()
-                    .name("pglease-audit".into())
-                    .spawn(move || {
-                        // Ends when the log is dropped.
-                        while let Some(direct) = weak.upgrade() {
-                            direct.maintain();
-                            drop(direct);
-                            std::thread::sleep(Duration::from_millis(250));
-                        }
-                    })
-                    .map_err(|e| e.to_string())?;
+                let thread = maintained(&direct, Direct::maintain)?;
                 (Sink::Direct(direct), thread)
             }
             Durability::Write => {
                 let combined = Arc::new(Combined { queue: Mutex::new(Queue::default()), file: Mutex::new(Inline { writer, carry: Vec::new() }) });
-                let weak = Arc::downgrade(&combined);
-                let thread = std::thread::Builder::new()
-                    .name("pglease-audit".into())
-                    .spawn(move || {
-                        // Ends when the log is dropped.
-                        while let Some(combined) = weak.upgrade() {
-                            combined.maintain();
-                            drop(combined);
-                            std::thread::sleep(Duration::from_millis(250));
-                        }
-                    })
-                    .map_err(|e| e.to_string())?;
+                let thread = maintained(&combined, Combined::maintain)?;
                 (Sink::Combined(combined), thread)
             }
         };
