@@ -363,7 +363,11 @@ impl Proxy {
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
         let state = self.state();
-        let setup = tokio::time::timeout(state.listen.handshake_timeout, self.setup(&state, tcp, addr, &shutdown)).await;
+        // The handshake and the session are boxed: inline, this task would keep room for the
+        // larger of the two (and for the handshake's and the session's moved-in parts twice) for
+        // as long as the session lasts; an idle session's task went from 7.9 KiB to 1.8 KiB plus
+        // the session's own 4.7 KiB (heaptrack, `size_of_val`).
+        let setup = tokio::time::timeout(state.listen.handshake_timeout, Box::pin(self.setup(&state, tcp, addr, &shutdown))).await;
         let session = match setup {
             Ok(Ok(Some(session))) => session,
             Ok(Ok(None)) => return, // a cancel request, handled
@@ -393,7 +397,7 @@ impl Proxy {
             settings: session.ctx.settings.iter().cloned().collect(),
         });
         metrics::gauge!("pglease_sessions_active").increment(1.0);
-        let end = session.run().await;
+        let end = Box::pin(session.run()).await;
         let statements = handle.statements();
         metrics::gauge!("pglease_sessions_active").decrement(1.0);
         let kind = match &end {
