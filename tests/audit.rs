@@ -258,6 +258,17 @@ async fn replay_matches_a_fresh_copy_and_reports_a_changed_one() {
 
 #[tokio::test]
 async fn kill_9_mid_pgbench_loses_no_committed_transaction() {
+    kill_9_mid_pgbench("write").await;
+}
+
+/// The same in `fsync` mode, where sessions copy their records into the mapped file and one
+/// thread flushes for all of them.
+#[tokio::test]
+async fn kill_9_mid_pgbench_loses_no_committed_transaction_in_fsync_mode() {
+    kill_9_mid_pgbench("fsync").await;
+}
+
+async fn kill_9_mid_pgbench(durability: &str) {
     let h = common::harness().await;
     let database = common::fresh_database().await;
     let (ok, _, err) = common::run_client_with_password(
@@ -289,6 +300,7 @@ async fn kill_9_mid_pgbench_loses_no_committed_transaction() {
         store = "{dir}/grants.jsonl"
         [audit]
         path = "{dir}/audit.jsonl"
+        durability = "{durability}"
         [scopes.bench]
         database = "{database}"
         role = "{role}"

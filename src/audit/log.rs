@@ -1,6 +1,9 @@
 //! The audit log writer: it assigns `seq`/`prev`, writes batches, and acknowledges each record
-//! once it is as durable as the mode promises. In `fsync` mode one OS thread owns the file (group
-//! commit); in `write` mode the sessions write, combined ([`Combined`]).
+//! once it is as durable as the mode promises. With the `mapped` writer each session copies its
+//! own record into the file at once ([`Direct`]); in `fsync` mode one thread then flushes for
+//! all of them ([`Synced`], group commit). With the `append` writer, in `fsync` mode one OS
+//! thread owns the file (group commit); in `write` mode the sessions write, combined
+//! ([`Combined`]).
 //!
 //! - `write` (default): the record is in the kernel (write(2) returned) before the statement is
 //!   forwarded, so it survives the proxy being killed (`kill -9`), not a power loss.
@@ -136,6 +139,8 @@ enum Sink {
     /// `write` mode, `mapped` writer: a record is a copy into the mapped file, so each caller
     /// writes its own at once under the lock: no queue, no hand-off, no task, no system call.
     Direct(Arc<Direct>),
+    /// `fsync` mode, `mapped` writer: written as in `Direct`, then flushed by one thread for all.
+    Synced(Arc<Synced>),
 }
 
 /// The `mapped` writer in `write` mode (see [`Sink::Direct`]).
@@ -171,6 +176,136 @@ impl Drop for Direct {
         file.write(Vec::new());
         // The last head is anchored when the log closes.
         file.writer.anchor(true);
+    }
+}
+
+/// The `mapped` writer in `fsync` mode: each caller copies its record into the file at once, as
+/// in [`Direct`], and then waits until a flush covers it. One thread flushes: everything written
+/// since its last flush, with one `fdatasync` outside the writers' lock, and then wakes every
+/// caller it covered at once. Where a hand-off to a writer thread cost two wake-ups per record
+/// (there and back), this costs one per flush.
+///
+/// A failed flush refuses the statements that waited for it; their records stay in the file (as
+/// records of attempts) and the next flush takes them along.
+struct Synced {
+    direct: Direct,
+    /// What callers wait for, and whether the flusher sleeps.
+    wanted: Mutex<Wanted>,
+    wake: std::sync::Condvar,
+    /// The last record written (what a flush now would cover at least).
+    written: AtomicU64,
+    flushed: tokio::sync::watch::Sender<Flushed>,
+    health: Arc<Health>,
+}
+
+#[derive(Default)]
+struct Wanted {
+    /// The highest record a caller waits to see flushed.
+    seq: u64,
+    /// The flusher waits for a call.
+    idle: bool,
+}
+
+/// What the flusher has done so far.
+#[derive(Clone, Default)]
+struct Flushed {
+    /// Every record up to here is on disk.
+    through: u64,
+    /// The last flush that failed covered records up to here, with this error.
+    failed_through: u64,
+    error: Option<Arc<str>>,
+}
+
+impl Synced {
+    /// Writes a record; with `waited`, resolves when a flush has put it on disk.
+    async fn append(&self, body: Body) -> Result<u64, AuditError> {
+        let seq = self.direct.write(body, true)?;
+        self.written.fetch_max(seq, std::sync::atomic::Ordering::Release);
+        let mut flushed = self.flushed.subscribe();
+        if flushed.borrow().through < seq {
+            {
+                let mut wanted = unpoisoned(&self.wanted);
+                wanted.seq = wanted.seq.max(seq);
+                if std::mem::take(&mut wanted.idle) {
+                    self.wake.notify_one();
+                }
+            }
+            let done = flushed.wait_for(|f| f.through >= seq || f.failed_through >= seq).await.map_err(|_| AuditError("the audit writer has stopped".into()))?;
+            if done.through < seq {
+                return Err(AuditError(done.error.as_deref().unwrap_or("the flush failed").to_owned()));
+            }
+        }
+        Ok(seq)
+    }
+
+    /// A record nobody waits for: flushed with the next statement's, or within
+    /// [`UNSYNCED_FOR`].
+    fn append_nowait(&self, body: Body) {
+        // A failure is carried to the next write, and counted in `health`.
+        if let Ok(seq) = self.direct.write(body, false) {
+            self.written.fetch_max(seq, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The flusher's thread: flushes while callers wait, and does the idle-time duties (retry
+    /// carried records, anchor the head) every 250 ms, until the log is dropped.
+    fn start(log: &Arc<Self>) -> Result<std::thread::JoinHandle<()>, String> {
+        let weak = Arc::downgrade(log);
+        std::thread::Builder::new()
+            .name("pglease-audit".into())
+            .spawn(move || {
+                let mut maintained = Instant::now();
+                while let Some(log) = weak.upgrade() {
+                    log.flush_or_wait();
+                    if maintained.elapsed() >= Duration::from_millis(250) {
+                        log.direct.maintain();
+                        maintained = Instant::now();
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Flushes if a caller waits or records have been left unflushed for [`UNSYNCED_FOR`];
+    /// otherwise waits for a caller, at most until the next idle-time duty.
+    fn flush_or_wait(&self) {
+        let through = self.flushed.borrow().through;
+        {
+            let mut wanted = unpoisoned(&self.wanted);
+            if wanted.seq <= through {
+                let unflushed = self.written.load(std::sync::atomic::Ordering::Acquire) > through;
+                wanted.idle = true;
+                let wait = if unflushed { UNSYNCED_FOR } else { Duration::from_millis(250) };
+                wanted = self.wake.wait_timeout(wanted, wait).map(|(w, _)| w).unwrap_or_else(|p| p.into_inner().0);
+                wanted.idle = false;
+                if wanted.seq <= through && !unflushed {
+                    return;
+                }
+            }
+        }
+        // What is written now, and the file it is in, taken under the writers' lock; flushed
+        // outside it, so that no session waits for the disk to write its record.
+        let target = unpoisoned(&self.direct.file).writer.flush_target();
+        let (seq, result) = match target {
+            Ok((seq, Some(file))) => (seq, file.sync_data()),
+            Ok((seq, None)) => (seq, Ok(())),
+            Err(e) => (self.written.load(std::sync::atomic::Ordering::Acquire), Err(e)),
+        };
+        let result = result.map_err(|e| AuditError(e.to_string()));
+        self.health.record(&result);
+        match result {
+            Ok(()) => self.flushed.send_modify(|f| f.through = f.through.max(seq)),
+            Err(e) => {
+                metrics::counter!("pglease_audit_failures_total").increment(1);
+                tracing::error!(error = %e.0, "cannot flush the audit log to disk");
+                self.flushed.send_modify(|f| {
+                    f.failed_through = f.failed_through.max(seq);
+                    f.error = Some(e.0.into());
+                });
+                // Not at once again: the disk is given a moment.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
 
@@ -502,6 +637,8 @@ struct Writer {
     /// `fsync` mode: since when records have been written but not flushed to disk (only records
     /// nobody waits for are left so, for about [`UNSYNCED_FOR`]).
     unsynced: Option<Instant>,
+    /// `fsync` mode: another thread flushes ([`Synced`]), not this writer after each batch.
+    flushed_elsewhere: bool,
     health: Arc<Health>,
     /// `PATH.lock`, held while this writer lives: one writer per log. Last, so that it is let go
     /// after the file is closed (and cut to its records).
@@ -572,7 +709,7 @@ impl Writer {
             head = hash;
             seqs.push(seq);
         }
-        let sync_now = self.options.durability == Durability::Fsync && batch.iter().any(|p| p.ack.is_some());
+        let sync_now = self.options.durability == Durability::Fsync && !self.flushed_elsewhere && batch.iter().any(|p| p.ack.is_some());
         let good_len = self.good_len;
         let result = (|| -> std::io::Result<()> {
             match self.open()? {
@@ -587,9 +724,13 @@ impl Writer {
                 Out::Appended(f) => {
                     let written = f.write_all(&buf).and_then(|()| if sync_now { f.sync_data() } else { Ok(()) });
                     if let Err(e) = written {
-                        // Cut back whatever part of the batch reached the file, and reopen next time.
+                        // Cut back whatever part of the batch reached the file, and reopen next time
+                        // (kept open when another thread flushes it: records before the batch may
+                        // still wait for that flush, which a closed file would skip).
                         let _ = f.set_len(good_len);
-                        self.file = None;
+                        if !self.flushed_elsewhere {
+                            self.file = None;
+                        }
                         return Err(e);
                     }
                 }
@@ -607,7 +748,7 @@ impl Writer {
         } else if self.options.durability == Durability::Fsync {
             let since = *self.unsynced.get_or_insert_with(Instant::now);
             // A steady trickle of records nobody waits for must not postpone the flush forever.
-            if since.elapsed() >= UNSYNCED_FOR {
+            if since.elapsed() >= UNSYNCED_FOR && !self.flushed_elsewhere {
                 self.sync();
             }
         }
@@ -615,6 +756,19 @@ impl Writer {
         meters.records.increment(batch.len() as u64);
         meters.bytes.increment(buf.len() as u64);
         Ok(seqs)
+    }
+
+    /// For a flush outside the lock ([`Synced`]): the last record written, and the file it is
+    /// in (None: not open, so every record is in a file already flushed at rotation). On Linux
+    /// `fdatasync` of the file flushes what was copied into its mapping too: `msync(MS_SYNC)` is
+    /// the same call on a range.
+    fn flush_target(&self) -> std::io::Result<(u64, Option<std::fs::File>)> {
+        let file = match &self.file {
+            Some(Out::Mapped(s)) => Some(s.file().try_clone()?),
+            Some(Out::Appended(f)) => Some(f.try_clone()?),
+            None => None,
+        };
+        Ok((self.seq, file))
     }
 
     fn meters(&self) -> &WriterMeters {
@@ -649,17 +803,24 @@ impl Writer {
         let rotated = PathBuf::from(format!("{}.{next:06}", self.options.path.display()));
         // Cut to its records before it is renamed, so that no reader sees its reserved zeros.
         if let Some(file) = self.file.take().map(Out::into_file) {
-            // The finished file is flushed to disk off the hot path: a session appending its
-            // record (under the writer's lock in `write` mode) must not wait while hundreds of MiB
-            // of page cache are written back.
             let sync = move || {
                 if let Err(e) = file.and_then(|f| f.sync_all()) {
                     tracing::error!(error = %e, "cannot flush the rotated audit log to disk");
                 }
             };
-            let spawned = std::thread::Builder::new().name("pglease-audit-sync".into()).spawn(sync);
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a thread to flush the rotated audit log; it is flushed by the OS in time");
+            if self.flushed_elsewhere {
+                // Its last records may wait for a flush, which from now on flushes the new file:
+                // flushed here, before any waiter can be told so (what is left since the last
+                // flush: a few milliseconds' worth).
+                sync();
+            } else {
+                // The finished file is flushed to disk off the hot path: a session appending its
+                // record (under the writer's lock in `write` mode) must not wait while hundreds
+                // of MiB of page cache are written back.
+                let spawned = std::thread::Builder::new().name("pglease-audit-sync".into()).spawn(sync);
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a thread to flush the rotated audit log; it is flushed by the OS in time");
+                }
             }
         }
         if let Err(e) = std::fs::rename(&self.options.path, &rotated) {
@@ -792,11 +953,24 @@ impl AuditLog {
             anchored_seq: seq,
             meters: Default::default(),
             unsynced: None,
+            flushed_elsewhere: options.durability == Durability::Fsync && options.writer == WriterKind::Mapped,
             options: options.clone(),
             health: health.clone(),
             _lock: lock,
         };
         let (sink, thread) = match options.durability {
+            Durability::Fsync if options.writer == WriterKind::Mapped => {
+                let synced = Arc::new(Synced {
+                    direct: Direct { file: Mutex::new(Inline { writer, carry: Vec::new() }) },
+                    wanted: Mutex::new(Wanted::default()),
+                    wake: std::sync::Condvar::new(),
+                    written: AtomicU64::new(seq),
+                    flushed: tokio::sync::watch::Sender::new(Flushed { through: seq, ..Flushed::default() }),
+                    health: health.clone(),
+                });
+                let thread = Synced::start(&synced)?;
+                (Sink::Synced(synced), thread)
+            }
             Durability::Fsync => {
                 let (tx, rx) = std_mpsc::channel();
                 let thread = std::thread::Builder::new().name("pglease-audit".into()).spawn(move || writer.run(rx)).map_err(|e| e.to_string())?;
@@ -836,6 +1010,7 @@ impl AuditLog {
                 done.await.map_err(|_| AuditError("the audit writer has stopped".into()))?
             }
             Sink::Direct(direct) => direct.write(body, true),
+            Sink::Synced(synced) => synced.append(body).await,
         }
     }
 
@@ -852,6 +1027,7 @@ impl AuditLog {
                 // A failure is carried to the next write, and counted in `health`.
                 let _ = direct.write(body, false);
             }
+            Sink::Synced(synced) => synced.append_nowait(body),
         }
     }
 }
@@ -1047,13 +1223,22 @@ mod tests {
         write_some(Durability::Write).await;
     }
 
-    /// Many writers at once, from tasks on two workers and from plain threads: every waited-for
-    /// append gets its own seq, nothing is lost, and the chain verifies in seq order.
+    /// Many writers at once, from tasks on two workers and from plain threads, in each mode and
+    /// with each writer: every waited-for append gets its own seq, nothing is lost, and the
+    /// chain verifies in seq order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_are_combined_without_loss() {
+        for durability in [Durability::Write, Durability::Fsync] {
+            for writer in [WriterKind::Append, WriterKind::Mapped] {
+                concurrent_appends(durability, writer).await;
+            }
+        }
+    }
+
+    async fn concurrent_appends(durability: Durability, writer: WriterKind) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        let options = AuditOptions { path: path.clone(), durability: Durability::Write, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log, writer: WriterKind::Append };
+        let options = AuditOptions { path: path.clone(), durability, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log, writer };
         let (log, thread) = AuditLog::open(options).unwrap();
         let threads: Vec<_> = (0..3u64)
             .map(|t| {
@@ -1098,5 +1283,45 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fsync_mode_chains_rotates_and_anchors() {
         write_some(Durability::Fsync).await;
+    }
+
+    /// `fsync` mode with the mapped writer: a waited-for append returns once the flusher has
+    /// flushed through its record, never before; records nobody waits for are flushed shortly
+    /// after without a statement to take them along.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fsync_mapped_append_returns_after_the_flush_that_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let options = AuditOptions { path: path.clone(), durability: Durability::Fsync, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log, writer: WriterKind::Mapped };
+        let (log, thread) = AuditLog::open(options).unwrap();
+        let Sink::Synced(synced) = &log.sink else { panic!("fsync mode with the mapped writer flushes from its own thread") };
+        let synced = synced.clone();
+        let tasks: Vec<_> = (0..16u64)
+            .map(|t| {
+                let (log, synced) = (log.clone(), synced.clone());
+                tokio::spawn(async move {
+                    for n in 0..50 {
+                        let seq = log.append(event(t * 100 + n)).await.unwrap();
+                        assert!(synced.flushed.borrow().through >= seq, "acknowledged before its flush");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        log.append_nowait(event(9999));
+        let last = synced.written.load(std::sync::atomic::Ordering::Acquire);
+        assert_eq!(last, 16 * 50 + 1);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while synced.flushed.borrow().through < last {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("a record nobody waits for is flushed without a statement after it");
+        drop((log, synced));
+        thread.join().unwrap();
+        assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 16 * 50 + 1);
     }
 }

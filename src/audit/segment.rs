@@ -96,6 +96,11 @@ impl Segment {
         self.len
     }
 
+    /// The file, for a flush from another thread.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Flushes what was appended since the last call to disk (and the file's new length).
     /// One `msync(MS_SYNC)`: on Linux that is `fdatasync` of the range (`vfs_fsync_range`, with
     /// the metadata needed to read it back, such as a length a reservation grew); an
