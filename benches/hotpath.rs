@@ -77,7 +77,7 @@ fn audit(c: &mut Criterion) {
         database: "bench".into(),
     };
     let statement = Body::Statement {
-        session,
+        session: session.into(),
         statement: StatementRecord {
             stmt: 1234,
             protocol: "extended".into(),

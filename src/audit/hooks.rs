@@ -25,7 +25,8 @@ struct Prepared {
 /// A bound portal, ready to run.
 #[derive(Clone)]
 struct Portal {
-    prepared: Prepared,
+    /// Shared with the statement it binds (and cloned per Execute as a pointer, not the SQL).
+    prepared: Arc<Prepared>,
     params: Vec<Param>,
 }
 
@@ -44,7 +45,7 @@ enum InFlight {
 #[derive(Default)]
 struct State {
     next_stmt: u64,
-    statements: HashMap<String, Prepared>,
+    statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     in_flight: VecDeque<InFlight>,
 }
@@ -52,7 +53,7 @@ struct State {
 pub struct AuditHooks {
     inner: Arc<dyn SessionHooks>,
     log: AuditLog,
-    info: SessionInfo,
+    info: Arc<SessionInfo>,
     state: Mutex<State>,
 }
 
@@ -63,7 +64,7 @@ fn rows_of(tag: &str) -> u64 {
 
 impl AuditHooks {
     pub fn new(inner: Arc<dyn SessionHooks>, log: AuditLog, ctx: &SessionContext) -> Self {
-        let info = SessionInfo {
+        let info = Arc::new(SessionInfo {
             session: ctx.id,
             grant: ctx.identity.grant_id.clone(),
             user: ctx.identity.person.clone(),
@@ -71,7 +72,7 @@ impl AuditHooks {
             login: ctx.identity.login.clone(),
             client: ctx.client_addr.to_string(),
             database: ctx.database.clone(),
-        };
+        });
         Self { inner, log, info, state: Mutex::new(State::default()) }
     }
 
@@ -175,7 +176,7 @@ impl SessionHooks for AuditHooks {
             }
             v => {
                 let ran = if let Verdict::Rewrite { sql, .. } = v { Some(sql.clone()) } else { None };
-                self.state().statements.insert(parse.name.clone(), Prepared { sql: parse.sql.clone(), ran, types: parse.param_types.clone() });
+                self.state().statements.insert(parse.name.clone(), Arc::new(Prepared { sql: parse.sql.clone(), ran, types: parse.param_types.clone() }));
             }
         }
         verdict
@@ -185,7 +186,7 @@ impl SessionHooks for AuditHooks {
         let verdict = self.inner.on_bind(ctx, bind).await;
         if matches!(verdict, Verdict::Forward) {
             let prepared = self.state().statements.get(&bind.statement).cloned();
-            let prepared = prepared.unwrap_or_else(|| Prepared { sql: format!("-- statement \"{}\" prepared with SQL PREPARE", bind.statement), ran: None, types: vec![] });
+            let prepared = prepared.unwrap_or_else(|| Arc::new(Prepared { sql: format!("-- statement \"{}\" prepared with SQL PREPARE", bind.statement), ran: None, types: vec![] }));
             let params = self.params(bind, &prepared.types);
             self.state().portals.insert(bind.portal.clone(), Portal { prepared, params });
         } else {
@@ -212,7 +213,7 @@ impl SessionHooks for AuditHooks {
             _ => "allow",
         };
         let reason = if let Verdict::Refuse(e) = &verdict { Some(e.message.clone()) } else { None };
-        if let Err(refused) = self.record_with("extended", &portal.prepared.sql, decision, portal.prepared.ran.clone(), reason, portal.params.clone(), stmt).await {
+        if let Err(refused) = self.record_with("extended", &portal.prepared.sql, decision, portal.prepared.ran.clone(), reason, portal.params, stmt).await {
             return refused;
         }
         let entry = if matches!(verdict, Verdict::Refuse(_)) { InFlight::Refused { stmt, started: Instant::now() } } else { InFlight::Execute { stmt, started: Instant::now() } };

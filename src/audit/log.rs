@@ -181,59 +181,129 @@ impl Drop for Direct {
 
 /// The `mapped` writer in `fsync` mode: each caller copies its record into the file at once, as
 /// in [`Direct`], and then waits until a flush covers it. One thread flushes: everything written
-/// since its last flush, with one `fdatasync` outside the writers' lock, and then wakes every
-/// caller it covered at once. Where a hand-off to a writer thread cost two wake-ups per record
-/// (there and back), this costs one per flush.
+/// since its last flush (and files rotated meanwhile), with one `fdatasync` outside the writers'
+/// lock, and then wakes every caller it covered at once. Where a hand-off to a writer thread
+/// cost two wake-ups per record (there and back), this costs one per flush.
 ///
-/// A failed flush refuses the statements that waited for it; their records stay in the file (as
-/// records of attempts) and the next flush takes them along.
+/// A failed flush refuses every statement whose record was written by then, for good: after a
+/// failed `fdatasync` Linux may have dropped those pages and reports the error only once, so a
+/// later flush that succeeds says nothing about them. Their records stay in the file (as records
+/// of refused attempts); should the disk have lost them, `audit verify` shows the gap.
 struct Synced {
     direct: Direct,
-    /// What callers wait for, and whether the flusher sleeps.
+    flush: Arc<FlushState>,
+}
+
+/// What callers and the flusher share. The flusher's thread holds this while it waits, not the
+/// log, so the log is closed (and flushed a last time) by whoever lets go of it last.
+struct FlushState {
     wanted: Mutex<Wanted>,
     wake: std::sync::Condvar,
-    /// The last record written (what a flush now would cover at least).
+    /// The last record written that the flusher has been told of (records nobody waits for).
     written: AtomicU64,
     flushed: tokio::sync::watch::Sender<Flushed>,
     health: Arc<Health>,
+    /// Tests: the next flush fails.
+    #[cfg(test)]
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
 struct Wanted {
     /// The highest record a caller waits to see flushed.
     seq: u64,
-    /// The flusher waits for a call.
+    /// The flusher waits: a caller wakes it.
     idle: bool,
+    /// The flusher waits with nothing unflushed: a record nobody waits for wakes it too.
+    sleeping: bool,
+    /// The log is closed: the flusher ends.
+    closed: bool,
 }
 
 /// What the flusher has done so far.
 #[derive(Clone, Default)]
 struct Flushed {
-    /// Every record up to here is on disk.
+    /// Every record up to here is on disk, unless it is also at or below `failed_through`.
     through: u64,
-    /// The last flush that failed covered records up to here, with this error.
+    /// A flush failed while records up to here were written: they are not known to be on disk.
     failed_through: u64,
     error: Option<Arc<str>>,
 }
 
+/// Why the flusher's thread woke.
+enum Wake {
+    Flush,
+    Idle,
+    Closed,
+}
+
+impl FlushState {
+    fn want(&self, seq: u64) {
+        let mut wanted = unpoisoned(&self.wanted);
+        wanted.seq = wanted.seq.max(seq);
+        if std::mem::take(&mut wanted.idle) {
+            wanted.sleeping = false;
+            self.wake.notify_one();
+        }
+    }
+
+    /// A record nobody waits for was written: flushed within [`UNSYNCED_FOR`].
+    fn written(&self, seq: u64) {
+        self.written.fetch_max(seq, std::sync::atomic::Ordering::Release);
+        let mut wanted = unpoisoned(&self.wanted);
+        if std::mem::take(&mut wanted.sleeping) {
+            wanted.idle = false;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until a caller waits for a flush, or records have been left unflushed for
+    /// [`UNSYNCED_FOR`]; or until the next idle-time duty is due.
+    fn wait(&self) -> Wake {
+        let through = self.flushed.borrow().through;
+        let mut wanted = unpoisoned(&self.wanted);
+        loop {
+            if wanted.closed {
+                return Wake::Closed;
+            }
+            if wanted.seq > through {
+                return Wake::Flush;
+            }
+            let unflushed = self.written.load(std::sync::atomic::Ordering::Acquire) > through;
+            wanted.idle = true;
+            wanted.sleeping = !unflushed;
+            let wait = if unflushed { UNSYNCED_FOR } else { MAINTAIN_EVERY };
+            let (guard, timeout) = self.wake.wait_timeout(wanted, wait).unwrap_or_else(|p| p.into_inner());
+            wanted = guard;
+            wanted.idle = false;
+            wanted.sleeping = false;
+            if timeout.timed_out() {
+                return if unflushed { Wake::Flush } else { Wake::Idle };
+            }
+        }
+    }
+}
+
+/// How often the idle-time duties run (retry carried records, anchor the head).
+const MAINTAIN_EVERY: Duration = Duration::from_millis(250);
+
 impl Synced {
-    /// Writes a record; with `waited`, resolves when a flush has put it on disk.
+    /// Writes a record and resolves once a flush has put it on disk.
     async fn append(&self, body: Body) -> Result<u64, AuditError> {
         let seq = self.direct.write(body, true)?;
-        self.written.fetch_max(seq, std::sync::atomic::Ordering::Release);
-        let mut flushed = self.flushed.subscribe();
-        if flushed.borrow().through < seq {
-            {
-                let mut wanted = unpoisoned(&self.wanted);
-                wanted.seq = wanted.seq.max(seq);
-                if std::mem::take(&mut wanted.idle) {
-                    self.wake.notify_one();
-                }
-            }
-            let done = flushed.wait_for(|f| f.through >= seq || f.failed_through >= seq).await.map_err(|_| AuditError("the audit writer has stopped".into()))?;
-            if done.through < seq {
-                return Err(AuditError(done.error.as_deref().unwrap_or("the flush failed").to_owned()));
-            }
+        let mut flushed = self.flush.flushed.subscribe();
+        let stopped = || AuditError("the audit writer has stopped".into());
+        let done = {
+            let now = flushed.borrow();
+            now.through >= seq || now.failed_through >= seq
+        };
+        if !done {
+            self.flush.want(seq);
+            flushed.wait_for(|f| f.through >= seq || f.failed_through >= seq).await.map_err(|_| stopped())?;
+        }
+        let now = flushed.borrow();
+        if now.failed_through >= seq {
+            return Err(AuditError(format!("cannot flush it to disk: {}", now.error.as_deref().unwrap_or("the flush failed"))));
         }
         Ok(seq)
     }
@@ -243,22 +313,26 @@ impl Synced {
     fn append_nowait(&self, body: Body) {
         // A failure is carried to the next write, and counted in `health`.
         if let Ok(seq) = self.direct.write(body, false) {
-            self.written.fetch_max(seq, std::sync::atomic::Ordering::Release);
+            self.flush.written(seq);
         }
     }
 
-    /// The flusher's thread: flushes while callers wait, and does the idle-time duties (retry
-    /// carried records, anchor the head) every 250 ms, until the log is dropped.
+    /// The flusher's thread: flushes when callers wait, and does the idle-time duties every
+    /// [`MAINTAIN_EVERY`], until the log is closed.
     fn start(log: &Arc<Self>) -> Result<std::thread::JoinHandle<()>, String> {
-        let weak = Arc::downgrade(log);
+        let (weak, state) = (Arc::downgrade(log), log.flush.clone());
         std::thread::Builder::new()
             .name("pglease-audit".into())
             .spawn(move || {
                 let mut maintained = Instant::now();
-                while let Some(log) = weak.upgrade() {
-                    log.flush_or_wait();
-                    if maintained.elapsed() >= Duration::from_millis(250) {
-                        log.direct.maintain();
+                loop {
+                    let wake = state.wait();
+                    let Some(log) = weak.upgrade().filter(|_| !matches!(wake, Wake::Closed)) else { return };
+                    if matches!(wake, Wake::Flush) {
+                        log.flush_now();
+                    }
+                    if maintained.elapsed() >= MAINTAIN_EVERY {
+                        log.maintain();
                         maintained = Instant::now();
                     }
                 }
@@ -266,39 +340,35 @@ impl Synced {
             .map_err(|e| e.to_string())
     }
 
-    /// Flushes if a caller waits or records have been left unflushed for [`UNSYNCED_FOR`];
-    /// otherwise waits for a caller, at most until the next idle-time duty.
-    fn flush_or_wait(&self) {
-        let through = self.flushed.borrow().through;
-        {
-            let mut wanted = unpoisoned(&self.wanted);
-            if wanted.seq <= through {
-                let unflushed = self.written.load(std::sync::atomic::Ordering::Acquire) > through;
-                wanted.idle = true;
-                let wait = if unflushed { UNSYNCED_FOR } else { Duration::from_millis(250) };
-                wanted = self.wake.wait_timeout(wanted, wait).map(|(w, _)| w).unwrap_or_else(|p| p.into_inner().0);
-                wanted.idle = false;
-                if wanted.seq <= through && !unflushed {
-                    return;
-                }
-            }
-        }
-        // What is written now, and the file it is in, taken under the writers' lock; flushed
-        // outside it, so that no session waits for the disk to write its record.
+    /// Flushes what is written now: the files it is in are taken under the writers' lock and
+    /// flushed outside it, so that no session waits for the disk to write its own record.
+    fn flush_now(&self) {
         let target = unpoisoned(&self.direct.file).writer.flush_target();
-        let (seq, result) = match target {
-            Ok((seq, Some(file))) => (seq, file.sync_data()),
-            Ok((seq, None)) => (seq, Ok(())),
-            Err(e) => (self.written.load(std::sync::atomic::Ordering::Acquire), Err(e)),
-        };
-        let result = result.map_err(|e| AuditError(e.to_string()));
-        self.health.record(&result);
-        match result {
-            Ok(()) => self.flushed.send_modify(|f| f.through = f.through.max(seq)),
+        #[cfg(test)]
+        let target = target.and_then(|t| if self.flush.fail_next.swap(false, std::sync::atomic::Ordering::Relaxed) { Err(std::io::Error::other("injected")) } else { Ok(t) });
+        let flushed = target.and_then(|t| {
+            for file in &t.rotated {
+                file.sync_all()?;
+            }
+            if let Some(file) = &t.current {
+                file.sync_data()?;
+            }
+            Ok(t)
+        });
+        match flushed {
+            Ok(target) => {
+                unpoisoned(&self.direct.file).writer.flushed(&target);
+                self.flush.health.record(&Ok(()));
+                self.flush.flushed.send_modify(|f| f.through = f.through.max(target.seq));
+            }
             Err(e) => {
+                // Everything written by now may have been in the writeback that failed.
+                let seq = unpoisoned(&self.direct.file).writer.seq;
+                let e = AuditError(e.to_string());
+                self.flush.health.record(&Err::<(), _>(e.clone()));
                 metrics::counter!("pglease_audit_failures_total").increment(1);
-                tracing::error!(error = %e.0, "cannot flush the audit log to disk");
-                self.flushed.send_modify(|f| {
+                tracing::error!(error = %e.0, through = seq, "cannot flush the audit log to disk; the statements waiting for it are refused");
+                self.flush.flushed.send_modify(|f| {
                     f.failed_through = f.failed_through.max(seq);
                     f.error = Some(e.0.into());
                 });
@@ -306,6 +376,35 @@ impl Synced {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+
+    /// Retries carried records (then flushed within [`UNSYNCED_FOR`] like any), and anchors
+    /// the head the last flush put on disk.
+    fn maintain(&self) {
+        let due = {
+            let mut file = unpoisoned(&self.direct.file);
+            if !file.carry.is_empty() {
+                file.write(Vec::new());
+            }
+            self.flush.written(file.writer.seq);
+            file.writer.anchor_due(false)
+        };
+        if let Some((path, seq, line)) = due {
+            let ok = write_anchor(&path, &line);
+            unpoisoned(&self.direct.file).writer.anchored(seq, ok);
+        }
+    }
+}
+
+impl Drop for Synced {
+    /// The last flush, here rather than on the flusher's thread (which ends now): the carried
+    /// records are written, every file flushed; then [`Direct`]'s drop anchors the head.
+    fn drop(&mut self) {
+        unpoisoned(&self.flush.wanted).closed = true;
+        self.flush.wake.notify_one();
+        let mut file = unpoisoned(&self.direct.file);
+        file.write(Vec::new());
+        file.writer.flush_all();
     }
 }
 
@@ -599,6 +698,16 @@ fn chain_head(path: &Path) -> Result<(u64, String), String> {
     Ok((0, GENESIS.to_owned()))
 }
 
+/// What a flush outside the writers' lock covers ([`Writer::flush_target`]).
+struct FlushTarget {
+    /// The last record written, and its hash.
+    seq: u64,
+    head: String,
+    /// Files rotated since the last flush, then the live file (None: not open yet).
+    rotated: Vec<std::fs::File>,
+    current: Option<std::fs::File>,
+}
+
 /// Where the writer puts records: the live file mapped ([`Segment`]), or appended to with
 /// `write(2)` where it cannot be mapped (not a regular file, a file system without `fallocate`).
 enum Out {
@@ -639,6 +748,14 @@ struct Writer {
     unsynced: Option<Instant>,
     /// `fsync` mode: another thread flushes ([`Synced`]), not this writer after each batch.
     flushed_elsewhere: bool,
+    /// With `flushed_elsewhere`: files rotated since the last flush, which it flushes first.
+    rotated_unflushed: Vec<std::fs::File>,
+    /// With `flushed_elsewhere`: a rotated file that could not be kept for its flush; the next
+    /// flush fails with this, refusing the statements waiting for records in it.
+    lost: Option<String>,
+    /// With `flushed_elsewhere`: the last record (seq, hash) a flush put on disk, which the
+    /// anchor names.
+    durable: Option<(u64, String)>,
     health: Arc<Health>,
     /// `PATH.lock`, held while this writer lives: one writer per log. Last, so that it is let go
     /// after the file is closed (and cut to its records).
@@ -758,17 +875,42 @@ impl Writer {
         Ok(seqs)
     }
 
-    /// For a flush outside the lock ([`Synced`]): the last record written, and the file it is
-    /// in (None: not open, so every record is in a file already flushed at rotation). On Linux
-    /// `fdatasync` of the file flushes what was copied into its mapping too: `msync(MS_SYNC)` is
-    /// the same call on a range.
-    fn flush_target(&self) -> std::io::Result<(u64, Option<std::fs::File>)> {
-        let file = match &self.file {
+    /// For a flush outside the lock ([`Synced`]): the last record written and the files that
+    /// hold what is not flushed yet (their descriptors duplicated). On Linux `fdatasync` of the
+    /// file flushes what was copied into its mapping too: `msync(MS_SYNC)` is the same call on
+    /// a range.
+    fn flush_target(&mut self) -> std::io::Result<FlushTarget> {
+        if let Some(lost) = self.lost.take() {
+            return Err(std::io::Error::other(lost));
+        }
+        let current = match &self.file {
             Some(Out::Mapped(s)) => Some(s.file().try_clone()?),
             Some(Out::Appended(f)) => Some(f.try_clone()?),
             None => None,
         };
-        Ok((self.seq, file))
+        let rotated = self.rotated_unflushed.iter().map(|f| f.try_clone()).collect::<std::io::Result<_>>()?;
+        Ok(FlushTarget { seq: self.seq, head: self.head.clone(), rotated, current })
+    }
+
+    /// `target` was flushed: its rotated files are done with, and its head may be anchored.
+    fn flushed(&mut self, target: &FlushTarget) {
+        self.rotated_unflushed.drain(..target.rotated.len().min(self.rotated_unflushed.len()));
+        if self.durable.as_ref().is_none_or(|(seq, _)| *seq < target.seq) {
+            self.durable = Some((target.seq, target.head.clone()));
+        }
+    }
+
+    /// Flushes every file with unflushed records now (the log closing).
+    fn flush_all(&mut self) {
+        for file in std::mem::take(&mut self.rotated_unflushed) {
+            if let Err(e) = file.sync_all() {
+                tracing::error!(error = %e, "cannot flush a rotated audit log to disk");
+            }
+        }
+        if self.unsynced.is_none() {
+            self.unsynced = Some(Instant::now());
+        }
+        self.sync();
     }
 
     fn meters(&self) -> &WriterMeters {
@@ -803,20 +945,22 @@ impl Writer {
         let rotated = PathBuf::from(format!("{}.{next:06}", self.options.path.display()));
         // Cut to its records before it is renamed, so that no reader sees its reserved zeros.
         if let Some(file) = self.file.take().map(Out::into_file) {
-            let sync = move || {
-                if let Err(e) = file.and_then(|f| f.sync_all()) {
-                    tracing::error!(error = %e, "cannot flush the rotated audit log to disk");
-                }
-            };
             if self.flushed_elsewhere {
-                // Its last records may wait for a flush, which from now on flushes the new file:
-                // flushed here, before any waiter can be told so (what is left since the last
-                // flush: a few milliseconds' worth).
-                sync();
+                // Its last records may wait for a flush: the flusher takes it along with the new
+                // file, so no waiter is told before both are on disk.
+                match file {
+                    Ok(file) => self.rotated_unflushed.push(file),
+                    Err(e) => self.lost = Some(format!("the rotated audit log could not be kept for its flush: {e}")),
+                }
             } else {
                 // The finished file is flushed to disk off the hot path: a session appending its
                 // record (under the writer's lock in `write` mode) must not wait while hundreds
                 // of MiB of page cache are written back.
+                let sync = move || {
+                    if let Err(e) = file.and_then(|f| f.sync_all()) {
+                        tracing::error!(error = %e, "cannot flush the rotated audit log to disk");
+                    }
+                };
                 let spawned = std::thread::Builder::new().name("pglease-audit-sync".into()).spawn(sync);
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a thread to flush the rotated audit log; it is flushed by the OS in time");
@@ -840,12 +984,24 @@ impl Writer {
     /// the records it names are flushed first: the anchor never names a record not on disk.
     fn anchor_due(&mut self, force: bool) -> Option<(PathBuf, u64, String)> {
         let anchor = self.options.anchor.clone()?;
-        if self.seq == self.anchored_seq || (!force && self.last_anchor.elapsed() < Duration::from_secs(1)) {
+        if !force && self.last_anchor.elapsed() < Duration::from_secs(1) {
             return None;
         }
-        self.sync();
-        let line = format!("{{\"seq\":{},\"hash\":\"{}\",\"at\":\"{}\"}}\n", self.seq, self.head, crate::time::rfc3339(SystemTime::now()));
-        Some((anchor, self.seq, line))
+        let (seq, head) = if self.flushed_elsewhere && !force {
+            // What the flusher last put on disk: no flush here, under the writers' lock.
+            self.durable.clone()?
+        } else {
+            if self.seq == self.anchored_seq {
+                return None;
+            }
+            self.sync();
+            (self.seq, self.head.clone())
+        };
+        if seq == self.anchored_seq {
+            return None;
+        }
+        let line = format!("{{\"seq\":{seq},\"hash\":\"{head}\",\"at\":\"{}\"}}\n", crate::time::rfc3339(SystemTime::now()));
+        Some((anchor, seq, line))
     }
 
     fn anchored(&mut self, seq: u64, ok: bool) {
@@ -954,6 +1110,9 @@ impl AuditLog {
             meters: Default::default(),
             unsynced: None,
             flushed_elsewhere: options.durability == Durability::Fsync && options.writer == WriterKind::Mapped,
+            rotated_unflushed: Vec::new(),
+            lost: None,
+            durable: None,
             options: options.clone(),
             health: health.clone(),
             _lock: lock,
@@ -962,11 +1121,15 @@ impl AuditLog {
             Durability::Fsync if options.writer == WriterKind::Mapped => {
                 let synced = Arc::new(Synced {
                     direct: Direct { file: Mutex::new(Inline { writer, carry: Vec::new() }) },
-                    wanted: Mutex::new(Wanted::default()),
-                    wake: std::sync::Condvar::new(),
-                    written: AtomicU64::new(seq),
-                    flushed: tokio::sync::watch::Sender::new(Flushed { through: seq, ..Flushed::default() }),
-                    health: health.clone(),
+                    flush: Arc::new(FlushState {
+                        wanted: Mutex::new(Wanted::default()),
+                        wake: std::sync::Condvar::new(),
+                        written: AtomicU64::new(seq),
+                        flushed: tokio::sync::watch::Sender::new(Flushed { through: seq, ..Flushed::default() }),
+                        health: health.clone(),
+                        #[cfg(test)]
+                        fail_next: Default::default(),
+                    }),
                 });
                 let thread = Synced::start(&synced)?;
                 (Sink::Synced(synced), thread)
@@ -1302,7 +1465,7 @@ mod tests {
                 tokio::spawn(async move {
                     for n in 0..50 {
                         let seq = log.append(event(t * 100 + n)).await.unwrap();
-                        assert!(synced.flushed.borrow().through >= seq, "acknowledged before its flush");
+                        assert!(synced.flush.flushed.borrow().through >= seq, "acknowledged before its flush");
                     }
                 })
             })
@@ -1311,10 +1474,10 @@ mod tests {
             t.await.unwrap();
         }
         log.append_nowait(event(9999));
-        let last = synced.written.load(std::sync::atomic::Ordering::Acquire);
+        let last = synced.flush.written.load(std::sync::atomic::Ordering::Acquire);
         assert_eq!(last, 16 * 50 + 1);
         tokio::time::timeout(Duration::from_secs(10), async {
-            while synced.flushed.borrow().through < last {
+            while synced.flush.flushed.borrow().through < last {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
@@ -1323,5 +1486,27 @@ mod tests {
         drop((log, synced));
         thread.join().unwrap();
         assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 16 * 50 + 1);
+    }
+
+    /// A failed flush refuses the statement waiting for it, and every record written by then
+    /// stays refused (a later flush that succeeds says nothing about them); later records are
+    /// acknowledged again, and the chain holds them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_flush_refuses_what_it_covered_and_later_records_go_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let options = AuditOptions { path: path.clone(), durability: Durability::Fsync, rotate_bytes: 1 << 30, anchor: None, params: ParamLogging::Log, writer: WriterKind::Mapped };
+        let (log, thread) = AuditLog::open(options).unwrap();
+        let Sink::Synced(synced) = &log.sink else { panic!("fsync mode with the mapped writer flushes from its own thread") };
+        assert_eq!(log.append(event(1)).await.unwrap(), 1);
+        synced.flush.fail_next.store(true, std::sync::atomic::Ordering::Relaxed);
+        let refused = log.append(event(2)).await.expect_err("its flush failed");
+        assert!(refused.0.contains("injected"), "{}", refused.0);
+        assert!(log.health().is_failing());
+        assert_eq!(log.append(event(3)).await.unwrap(), 3, "the next flush covers the next record");
+        assert!(!log.health().is_failing());
+        drop(log);
+        thread.join().unwrap();
+        assert_eq!(crate::audit::reader::verify(&path, None).unwrap().records, 3);
     }
 }
