@@ -39,7 +39,7 @@ pub struct DemoOptions {
     pub identity: crate::config::IdentityConfig,
 }
 
-/// The sample schema of `PRODUCT.md`, seeded with generated rows.
+/// The sample schema (the README's demo section), seeded with generated rows.
 pub const SHOP_SCHEMA: &str = r#"
 CREATE SCHEMA orders;
 CREATE TABLE public.customers (id bigint PRIMARY KEY, name text, email text, ssn text);

@@ -280,7 +280,7 @@ struct AuditSource {
     #[arg(long, env = "PGLEASE_CONTROL_PLANE", value_name = "DSN", hide_env_values = true)]
     control_plane: Option<String>,
     /// With --control-plane: the instance whose chain to read (needed when several have
-    /// records; verify checks all of them without it).
+    /// records; `audit verify` checks every instance's chain when it is left out).
     #[arg(long, requires = "control_plane")]
     instance: Option<String>,
 }
