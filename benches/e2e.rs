@@ -131,12 +131,14 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks_per_second()
 }
 
+/// Resident anonymous memory (heap, stacks) of a process: not its file mappings, so that the
+/// audit log's mapped pages (which come and go with its records and rotations) do not count.
 fn rss_kib(pid: u32) -> f64 {
     let path = if pid == 0 { "/proc/self/status".to_owned() } else { format!("/proc/{pid}/status") };
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("RssAnon:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN)
@@ -248,7 +250,7 @@ fn hold_sessions(spec: &str) {
     });
 }
 
-/// Memory per idle session: RSS slope of `pid` between the two session counts; over TLS
+/// Memory per idle session: anonymous RSS slope of `pid` between the two session counts; over TLS
 /// (trusting `ca`) with Some.
 fn idle_memory(target: &Target, counts: &[usize], ca: Option<&Path>) -> Option<f64> {
     let pid = target.pid?;
@@ -668,7 +670,7 @@ fn main() {
     println!("  pgbouncer (one thread)        {:>9.0} tps  {:>6.1} µs CPU/tx (one CPU's worth: {:.0} tx/s)", tps(sw, "pgbouncer"), cpu(sw, "pgbouncer"), 1e6 / cpu(sw, "pgbouncer"));
     for (name, kib) in &idle {
         if let Some(kib) = kib {
-            println!("idle session memory via {name:<14} {kib:>8.1} KiB/session (RSS slope {} → {} sessions)", idle_counts[0], idle_counts[1]);
+            println!("idle session memory via {name:<14} {kib:>8.1} KiB/session (anonymous RSS slope {} → {} sessions)", idle_counts[0], idle_counts[1]);
         }
     }
 
