@@ -190,26 +190,12 @@ fn raise_fd_limit() {
     }
 }
 
-/// TLS for tokio-postgres, trusting only the CA certificate in `ca`.
-fn tls_trusting(ca: &Path) -> tokio_postgres_rustls::MakeRustlsConnect {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pglease::tls::load_certs(ca).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(pglease::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
-}
-
 /// The child mode: open sessions in batches as told on stdin, report on stdout, exit at EOF.
 fn hold_sessions(spec: &str) {
     let parts: Vec<&str> = spec.split(' ').collect();
     let (port, user, password): (u16, &str, &str) = (parts[0].parse().unwrap(), parts[1], parts[2]);
     // A fourth part: the CA file to trust, and the sessions use TLS.
-    let tls = parts.get(3).map(|ca| tls_trusting(Path::new(ca)));
+    let tls = parts.get(3).map(|ca| common::tls_trusting(&std::fs::read(ca).expect("hold: read the CA file")));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let mut held = Vec::new();

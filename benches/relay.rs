@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench relay` — starts its own throwaway cluster.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,19 +17,6 @@ use pglease::tls::{ServerTls, generate_dev_certificates};
 use pglease::upstream::Upstream;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-fn client_tls(ca_pem: &str) -> tokio_postgres_rustls::MakeRustlsConnect {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(pglease::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
-}
 
 fn relay(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -80,9 +69,9 @@ fn relay(c: &mut Criterion) {
         tokio::spawn(proxy.clone().run(listener, shutdown.clone()));
         let mut config = tokio_postgres::Config::new();
         config.host("127.0.0.1").user("bench").password("bench").dbname("bench").ssl_mode(tokio_postgres::config::SslMode::Require);
-        let (direct, conn) = config.clone().port(cluster.port).connect(client_tls(&cluster.ca_pem)).await.unwrap();
+        let (direct, conn) = config.clone().port(cluster.port).connect(common::tls_trusting(cluster.ca_pem.as_bytes())).await.unwrap();
         tokio::spawn(conn);
-        let (via, conn) = config.clone().port(port).connect(client_tls(&certs.ca_pem)).await.unwrap();
+        let (via, conn) = config.clone().port(port).connect(common::tls_trusting(certs.ca_pem.as_bytes())).await.unwrap();
         tokio::spawn(conn);
         (port, direct, via)
     });

@@ -16,3 +16,17 @@ pub fn bench_scopes(role: &str) -> BTreeMap<String, ScopeConfig> {
     ))
     .expect("the bench scope parses")
 }
+
+/// TLS for tokio-postgres clients, trusting only the CA certificates in `ca_pem`.
+pub fn tls_trusting(ca_pem: &[u8]) -> tokio_postgres_rustls::MakeRustlsConnect {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(pglease::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
